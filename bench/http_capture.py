@@ -1,0 +1,556 @@
+"""HTTP capture benchmark: triolytics against a bare trio + h11 + msgspec probe, same run.
+
+Each server runs pinned to CPU 0 and is loaded from CPU 1, with two loads:
+  single  one event per request to POST /v1/capture (the Collector API's curl example)
+  batch   100 events per request to POST /v1/batch
+The load comes from wrk when installed, else from a built-in keep-alive generator (raw
+sockets, one request in flight per connection). After each triolytics load the server is
+stopped with SIGINT and the rows in its DuckDB file are counted: every acknowledged event
+must be stored. Prints one JSON document (machine, versions, results, ratios) to stdout;
+progress goes to stderr.
+
+    .venv/bin/python bench/http_capture.py [--quick] [--duration S] [--connections N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from concurrent.futures import ProcessPoolExecutor
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+WRITE_KEY = "wk_bench"
+SERVER_CPU, LOAD_CPU = 0, 1
+TARGET_SINGLE_VS_PROBE = 0.9
+TARGET_BATCH_EVENTS_PER_S = 150_000
+EVENT = {
+    "type": "track",
+    "event": "Button Clicked",
+    "anonymousId": "550e8400-e29b-41d4-a716-446655440000",
+    "properties": {"button_id": "signup_hero", "color": "blue"},
+}
+LOADS = {  # name -> (path, body, events per request)
+    "single": ("/v1/capture", json.dumps(EVENT), 1),
+    "batch": ("/v1/batch", json.dumps({"batch": [EVENT] * 100}), 100),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def pinned(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > max(SERVER_CPU, LOAD_CPU):
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# --- servers under test ------------------------------------------------------------------
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+class Server:
+    """One server process: started pinned, polled on /healthz, stopped with SIGINT."""
+
+    def __init__(self, name: str, argv: list[str], port: int, workdir: Path) -> None:
+        self.name, self.argv, self.port, self.workdir = name, argv, port, workdir
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / "stdout", "wb") as out, open(self.workdir / "stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise StartupError(
+                    f"{self.name} exited with {self.proc.returncode}\n{self.stderr()}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        raise StartupError(f"{self.name}: no 200 from /healthz in {timeout}s\n{self.stderr()}")
+
+    def healthy(self) -> bool:
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def stderr(self) -> str:
+        text = (self.workdir / "stderr").read_text(errors="replace")
+        return text[-4000:] or "(stderr empty)"
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float) -> int | None:
+        """SIGINT, wait up to `timeout`; returns the exit code (None if it had to be killed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{self.name} did not exit {timeout}s after SIGINT; killing it")
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def server_argv(target: str, args: argparse.Namespace, port: int, data: Path) -> list[str]:
+    if target == "probe":
+        argv = [sys.executable, str(HERE / "probe_h11.py"), "--host", HOST, "--port", str(port)]
+    elif args.target_cmd:
+        fields = {"python": sys.executable, "host": HOST, "port": port, "data": data}
+        argv = shlex.split(args.target_cmd.format(fsync=args.fsync, **fields))
+    else:
+        exe = Path(sys.executable).parent / "triolytics"
+        exe = str(exe) if exe.exists() else (shutil.which("triolytics") or str(exe))
+        argv = [
+            exe,
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--data",
+            str(data),
+            "--write-key",
+            WRITE_KEY,
+            "--fsync",
+            args.fsync,
+        ]
+    return pinned(SERVER_CPU) + argv
+
+
+def count_stored(db: Path) -> dict:
+    """Rows in `events`, and how many of them are the benchmark's own event."""
+    import duckdb
+
+    if not db.exists():
+        return {"stored_rows": None, "stored_events": None, "note": f"{db.name} not found"}
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        columns = {row[0] for row in con.execute("DESCRIBE events").fetchall()}
+        total = con.execute("SELECT count(*) FROM events").fetchone()[0]
+        ours = total
+        if "event" in columns:  # leave out system rows such as session_start
+            sql = "SELECT count(*) FROM events WHERE event = ?"
+            ours = con.execute(sql, [EVENT["event"]]).fetchone()[0]
+    finally:
+        con.close()
+    return {"stored_rows": total, "stored_events": ours}
+
+
+# --- load: wrk ---------------------------------------------------------------------------
+
+WRK_LUA = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-write-key"] = "{key}"
+wrk.body = [==[{body}]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCH_RESULT {{"requests": %.0f, "duration_us": %.0f, ' ..
+    '"p50_us": %.0f, "p99_us": %.0f, "non_2xx": %.0f, "connect_errors": %.0f, ' ..
+    '"read_errors": %.0f, "write_errors": %.0f, "timeouts": %.0f}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.status, e.connect, e.read, e.write, e.timeout))
+end
+"""
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
+    return (out.stdout + out.stderr).splitlines()[0].strip()
+
+
+def run_wrk(port: int, load: str, conns: int, duration: float, tmp: Path) -> dict:
+    path, body, _ = LOADS[load]
+    script = tmp / f"{load}.lua"
+    script.write_text(WRK_LUA.format(key=WRITE_KEY, body=body))
+    argv = pinned(LOAD_CPU) + [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{duration:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"http://{HOST}:{port}{path}",
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line.split(" ", 1)[1])
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    socket_errors = r["connect_errors"] + r["read_errors"] + r["write_errors"]
+    return {
+        "responses": r["requests"],
+        "ok": r["requests"] - r["non_2xx"],
+        "non_2xx": r["non_2xx"],
+        "elapsed_s": r["duration_us"] / 1e6,
+        "p50_ms": r["p50_us"] / 1e3,
+        "p99_ms": r["p99_us"] / 1e3,
+        "socket_errors": socket_errors,
+        "timeouts": r["timeouts"],
+        "in_flight_at_stop_max": conns,
+        "load_cpu_s": cpu,
+    }
+
+
+# --- load: built-in generator ------------------------------------------------------------
+
+
+def parse_response(buf: bytearray) -> tuple[int, int, bool] | None:
+    """(status, bytes used, server closes) for one complete response at the start of buf."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip().lower()
+    close = headers.get(b"connection") == b"close"
+    if b"content-length" in headers:
+        used = end + 4 + int(headers[b"content-length"])
+        return (status, used, close) if len(buf) >= used else None
+    if headers.get(b"transfer-encoding") == b"chunked":
+        pos = end + 4
+        while (eol := buf.find(b"\r\n", pos)) >= 0:
+            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+            if size == 0:
+                tail = buf.find(b"\r\n\r\n", eol)  # the empty line after any trailers
+                return (status, tail + 4, close) if tail >= 0 else None
+            pos = eol + 2 + size + 2
+        return None
+    return status, end + 4, close  # no body (204, 304)
+
+
+def drive(port: int, request: bytes, conns: int, duration: float, start_at: float) -> dict:
+    """Worker process: `conns` keep-alive connections, one request in flight on each."""
+    if pinned(LOAD_CPU):
+        os.sched_setaffinity(0, {LOAD_CPU})
+    sel = selectors.DefaultSelector()
+    stats = {"ok": 0, "non_2xx": 0, "socket_errors": 0, "unanswered": 0}
+    latencies = array("d")
+    sent_at: dict[socket.socket, float] = {}
+    buffers: dict[socket.socket, bytearray] = {}
+
+    def open_and_send() -> None:
+        sock = socket.create_connection((HOST, port), timeout=10)
+        sock.settimeout(None)  # blocking: recv only after select says readable
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sel.register(sock, selectors.EVENT_READ)
+        buffers[sock] = bytearray()
+        sent_at[sock] = time.perf_counter()
+        sock.sendall(request)
+
+    def drop(sock: socket.socket) -> None:
+        sel.unregister(sock)
+        sock.close()
+        sent_at.pop(sock, None)
+        buffers.pop(sock)
+
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    deadline, last = t0 + duration, t0
+    for _ in range(conns):
+        open_and_send()
+    while buffers and time.perf_counter() < deadline + 10:  # 10 s to drain in-flight requests
+        for key, _ in sel.select(0.5):
+            sock, buf = key.fileobj, buffers[key.fileobj]
+            try:
+                data = sock.recv(262144)
+            except OSError:
+                data = b""
+            if not data:  # server closed with our request unanswered
+                stats["socket_errors"] += 1
+                stats["unanswered"] += 1
+                drop(sock)
+                if time.perf_counter() < deadline:
+                    open_and_send()
+                continue
+            buf += data
+            while (parsed := parse_response(buf)) is not None:
+                status, used, close = parsed
+                del buf[:used]
+                last = time.perf_counter()
+                latencies.append(last - sent_at.pop(sock))
+                stats["ok" if 200 <= status < 300 else "non_2xx"] += 1
+                if close or last >= deadline:
+                    drop(sock)
+                    if close and last < deadline:
+                        open_and_send()
+                    break
+                sent_at[sock] = last
+                sock.sendall(request)
+    stats["unanswered"] += len(sent_at)
+    for sock in list(buffers):
+        drop(sock)
+    return {
+        **stats,
+        "elapsed_s": last - t0,
+        "latencies": latencies,
+        "load_cpu_s": time.process_time() - cpu0,
+    }
+
+
+def run_builtin(port: int, load: str, conns: int, duration: float, procs: int) -> dict:
+    path, body, _ = LOADS[load]
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+        f"x-write-key: {WRITE_KEY}\r\nContent-Length: {len(body.encode())}\r\n\r\n"
+    )
+    request = head.encode() + body.encode()
+    procs = max(1, min(procs, conns))
+    shares = [conns // procs + (i < conns % procs) for i in range(procs)]
+    start_at = time.time() + 1.0
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+        futures = [pool.submit(drive, port, request, n, duration, start_at) for n in shares]
+        parts = [f.result(timeout=duration + 60) for f in futures]
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    total = {k: sum(p[k] for p in parts) for k in ("ok", "non_2xx", "socket_errors", "unanswered")}
+    return {
+        **total,
+        "responses": total["ok"] + total["non_2xx"],
+        "elapsed_s": max(p["elapsed_s"] for p in parts),
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "in_flight_at_stop_max": total["unanswered"],
+        "load_cpu_s": sum(p["load_cpu_s"] for p in parts),
+    }
+
+
+def percentile(ordered: list[float], p: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+# --- one measurement: start, load, stop, count -------------------------------------------
+
+
+def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict:
+    port, run_dir = free_port(), tmp / f"{target}-{load}"
+    data = run_dir / "data"
+    server = Server(target, server_argv(target, args, port, data), port, run_dir)
+    conns = args.connections if load == "single" else args.batch_connections
+    log(f"{target}/{load}: {conns} connections, {args.duration:g}s, {args.tool}")
+    try:
+        server.start(args.startup_timeout)
+        cpu0 = server.cpu_seconds()
+        if args.tool == "wrk":
+            r = run_wrk(port, load, conns, args.duration, run_dir)
+        else:
+            r = run_builtin(port, load, conns, args.duration, args.gen_procs)
+        server_cpu = server.cpu_seconds() - cpu0
+        exit_code = server.stop(args.stop_timeout)
+    finally:
+        server.kill()
+    per_req = LOADS[load][2]
+    elapsed = r["elapsed_s"] or float("nan")
+    result = {
+        "connections": conns,
+        "requests": r["responses"],
+        "requests_per_s": round(r["responses"] / elapsed, 1),
+        "events_per_s": round(r["ok"] * per_req / elapsed, 1),
+        "p50_ms": round(r["p50_ms"], 3),
+        "p99_ms": round(r["p99_ms"], 3),
+        "non_2xx": r["non_2xx"],
+        "socket_errors": r["socket_errors"],
+        "server_cpu_util": round(server_cpu / elapsed, 3),
+        "load_cpu_util": round(r["load_cpu_s"] / elapsed, 3),
+        "server_exit_code": exit_code,
+    }
+    if "timeouts" in r:
+        result["timeouts"] = r["timeouts"]
+    if target == "triolytics":
+        result.update(durability(data, r["ok"] * per_req, r["in_flight_at_stop_max"] * per_req))
+    return result
+
+
+def durability(data: Path, acked: int, in_flight: int) -> dict:
+    """Stored vs acknowledged events; requests cut off at the stop may be stored unacked."""
+    counts = count_stored(data / "events.duckdb")
+    stored = counts["stored_events"]
+    out = {"acked_events": acked, **counts}
+    if stored is not None:
+        out["stored_equals_acked"] = stored == acked
+        out["stored_minus_acked"] = stored - acked
+        out["durability_ok"] = 0 <= stored - acked <= in_flight  # nothing acked was lost
+        out["unacked_in_flight_max"] = in_flight
+    return out
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for pkg in ("triolytics", "trio", "h11", "msgspec", "duckdb"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def summarize(results: dict) -> tuple[dict, dict]:
+    def eps(target: str, load: str) -> float | None:
+        return results.get(target, {}).get(load, {}).get("events_per_s")
+
+    ratios = {
+        "single_vs_probe": ratio(eps("triolytics", "single"), eps("probe", "single")),
+        "batch_vs_probe": ratio(eps("triolytics", "batch"), eps("probe", "batch")),
+        "batch_events_per_s": eps("triolytics", "batch"),
+    }
+    met = {
+        "single_vs_probe_min": TARGET_SINGLE_VS_PROBE,
+        "single_vs_probe_met": None
+        if ratios["single_vs_probe"] is None
+        else ratios["single_vs_probe"] >= TARGET_SINGLE_VS_PROBE,
+        "batch_events_per_s_min": TARGET_BATCH_EVENTS_PER_S,
+        "batch_events_per_s_met": None
+        if ratios["batch_events_per_s"] is None
+        else ratios["batch_events_per_s"] >= TARGET_BATCH_EVENTS_PER_S,
+    }
+    return ratios, met
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load (default 10)")
+    p.add_argument("--quick", action="store_true", help="3 s per load")
+    p.add_argument("--connections", type=int, default=64, help="connections, single load")
+    p.add_argument("--batch-connections", type=int, default=16, help="connections, batch load")
+    p.add_argument("--fsync", default="always", help="triolytics --fsync policy")
+    p.add_argument("--tool", choices=["auto", "wrk", "builtin"], default="auto")
+    p.add_argument("--gen-procs", type=int, default=1, help="built-in generator processes")
+    p.add_argument("--targets", default="probe,triolytics", help="comma-separated subset")
+    p.add_argument("--loads", default="single,batch", help="comma-separated subset")
+    p.add_argument(
+        "--target-cmd",
+        help="command template replacing `triolytics serve`; "
+        "fields {python} {host} {port} {data} {fsync}",
+    )
+    p.add_argument("--startup-timeout", type=float, default=30.0)
+    p.add_argument("--stop-timeout", type=float, default=60.0)
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args()
+    if args.quick:
+        args.duration = 3.0
+    if args.tool == "auto":
+        args.tool = "wrk" if shutil.which("wrk") else "builtin"
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if pinned(LOAD_CPU):
+        os.sched_setaffinity(0, {LOAD_CPU})  # keep this process and its children off CPU 0
+    targets = [t for t in ("probe", "triolytics") if t in args.targets.split(",")]
+    loads = [x for x in LOADS if x in args.loads.split(",")]
+    results: dict = {t: {} for t in targets}
+    with tempfile.TemporaryDirectory(prefix="triolytics-bench-") as tmp:
+        try:
+            for load in loads:
+                for target in targets:
+                    results[target][load] = measure(target, load, args, Path(tmp))
+        except StartupError as exc:
+            print(f"server did not come up: {exc}", file=sys.stderr)
+            return 2
+    ratios, targets_met = summarize(results)
+    report = {
+        "bench": "http_capture",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "tool": args.tool,
+        "tool_version": wrk_version() if args.tool == "wrk" else "builtin",
+        "config": {
+            "duration_s": args.duration,
+            "fsync": args.fsync,
+            "gen_procs": args.gen_procs,
+            "pinning": {"server_cpu": SERVER_CPU, "load_cpu": LOAD_CPU} if pinned(0) else None,
+            "target_cmd": args.target_cmd,
+            "non_2xx_counts": "status >= 400" if args.tool == "wrk" else "status not 2xx",
+        },
+        "results": results,
+        "ratios": ratios,
+        "targets": targets_met,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The HTTP API's route table: the Collector API, Segment's endpoints, health, admin.
+
+Rules:
+- Handlers are thin: decode with `Collector` (pure), store with `Writer`, answer.
+- The admin endpoints (write keys) need the bearer token in `<data_dir>/admin.token`,
+  which only the server's owner can read; `triolytics keys` uses them while the server
+  runs, since the server alone may open the DuckDB file for writing.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from time import time_ns
+
+import msgspec
+
+from triolytics.capture import RequestMeta
+from triolytics.collector import SEGMENT_TYPES, Collector
+from triolytics.errors import ApiError
+from triolytics.web import Handler, Request, Response, Routes
+from triolytics.writer import Writer
+
+SHORT_NAMES = {"t": "track", "p": "page", "i": "identify", "s": "screen", "g": "group",
+               "a": "alias"}  # analytics.js posts to /v1/t, /v1/p, ...
+
+
+class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
+    project: str
+    key: str | None = None
+
+
+class KeyRevoke(msgspec.Struct, forbid_unknown_fields=True):
+    key: str
+
+
+class Api:
+    def __init__(self, collector: Collector, writer: Writer, admin_token: str,
+                 clock: Callable[[], int] = time_ns) -> None:
+        self.collector = collector
+        self.writer = writer
+        self.admin_token = admin_token.encode()
+        self.clock = clock  # wall clock, ns since epoch
+
+    def routes(self) -> Routes:
+        routes: Routes = {
+            b"/v1/capture": {b"POST": self.capture},
+            b"/v1/batch": {b"POST": self.batch},
+            b"/v1/b": {b"POST": self.batch},
+            b"/healthz": {b"GET": self.healthz, b"HEAD": self.healthz},
+            b"/readyz": {b"GET": self.readyz, b"HEAD": self.readyz},
+            b"/admin/keys": {b"GET": self.list_keys, b"POST": self.create_key},
+            b"/admin/keys/revoke": {b"POST": self.revoke_key},
+            b"/admin/stats": {b"GET": self.stats},
+        }
+        for kind in SEGMENT_TYPES:
+            routes[b"/v1/" + kind.encode()] = {b"POST": self._typed(kind)}
+        for short, kind in SHORT_NAMES.items():
+            routes[b"/v1/" + short.encode()] = {b"POST": self._typed(kind)}
+        return routes
+
+    def _meta(self, req: Request) -> RequestMeta:
+        ua = req.headers.get(b"user-agent")
+        return RequestMeta(self.clock() // 1000, req.client_ip,
+                           ua.decode("latin-1") if ua else None)
+
+    async def _store(self, accepted) -> Response:
+        await self.writer.store_rows(accepted.rows, accepted.client_ids)
+        return Response(accepted.status, accepted.body)
+
+    async def capture(self, req: Request) -> Response:
+        return await self._store(self.collector.capture(None, req.headers, req.body,
+                                                        self._meta(req)))
+
+    async def batch(self, req: Request) -> Response:
+        return await self._store(self.collector.batch(req.headers, req.body, self._meta(req)))
+
+    def _typed(self, kind: str) -> Handler:
+        async def handler(req: Request) -> Response:
+            return await self._store(self.collector.capture(kind, req.headers, req.body,
+                                                            self._meta(req)))
+        return handler
+
+    # --- health
+    async def healthz(self, req: Request) -> Response:
+        return Response(200, b'{"ok":true}')
+
+    async def readyz(self, req: Request) -> Response:
+        if self.writer.healthy and not self.writer.closing:
+            return Response(200, b'{"ready":true}')
+        reason = b"shutting down" if self.writer.closing else b"store unavailable"
+        return Response(503, b'{"ready":false,"reason":"' + reason + b'"}')
+
+    # --- admin
+    def _admin(self, req: Request) -> None:
+        auth = req.headers.get(b"authorization", b"")
+        if not (auth[:7].lower() == b"bearer " and
+                hmac.compare_digest(auth[7:].strip(), self.admin_token)):
+            raise ApiError("unauthorized", "admin endpoints need the bearer token from "
+                                           "<data_dir>/admin.token")
+
+    async def list_keys(self, req: Request) -> Response:
+        self._admin(req)
+        keys = await self.writer.run_store(self.writer.store.list_keys)
+        return Response(200, msgspec.json.encode({"keys": keys}))
+
+    async def create_key(self, req: Request) -> Response:
+        self._admin(req)
+        body = _decode(req.body, KeyCreate)
+        try:
+            key = await self.writer.run_store(self.writer.store.create_key, body.project,
+                                              body.key)
+        except KeyError as exc:
+            raise ApiError("bad_request", str(exc.args[0]), field="$.key") from None
+        self.collector.keys[key] = body.project
+        return Response(201, msgspec.json.encode({"project": body.project, "key": key}))
+
+    async def revoke_key(self, req: Request) -> Response:
+        self._admin(req)
+        body = _decode(req.body, KeyRevoke)
+        if not await self.writer.run_store(self.writer.store.revoke_key, body.key):
+            raise ApiError("not_found", "no such active write key", field="$.key")
+        self.collector.keys.pop(body.key, None)
+        return Response(200, msgspec.json.encode({"revoked": body.key}))
+
+    async def stats(self, req: Request) -> Response:
+        self._admin(req)
+        return Response(200, msgspec.json.encode(self.writer.stats.snapshot()))
+
+
+def _decode(body: bytes, type_: type):
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError("invalid_json", str(exc)) from None

@@ -1,0 +1,141 @@
+"""The `triolytics` command: `serve`, and `keys create|list|revoke`.
+
+`keys` talks to the running server when there is one (the server alone may write the
+DuckDB file); otherwise it opens the file itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from triolytics.config import ENV_PREFIX, Config, ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="triolytics", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML config file (or TRIOLYTICS_CONFIG)")
+    p.add_argument("--data", dest="data_dir", help="data directory (default ./data)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS,
+                   help="data directory (default ./data)")
+    s.add_argument("--write-key", dest="write_keys", action="append",
+                   help="register this write key for project 'default' (repeatable)")
+    s.add_argument("--fsync", choices=["always", "interval", "off"])
+    s.add_argument("--log-level", default="INFO")
+    k = sub.add_parser("keys", help="manage write keys")
+    ks = k.add_subparsers(dest="action", required=True)
+    kc = ks.add_parser("create", help="create a write key for a project")
+    kc.add_argument("project")
+    kc.add_argument("--key", help="use this key instead of a random one")
+    ks.add_parser("list", help="list write keys")
+    kr = ks.add_parser("revoke", help="revoke a write key")
+    kr.add_argument("key")
+    for sp in (kc, kr, ks.choices["list"]):
+        sp.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS)
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
+    text = Path(path).read_text() if path else None
+    names = ("host", "port", "data_dir", "write_keys", "fsync")
+    return load_config(text, os.environ, {n: getattr(args, n, None) for n in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
+    except (ConfigError, OSError) as exc:
+        print(f"triolytics: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from triolytics.app import serve
+        trio.run(lambda: serve(config, handle_signals=True))
+        return 0
+    return _keys(args, config)
+
+
+def _keys(args: argparse.Namespace, config: Config) -> int:
+    data = Path(config.data_dir)
+    server = _running_server(data)
+    try:
+        if server is not None:
+            result = _keys_via_server(server, data, args)
+        else:
+            result = _keys_via_file(data, args)
+    except KeyError as exc:
+        print(f"triolytics: {exc.args[0]}", file=sys.stderr)
+        return 1
+    if isinstance(result, list):
+        for item in result:
+            state = f"revoked {item['revoked_at']}" if item.get("revoked_at") else "active"
+            print(f"{item['key']}\t{item['project']}\t{item['created_at']}\t{state}")
+    else:
+        print(result)
+    return 0
+
+
+def _running_server(data: Path) -> dict | None:
+    try:
+        info = json.loads((data / "server.json").read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info
+
+
+def _keys_via_file(data: Path, args: argparse.Namespace):
+    from triolytics.store import Store
+    data.mkdir(parents=True, exist_ok=True)
+    store = Store(data / "events.duckdb")
+    try:
+        if args.action == "create":
+            return store.create_key(args.project, args.key)
+        if args.action == "revoke":
+            if not store.revoke_key(args.key):
+                raise KeyError(f"no such active write key: {args.key}")
+            return f"revoked {args.key}"
+        return [{"key": k.key, "project": k.project, "created_at": k.created_at,
+                 "revoked_at": k.revoked_at} for k in store.list_keys()]
+    finally:
+        store.close()
+
+
+def _keys_via_server(server: dict, data: Path, args: argparse.Namespace):
+    token = (data / "admin.token").read_text().strip()
+    if args.action == "create":
+        body = {"project": args.project, **({"key": args.key} if args.key else {})}
+        status, reply = _call(server, token, "POST", "/admin/keys", body)
+        if status != 201:
+            raise KeyError(reply["error"]["message"])
+        return reply["key"]
+    if args.action == "revoke":
+        status, reply = _call(server, token, "POST", "/admin/keys/revoke", {"key": args.key})
+        if status != 200:
+            raise KeyError(f"{reply['error']['message']}: {args.key}")
+        return f"revoked {args.key}"
+    return _call(server, token, "GET", "/admin/keys", None)[1]["keys"]
+
+
+def _call(server: dict, token: str, method: str, path: str, body: dict | None):
+    host = server["host"] if server["host"] not in ("0.0.0.0", "::") else "127.0.0.1"
+    conn = http.client.HTTPConnection(host, server["port"], timeout=10)
+    payload = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=payload, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read() or b"{}")

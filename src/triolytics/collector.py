@@ -1,0 +1,207 @@
+"""The Collector API's request logic, sans I/O: request bytes in, `Accepted` or `ApiError` out.
+
+Rules:
+- `/v1/capture` answers 201 (the Collector document); Segment's `/v1/batch` and
+  `/v1/<type>` answer 200 with `{"success": true, ...}`, since Segment SDKs check for it.
+- A batch is validated per event. A 2xx answer lists every event it did not store under
+  `rejected` (index, code, message, field); a non-2xx answer means nothing was stored.
+- Write keys come from `x-write-key`, HTTP Basic (key as user name) or the body's
+  `writeKey`, in that order. `keys` maps key -> project and may change at run time.
+"""
+
+from __future__ import annotations
+
+import binascii
+import zlib
+from base64 import b64decode
+
+import msgspec
+
+from triolytics.capture import (
+    ContextEnricher,
+    RequestMeta,
+    WireEvent,
+    decode_batch,
+    decode_error,
+    decode_event,
+    to_row,
+)
+from triolytics.config import Config
+from triolytics.errors import ApiError, ErrorBody
+from triolytics.rows import Row
+
+SEGMENT_TYPES = frozenset({"track", "page", "identify", "screen", "group", "alias"})
+JSON_TYPES = frozenset({b"", b"application/json", b"text/plain"})
+_ENCODE = msgspec.json.Encoder()
+
+
+class Accepted(msgspec.Struct):
+    """Rows to store; send `status`/`body` once they are durable."""
+
+    rows: list[Row]
+    client_ids: list[bool]  # rows[i].message_id came from the client (deduplicate it)
+    status: int
+    body: bytes
+
+
+class Rejected(msgspec.Struct):
+    index: int
+    code: str
+    message: str
+    field: str | None = None
+
+
+class CaptureReply(msgspec.Struct):
+    ok: bool
+    id: str
+
+
+class SegmentReply(msgspec.Struct, omit_defaults=True):
+    success: bool
+    id: str | None = None
+    stored: int | None = None
+    rejected: list[Rejected] | None = None
+
+
+class BatchFailure(msgspec.Struct):
+    error: ErrorBody
+    rejected: list[Rejected]
+
+
+def header_write_key(headers: dict[bytes, bytes]) -> str | None:
+    key = headers.get(b"x-write-key")
+    if key:
+        return key.decode("latin-1")
+    auth = headers.get(b"authorization")
+    if auth and auth[:6].lower() == b"basic ":
+        try:
+            user = b64decode(auth[6:].strip(), validate=True).split(b":", 1)[0]
+        except (binascii.Error, ValueError):
+            raise ApiError("unauthorized", "malformed Basic credentials") from None
+        return user.decode("utf-8", "replace") or None
+    return None
+
+
+def decode_body(headers: dict[bytes, bytes], body: bytes, config: Config) -> bytes:
+    """Undo Content-Encoding (identity or gzip, capped) and check the media type."""
+    media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise ApiError("unsupported_media_type",
+                       f"Content-Type {media.decode('latin-1')!r} is not JSON; "
+                       "send application/json or text/plain")
+    encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+    if encoding == b"identity":
+        return body
+    if encoding not in (b"gzip", b"x-gzip"):
+        raise ApiError("unsupported_encoding",
+                       f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; "
+                       "send gzip or identity")
+    limit = config.max_decompressed_bytes
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ApiError("bad_request", f"invalid gzip body: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ApiError("payload_too_large",
+                       f"decompressed body exceeds {limit} bytes (max_decompressed_bytes)")
+    if not inflater.eof:
+        raise ApiError("bad_request", "truncated gzip body")
+    return out
+
+
+class Collector:
+    def __init__(self, config: Config, keys: dict[str, str]) -> None:
+        self.config = config
+        self.keys = keys
+
+    def project(self, key: str | None) -> str:
+        if not key:
+            raise ApiError("missing_write_key",
+                           "send the write key in x-write-key (or Basic auth user, or writeKey)")
+        project = self.keys.get(key)
+        if project is None:
+            raise ApiError("unknown_write_key", "unknown or revoked write key")
+        return project
+
+    def capture(self, kind: str | None, headers: dict[bytes, bytes], body: bytes,
+                meta: RequestMeta) -> Accepted:
+        """`POST /v1/capture` (kind None: type from the body) and `POST /v1/<kind>`."""
+        key = header_write_key(headers)
+        if key:
+            project = self.project(key)
+        body = decode_body(headers, body, self.config)
+        if len(body) > self.config.max_event_bytes:
+            raise ApiError("payload_too_large",
+                           f"event exceeds {self.config.max_event_bytes} bytes (max_event_bytes)")
+        ev = decode_event(body)
+        if not key:
+            project = self.project(ev.writeKey)
+        row = to_row(ev, project, meta, ContextEnricher(meta), kind=kind)
+        client = [ev.messageId is not None and ev.messageId != ""]
+        if kind is None:
+            return Accepted([row], client, 201, _ENCODE.encode(CaptureReply(True, row.message_id)))
+        return Accepted([row], client, 200,
+                        _ENCODE.encode(SegmentReply(True, id=row.message_id)))
+
+    def batch(self, headers: dict[bytes, bytes], body: bytes, meta: RequestMeta) -> Accepted:
+        """`POST /v1/batch`: `{"batch": [...], "context"?, "sentAt"?, "writeKey"?}`."""
+        key = header_write_key(headers)
+        if key:
+            project = self.project(key)
+        body = decode_body(headers, body, self.config)
+        envelope = decode_batch(body)
+        items = envelope.batch
+        if not items:
+            raise ApiError("invalid_event", "batch is empty", field="$.batch")
+        if len(items) > self.config.max_batch_events:
+            raise ApiError("payload_too_large", f"batch has {len(items)} events; at most "
+                           f"{self.config.max_batch_events} (max_batch_events)", field="$.batch")
+        rejected: list[Rejected] = []
+        events: list[tuple[int, WireEvent]] = []
+        max_event = self.config.max_event_bytes
+        for i, raw in enumerate(items):
+            if len(raw) > max_event:
+                rejected.append(Rejected(i, "payload_too_large",
+                                         f"event exceeds {max_event} bytes", f"$.batch[{i}]"))
+                continue
+            try:
+                events.append((i, decode_event(raw, f"$.batch[{i}]")))
+            except ApiError as exc:
+                rejected.append(Rejected(i, exc.code, exc.message, exc.field))
+        if not key:
+            key = envelope.writeKey or next((e.writeKey for _, e in events if e.writeKey), None)
+            project = self.project(key)
+        enrich = ContextEnricher(meta, envelope.context, "$.context")
+        rows: list[Row] = []
+        client: list[bool] = []
+        for i, ev in events:
+            try:
+                rows.append(to_row(ev, project, meta, enrich, sent_at=envelope.sentAt,
+                                   integrations=envelope.integrations, path=f"$.batch[{i}]"))
+            except ApiError as exc:
+                rejected.append(Rejected(i, exc.code, exc.message, exc.field))
+                continue
+            client.append(ev.messageId is not None and ev.messageId != "")
+        if not rows:
+            rejected.sort(key=lambda r: r.index)
+            error = ApiError("invalid_event", "no event in the batch is valid", field="$.batch")
+            raise BatchRejected(error, rejected)
+        rejected.sort(key=lambda r: r.index)
+        reply = SegmentReply(True, stored=len(rows), rejected=rejected or None)
+        return Accepted(rows, client, 200, _ENCODE.encode(reply))
+
+
+class BatchRejected(ApiError):
+    """A batch of which no event is valid: 400, with every event's reason."""
+
+    def __init__(self, error: ApiError, rejected: list[Rejected]) -> None:
+        super().__init__(error.code, error.message, field=error.field)
+        self.rejected = rejected
+
+    def as_body(self) -> bytes:
+        return _ENCODE.encode(BatchFailure(self.detail(), self.rejected))
+
+
+__all__ = ["Accepted", "BatchRejected", "Collector", "decode_body", "decode_error",
+           "header_write_key", "SEGMENT_TYPES"]

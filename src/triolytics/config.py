@@ -1,0 +1,104 @@
+"""Server settings: defaults, then a TOML file, then `TRIOLYTICS_*` variables, then flags.
+
+Rules:
+- `Config` is the single list of settings; docs/configuration.md documents each one.
+  A name's suffix says its unit (`_bytes`, `_rows`, `_ms`, `_s`).
+- Unknown keys are errors (a typo must not silently fall back to a default).
+- Loading is pure: `load_config(file_text, environ, overrides)` takes its inputs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "TRIOLYTICS_"
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # --- listening
+    host: str = "127.0.0.1"
+    port: int = 3000
+    max_connections: int = 10_000  # open sockets; bounds fds and per-connection memory
+    # --- storage
+    data_dir: str = "./data"
+    write_keys: list[str] = []  # registered for project `default` at start
+    fsync: Literal["always", "interval", "off"] = "always"
+    fsync_interval_ms: int = 50  # with fsync = "interval"
+    journal_segment_bytes: int = 64 * MiB  # a journal file is rotated past this size
+    load_batch_rows: int = 20_000  # DuckDB load once this many rows are journaled...
+    load_interval_ms: int = 250  # ...or once the oldest unloaded row is this old
+    max_pending_rows: int = 100_000  # rows accepted, not yet journaled (memory)
+    max_unloaded_rows: int = 500_000  # rows journaled, not yet in DuckDB (memory)
+    max_unloaded_bytes: int = 1024 * MiB  # journal bytes not yet in DuckDB (disk)
+    backpressure_wait_ms: int = 1000  # a request waits this long for room, then gets 503
+    retry_after_s: int = 1  # the Retry-After of a 503
+    # --- HTTP limits (defaults as Segment's)
+    max_event_bytes: int = 32 * KiB
+    max_request_bytes: int = 500 * KiB  # body as sent
+    max_decompressed_bytes: int = 2 * MiB  # body after gzip
+    max_batch_events: int = 2_500
+    max_header_bytes: int = 16 * KiB  # request line + headers
+    request_timeout_s: float = 30.0  # to receive one whole request
+    keepalive_timeout_s: float = 75.0  # idle keep-alive connection is closed after this
+    shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGINT/SIGTERM
+    # --- client-facing behaviour
+    cors_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])  # "*" echoes any Origin
+    trusted_proxies: list[str] = []  # peers whose X-Forwarded-For is believed (IPs or CIDRs)
+    dedup_window_s: int = 86_400  # a repeated messageId within this window is not stored again
+    dedup_max_ids: int = 1_000_000  # remembered ids (memory); the oldest are forgotten first
+
+    def __post_init__(self) -> None:
+        positive = ("port", "max_connections", "journal_segment_bytes", "load_batch_rows",
+                    "load_interval_ms", "max_pending_rows", "max_unloaded_rows",
+                    "max_unloaded_bytes", "max_event_bytes", "max_request_bytes",
+                    "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
+                    "fsync_interval_ms", "dedup_max_ids")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise ConfigError(f"port out of range: {self.port}")
+
+
+FIELDS = Config.__struct_fields__
+_LIST_FIELDS = {"write_keys", "cors_origins", "trusted_proxies"}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting in environment: {key}")
+        out[name] = [v.strip() for v in value.split(",") if v.strip()] \
+            if name in _LIST_FIELDS else value
+    return out
+
+
+def load_config(file_text: str | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Merge the layers; later layers win. Raises ConfigError with the offending key."""
+    merged: dict[str, Any] = {}
+    if file_text:
+        try:
+            merged.update(tomllib.loads(file_text))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file: {exc}") from None
+    merged.update(_from_env(environ or {}))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None

@@ -1,0 +1,60 @@
+"""Recently seen message ids, so a retried event is answered as stored, not stored twice.
+
+Rules:
+- Bounded twice: ids older than the window are forgotten, and so is the oldest id once
+  `max_ids` are held. Memory is O(max_ids).
+- Keys are `project + "\\x1f" + message_id`; times are µs since the epoch, passed in.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+
+def dedup_key(project: str, message_id: str) -> str:
+    return f"{project}\x1f{message_id}"
+
+
+class Dedup:
+    def __init__(self, window_us: int, max_ids: int) -> None:
+        self.window_us = window_us
+        self.max_ids = max_ids
+        self._seen: OrderedDict[str, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def admit(self, key: str, now_us: int) -> bool:
+        """True (and remember it) if `key` was not seen within the window."""
+        seen = self._seen
+        at = seen.get(key)
+        if at is not None and now_us - at < self.window_us:
+            return False
+        if at is not None:
+            del seen[key]
+        seen[key] = now_us
+        self._trim(now_us)
+        return True
+
+    def remember(self, items: Iterable[tuple[str, int]], now_us: int) -> None:
+        """Load ids known to be stored (e.g. at start-up); oldest first."""
+        for key, at in items:
+            self._seen[key] = at
+            self._seen.move_to_end(key)
+        self._trim(now_us)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._seen.pop(key, None)
+
+    def _trim(self, now_us: int) -> None:
+        seen = self._seen
+        while len(seen) > self.max_ids:
+            seen.popitem(last=False)
+        horizon = now_us - self.window_us
+        while seen:
+            key = next(iter(seen))
+            if seen[key] > horizon:
+                break
+            del seen[key]

@@ -1,0 +1,75 @@
+"""The stored event: one `Row` per row of the `events` table.
+
+Rules:
+- Every API (HTTP capture, the WebSocket stream, system events) normalizes into `Row`;
+  the journal, the loader and the DuckDB schema know only this type.
+- Times are integers: microseconds since the Unix epoch, UTC.
+- JSON columns hold encoded JSON text (validated, UTF-8 checked), never Python objects, so
+  a row costs one copy from the request buffer and nothing more until DuckDB.
+- The field order is the journal's wire format (`array_like`): append new fields at the
+  end with a default, never reorder.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Row(msgspec.Struct, array_like=True, gc=False):
+    message_id: str
+    project: str
+    channel: str  # "http", "ws" or "system"
+    type: str
+    event: str | None
+    name: str | None
+    anonymous_id: str | None
+    user_id: str | None
+    group_id: str | None
+    previous_id: str | None
+    session_id: str | None
+    timestamp: int  # event time, skew-corrected (µs since epoch, UTC)
+    original_timestamp: int | None  # the client's own timestamp, as sent
+    sent_at: int | None
+    received_at: int
+    properties: str | None  # JSON object (or the WebSocket `payload`)
+    traits: str | None
+    context: str | None
+    integrations: str | None
+
+
+# Column name -> DuckDB type, in `Row` field order. The one description of the schema.
+COLUMNS: dict[str, str] = {
+    "message_id": "VARCHAR",
+    "project": "VARCHAR",
+    "channel": "VARCHAR",
+    "type": "VARCHAR",
+    "event": "VARCHAR",
+    "name": "VARCHAR",
+    "anonymous_id": "VARCHAR",
+    "user_id": "VARCHAR",
+    "group_id": "VARCHAR",
+    "previous_id": "VARCHAR",
+    "session_id": "VARCHAR",
+    "timestamp": "TIMESTAMPTZ",
+    "original_timestamp": "TIMESTAMPTZ",
+    "sent_at": "TIMESTAMPTZ",
+    "received_at": "TIMESTAMPTZ",
+    "properties": "JSON",
+    "traits": "JSON",
+    "context": "JSON",
+    "integrations": "JSON",
+}
+
+assert tuple(COLUMNS) == Row.__struct_fields__, "COLUMNS must follow Row's field order"
+
+ROWS_CODEC = msgspec.msgpack.Encoder()
+ROWS_DECODER = msgspec.msgpack.Decoder(list[Row])
+
+
+def encode_rows(rows: list[Row]) -> bytes:
+    """One journal record's payload."""
+    return ROWS_CODEC.encode(rows)
+
+
+def decode_rows(payload: bytes) -> list[Row]:
+    return ROWS_DECODER.decode(payload)

@@ -1,0 +1,133 @@
+"""The DuckDB file: the `events` table, projects and write keys, and the journal mark.
+
+Rules:
+- One `Store` (one connection) per process, owned by the writer; its methods run in a
+  worker thread, one at a time. Readers go through the server or open read-only.
+- `load(rows, position)` inserts columnar (Arrow) and records the journal position in the
+  same transaction: a crash either keeps both or neither, so replay is exactly once.
+- Key management works on a closed server too (the CLI opens the file itself).
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import msgspec
+import pyarrow as pa
+
+from triolytics.journal import Position
+from triolytics.rows import COLUMNS, Row
+
+SCHEMA_VERSION = "1"
+_ARROW_TYPES = {
+    "VARCHAR": pa.string(),
+    "JSON": pa.string(),
+    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
+}
+ARROW_SCHEMA = pa.schema([(name, _ARROW_TYPES[sql]) for name, sql in COLUMNS.items()])
+_astuple = msgspec.structs.astuple
+
+
+class KeyInfo(msgspec.Struct):
+    key: str
+    project: str
+    created_at: str
+    revoked_at: str | None
+
+
+def new_write_key() -> str:
+    return "wk_" + secrets.token_urlsafe(24)
+
+
+def rows_to_arrow(rows: list[Row]) -> pa.Table:
+    columns = zip(*[_astuple(r) for r in rows], strict=True)
+    return pa.Table.from_arrays(
+        [pa.array(col, type=f.type) for col, f in zip(columns, ARROW_SCHEMA, strict=True)],
+        schema=ARROW_SCHEMA)
+
+
+class Store:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = str(path)
+        self.conn = duckdb.connect(self.path, read_only=read_only)
+        if not read_only:
+            self._create()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _create(self) -> None:
+        cols = ", ".join(f'"{name}" {sql}' for name, sql in COLUMNS.items())
+        c = self.conn
+        c.execute(f"CREATE TABLE IF NOT EXISTS events ({cols})")
+        c.execute("CREATE TABLE IF NOT EXISTS write_keys (key VARCHAR PRIMARY KEY, "
+                  "project VARCHAR NOT NULL, created_at TIMESTAMPTZ NOT NULL, "
+                  "revoked_at TIMESTAMPTZ)")
+        c.execute("CREATE TABLE IF NOT EXISTS journal_mark (id INTEGER PRIMARY KEY, "
+                  "segment BIGINT NOT NULL, byte_offset BIGINT NOT NULL)")
+        c.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+
+    # --- events
+    def load(self, rows: list[Row], position: Position) -> None:
+        """Insert rows and move the journal mark to `position`, atomically."""
+        c = self.conn
+        c.execute("BEGIN")
+        try:
+            if rows:
+                batch = rows_to_arrow(rows)  # noqa: F841 (read by name in the SQL below)
+                c.execute("INSERT INTO events SELECT * FROM batch")
+            c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def loaded_position(self) -> Position:
+        got = self.conn.execute("SELECT segment, byte_offset FROM journal_mark").fetchone()
+        return Position(*got) if got else Position(0, 0)
+
+    def recent_ids(self, since_us: int, limit: int) -> list[tuple[str, int]]:
+        """(dedup key, received µs) of recently stored events, oldest first."""
+        return self.conn.execute(
+            "SELECT project || chr(31) || message_id, epoch_us(received_at) AS t FROM ("
+            "  SELECT project, message_id, received_at FROM events"
+            "  WHERE received_at >= make_timestamptz(?) ORDER BY received_at DESC LIMIT ?"
+            ") ORDER BY t", [since_us, limit]).fetchall()
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    # --- write keys
+    def active_keys(self) -> dict[str, str]:
+        return dict(self.conn.execute(
+            "SELECT key, project FROM write_keys WHERE revoked_at IS NULL").fetchall())
+
+    def create_key(self, project: str, key: str | None = None) -> str:
+        key = key or new_write_key()
+        existing = self.conn.execute(
+            "SELECT project, revoked_at FROM write_keys WHERE key = ?", [key]).fetchone()
+        if existing is not None:
+            if existing[0] != project or existing[1] is not None:
+                raise KeyError(f"write key already used by project {existing[0]!r}"
+                               + (" (revoked)" if existing[1] is not None else ""))
+            return key
+        self.conn.execute("INSERT INTO write_keys VALUES (?, ?, ?, NULL)",
+                          [key, project, datetime.now(UTC)])
+        return key
+
+    def list_keys(self) -> list[KeyInfo]:
+        rows = self.conn.execute(
+            "SELECT key, project, strftime(created_at, '%Y-%m-%dT%H:%M:%SZ'), "
+            "strftime(revoked_at, '%Y-%m-%dT%H:%M:%SZ') FROM write_keys "
+            "ORDER BY created_at, key").fetchall()
+        return [KeyInfo(*r) for r in rows]
+
+    def revoke_key(self, key: str) -> bool:
+        got = self.conn.execute(
+            "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
+            "RETURNING key", [datetime.now(UTC), key]).fetchall()
+        return bool(got)

@@ -512,6 +512,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # servers must see SIGINT
     if pinned(LOAD_CPU):
         os.sched_setaffinity(0, {LOAD_CPU})  # keep this process and its children off CPU 0
     targets = [t for t in ("probe", "triolytics") if t in args.targets.split(",")]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
+import signal
 
 import h11
 import msgspec
@@ -107,9 +107,13 @@ async def send_quietly(stream: trio.SocketStream, data: bytes) -> None:
 
 
 async def serve(host: str, port: int) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(trio.serve_tcp, handle, port, host=host))
-        print("listening", flush=True)
+    """Serve until SIGINT or SIGTERM, then close every connection and return."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(trio.serve_tcp, handle, port, host=host))
+            print("listening", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
 
 
 def main() -> None:
@@ -117,10 +121,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3001)
     args = parser.parse_args()
-    try:
-        trio.run(serve, args.host, args.port)
-    except KeyboardInterrupt:
-        sys.exit(0)
+    trio.run(serve, args.host, args.port)
 
 
 if __name__ == "__main__":

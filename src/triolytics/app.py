@@ -13,6 +13,7 @@ register write keys, write `<data_dir>/server.json` so the CLI can find us.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -60,7 +61,7 @@ def prepare(config: Config) -> tuple[Writer, dict[str, str], str]:
     """Blocking start-up work (run in a thread): store, replay, keys, admin token."""
     data = Path(config.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    store = Store(data / "events.duckdb")
+    store = Store(data / "events.duckdb", threads=config.duckdb_threads)
     journal = Journal(data / "journal", config.journal_segment_bytes,
                       sync_on_rotate=config.fsync != "off")
     dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
@@ -89,33 +90,38 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
     writer, keys, token = await trio.to_thread.run_sync(prepare, config)
     api = Api(Collector(config, keys), writer, token, clock)
     http = HttpServer(config, api.routes())
-    stop = stop or trio.Event()
-    async with trio.open_nursery() as root:
-        await root.start(writer.run)
-        try:
-            async with trio.open_nursery() as service:
-                if handle_signals:
-                    service.start_soon(_watch_signals, stop, service.cancel_scope)
-                done = trio.Event()
-                bound = await service.start(_listen, config, http, stop, done)
-                task_status.started(bound)
-                await done.wait()
-                service.cancel_scope.cancel()  # the signal watcher
-        finally:
-            writer.close()
+    stop = stop if stop is not None else trio.Event()
+    service = trio.CancelScope()  # a second signal cancels in-flight requests at once
+    signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if handle_signals \
+        else contextlib.nullcontext()
+    with signals as received:  # held until the end: no KeyboardInterrupt mid-shutdown
+        async with trio.open_nursery() as root:
+            if received is not None:
+                root.start_soon(_watch_signals, received, stop, service)
+            writer_done = trio.Event()
+            root.start_soon(_run_writer, writer, writer_done)
+            try:
+                with service:
+                    async with trio.open_nursery() as nursery:
+                        bound = await nursery.start(_listen, config, http, stop)
+                        task_status.started(bound)
+            finally:
+                writer.close()
+                with trio.CancelScope(shield=True):
+                    await writer_done.wait()
+                root.cancel_scope.cancel()  # the signal watcher
     log.info("stopped; %d rows stored this run", writer.stats.loaded_rows)
 
 
-async def _listen(config: Config, http: HttpServer, stop: trio.Event, done: trio.Event, *,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _run_writer(writer: Writer, done: trio.Event) -> None:
     try:
-        await _listen_until(config, http, stop, task_status)
+        await writer.run()
     finally:
         done.set()
 
 
-async def _listen_until(config: Config, http: HttpServer, stop: trio.Event,
-                        task_status) -> None:
+async def _listen(config: Config, http: HttpServer, stop: trio.Event, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     sockname = listeners[0].socket.getsockname()
     bound = Bound(sockname[0], sockname[1])
@@ -171,13 +177,11 @@ async def _connection(http: HttpServer, stream: trio.SocketStream,
         limiter.release_on_behalf_of(token)
 
 
-async def _watch_signals(stop: trio.Event, service: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            if stop.is_set():
-                log.warning("second signal: stopping now")
-                service.cancel()
-                return
-            log.info("received %s: finishing in-flight requests",
-                     signal.Signals(signum).name)
-            stop.set()
+async def _watch_signals(signals, stop: trio.Event, service: trio.CancelScope) -> None:
+    async for signum in signals:
+        if stop.is_set():
+            log.warning("second signal: cancelling in-flight requests")
+            service.cancel()
+            continue
+        log.info("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        stop.set()

@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,17 @@ class WireBatch(msgspec.Struct):
     writeKey: str | None = None
 
 
+class WireBatchEvents(msgspec.Struct):
+    """`WireBatch` decoded in one pass: the fast path, when every event is valid JSON of
+    the right shape and the body is too small for any event to exceed the size limit."""
+
+    batch: list[WireEvent]
+    context: msgspec.Raw = msgspec.Raw()
+    integrations: msgspec.Raw = msgspec.Raw()
+    sentAt: datetime | None = None
+    writeKey: str | None = None
+
+
 class RequestMeta(msgspec.Struct):
     """What the I/O layer knows about the request, beyond its body."""
 
@@ -61,17 +73,28 @@ class RequestMeta(msgspec.Struct):
 
 EVENT_DECODER = msgspec.json.Decoder(WireEvent)
 BATCH_DECODER = msgspec.json.Decoder(WireBatch)
+BATCH_EVENTS_DECODER = msgspec.json.Decoder(WireBatchEvents)
 _JSON = msgspec.json.Encoder()
+NO_JSON = msgspec.Raw()  # an absent JSON value
 _PATH = re.compile(r" - at `\$(.*)`$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
 _US = timedelta(microseconds=1)
 
 
+def _id_prefix() -> str:
+    h = f"{random.SystemRandom().getrandbits(80):020x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[12:15]}-{8 | int(h[15], 16) & 3:x}{h[16:19]}-"
+
+
+_ID_PREFIX = _id_prefix()
+_ID_COUNTER = itertools.count(random.SystemRandom().getrandbits(40))
+
+
 def new_id() -> str:
-    """A random (version 4) UUID string; ~5x cheaper than `str(uuid.uuid4())`."""
-    h = f"{random.getrandbits(128) & ~(0xF << 76 | 0x3 << 62) | 4 << 76 | 2 << 62:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A UUID-shaped (version 4 layout) id, unique per process: 74 random bits chosen at
+    start-up, then a 48-bit counter. ~5x cheaper than `str(uuid.uuid4())` per event."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
 
 def to_micros(dt: datetime) -> int:
@@ -97,7 +120,14 @@ def decode_event(body: bytes | msgspec.Raw, prefix: str = "") -> WireEvent:
         raise decode_error(exc, prefix) from None
 
 
-def decode_batch(body: bytes) -> WireBatch:
+def decode_batch(body: bytes, max_event_bytes: int) -> WireBatch | WireBatchEvents:
+    """The fast one-pass decode when it can be exact, else events kept raw (`WireBatch`)
+    so each is sized and validated on its own."""
+    if len(body) <= max_event_bytes:
+        try:
+            return BATCH_EVENTS_DECODER.decode(body)
+        except msgspec.DecodeError:
+            pass  # find out which event is at fault, below
     try:
         return BATCH_DECODER.decode(body)
     except msgspec.DecodeError as exc:
@@ -142,7 +172,7 @@ class ContextEnricher:
     cheap case); with one, it merges objects (the batch's keys lose to the event's).
     """
 
-    def __init__(self, meta: RequestMeta, batch_context: msgspec.Raw = msgspec.Raw(),
+    def __init__(self, meta: RequestMeta, batch_context: msgspec.Raw = NO_JSON,
                  field: str = "$.context") -> None:
         self.ip = meta.ip
         self.ua = meta.user_agent
@@ -193,7 +223,7 @@ def _need(value: object, kind: str, field: str, path: str) -> None:
 
 def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnricher, *,
            kind: str | None = None, sent_at: datetime | None = None,
-           integrations: msgspec.Raw = msgspec.Raw(), path: str = "$") -> Row:
+           integrations: msgspec.Raw = NO_JSON, path: str = "$") -> Row:
     """Validate one decoded event and normalize it into a stored row."""
     kind = kind or ev.type
     if kind not in TYPES:

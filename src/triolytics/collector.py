@@ -20,6 +20,7 @@ import msgspec
 from triolytics.capture import (
     ContextEnricher,
     RequestMeta,
+    WireBatchEvents,
     WireEvent,
     decode_batch,
     decode_error,
@@ -150,7 +151,7 @@ class Collector:
         if key:
             project = self.project(key)
         body = decode_body(headers, body, self.config)
-        envelope = decode_batch(body)
+        envelope = decode_batch(body, self.config.max_event_bytes)
         items = envelope.batch
         if not items:
             raise ApiError("invalid_event", "batch is empty", field="$.batch")
@@ -158,6 +159,35 @@ class Collector:
             raise ApiError("payload_too_large", f"batch has {len(items)} events; at most "
                            f"{self.config.max_batch_events} (max_batch_events)", field="$.batch")
         rejected: list[Rejected] = []
+        if isinstance(envelope, WireBatchEvents):
+            events = list(enumerate(items))
+        else:
+            events = self._decode_each(items, rejected)
+        if not key:
+            key = envelope.writeKey or next((e.writeKey for _, e in events if e.writeKey), None)
+            project = self.project(key)
+        enrich = ContextEnricher(meta, envelope.context, "$.context")
+        rows: list[Row] = []
+        client: list[bool] = []
+        sent_at, integrations = envelope.sentAt, envelope.integrations
+        for i, ev in events:
+            try:
+                rows.append(to_row(ev, project, meta, enrich, sent_at=sent_at,
+                                   integrations=integrations))
+            except ApiError as exc:  # its field path is relative to the event
+                field = f"$.batch[{i}]" + (exc.field or "$")[1:]
+                rejected.append(Rejected(i, exc.code, exc.message, field))
+                continue
+            client.append(ev.messageId is not None and ev.messageId != "")
+        rejected.sort(key=lambda r: r.index)
+        if not rows:
+            error = ApiError("invalid_event", "no event in the batch is valid", field="$.batch")
+            raise BatchRejected(error, rejected)
+        reply = SegmentReply(True, stored=len(rows), rejected=rejected or None)
+        return Accepted(rows, client, 200, _ENCODE.encode(reply))
+
+    def _decode_each(self, items: list[msgspec.Raw],
+                     rejected: list[Rejected]) -> list[tuple[int, WireEvent]]:
         events: list[tuple[int, WireEvent]] = []
         max_event = self.config.max_event_bytes
         for i, raw in enumerate(items):
@@ -169,27 +199,7 @@ class Collector:
                 events.append((i, decode_event(raw, f"$.batch[{i}]")))
             except ApiError as exc:
                 rejected.append(Rejected(i, exc.code, exc.message, exc.field))
-        if not key:
-            key = envelope.writeKey or next((e.writeKey for _, e in events if e.writeKey), None)
-            project = self.project(key)
-        enrich = ContextEnricher(meta, envelope.context, "$.context")
-        rows: list[Row] = []
-        client: list[bool] = []
-        for i, ev in events:
-            try:
-                rows.append(to_row(ev, project, meta, enrich, sent_at=envelope.sentAt,
-                                   integrations=envelope.integrations, path=f"$.batch[{i}]"))
-            except ApiError as exc:
-                rejected.append(Rejected(i, exc.code, exc.message, exc.field))
-                continue
-            client.append(ev.messageId is not None and ev.messageId != "")
-        if not rows:
-            rejected.sort(key=lambda r: r.index)
-            error = ApiError("invalid_event", "no event in the batch is valid", field="$.batch")
-            raise BatchRejected(error, rejected)
-        rejected.sort(key=lambda r: r.index)
-        reply = SegmentReply(True, stored=len(rows), rejected=rejected or None)
-        return Accepted(rows, client, 200, _ENCODE.encode(reply))
+        return events
 
 
 class BatchRejected(ApiError):

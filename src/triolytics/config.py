@@ -35,8 +35,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fsync: Literal["always", "interval", "off"] = "always"
     fsync_interval_ms: int = 50  # with fsync = "interval"
     journal_segment_bytes: int = 64 * MiB  # a journal file is rotated past this size
-    load_batch_rows: int = 20_000  # DuckDB load once this many rows are journaled...
-    load_interval_ms: int = 250  # ...or once the oldest unloaded row is this old
+    load_batch_rows: int = 122_880  # DuckDB load once this many rows are journaled
+    # (one DuckDB row group: a load this big skips DuckDB's WAL)...
+    load_interval_ms: int = 500  # ...or once the oldest unloaded row is this old
+    duckdb_threads: int = 1  # DuckDB worker threads; bulk appends gain nothing from more
     max_pending_rows: int = 100_000  # rows accepted, not yet journaled (memory)
     max_unloaded_rows: int = 500_000  # rows journaled, not yet in DuckDB (memory)
     max_unloaded_bytes: int = 1024 * MiB  # journal bytes not yet in DuckDB (disk)
@@ -59,7 +61,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         positive = ("port", "max_connections", "journal_segment_bytes", "load_batch_rows",
-                    "load_interval_ms", "max_pending_rows", "max_unloaded_rows",
+                    "load_interval_ms", "duckdb_threads", "max_pending_rows", "max_unloaded_rows",
                     "max_unloaded_bytes", "max_event_bytes", "max_request_bytes",
                     "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
                     "fsync_interval_ms", "dedup_max_ids")

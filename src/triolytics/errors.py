@@ -64,6 +64,7 @@ class ApiError(Exception):
         return f"ApiError({self.code!r}, {self.message!r}, field={self.field!r})"
 
 
-def overloaded(retry_after_s: int, message: str = "the writer is saturated; retry later") -> ApiError:
+def overloaded(retry_after_s: int,
+               message: str = "the writer is saturated; retry later") -> ApiError:
     return ApiError("overloaded", message,
                     headers=((b"retry-after", str(retry_after_s).encode()),))

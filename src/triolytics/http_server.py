@@ -81,31 +81,35 @@ class HttpServer:
             await trio.aclose_forcefully(stream)
 
     async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str) -> None:
+        # One cancel scope for the connection's life; its deadline moves with the phase
+        # (idle: keep-alive timeout; busy: request timeout). Cheaper than a scope per phase.
         conns = self.connections
-        while not conns.draining:
-            # Idle: waiting for the first event of the next request.
-            scope = trio.CancelScope(deadline=trio.current_time() + self.config.keepalive_timeout_s)
-            conns.idle.add(scope)
-            try:
-                with scope:
-                    event = await self._next(conn, stream)
-            finally:
+        config = self.config
+        busy = False
+        with trio.CancelScope() as scope:
+            while not conns.draining:
+                scope.deadline = trio.current_time() + config.keepalive_timeout_s
+                conns.idle.add(scope)
+                event = await self._next(conn, stream)
                 conns.idle.discard(scope)
-            if scope.cancelled_caught or event is None:
-                return
-            with trio.move_on_after(self.config.request_timeout_s) as busy:
+                if event is None:
+                    return
+                busy = True
+                scope.deadline = trio.current_time() + config.request_timeout_s
                 if not await self._exchange(conn, stream, peer, event):
                     return
-            if busy.cancelled_caught:
-                await self._send_error(conn, stream, ApiError("request_timeout",
-                                                              "request not received in time"))
-                return
-            if conn.our_state is h11.MUST_CLOSE or conns.draining:
-                return
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
+                busy = False
+                if conn.our_state is h11.MUST_CLOSE or conns.draining:
+                    return
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
+        conns.idle.discard(scope)
+        if scope.cancelled_caught and busy:
+            with trio.move_on_after(LINGER_S):
+                await self._send_error(conn, stream, ApiError(
+                    "request_timeout", "request not received in time"))
 
     async def _next(self, conn: h11.Connection, stream: trio.abc.Stream):
         """The next h11 event, reading as needed; None when the peer is gone."""

@@ -84,8 +84,8 @@ class Journal:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         data = Path(path).read_bytes()
         valid = 0
-        for _payload, valid in scan(data):
-            pass
+        for _payload, end in scan(data):
+            valid = end
         if valid < len(data):
             self.torn_bytes = len(data) - valid
             os.ftruncate(self.fd, valid)

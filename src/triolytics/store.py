@@ -50,9 +50,10 @@ def rows_to_arrow(rows: list[Row]) -> pa.Table:
 
 
 class Store:
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
         self.path = str(path)
-        self.conn = duckdb.connect(self.path, read_only=read_only)
+        self.conn = duckdb.connect(self.path, read_only=read_only,
+                                   config={"threads": threads})
         if not read_only:
             self._create()
 

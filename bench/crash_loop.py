@@ -1,0 +1,346 @@
+"""Crash loop: kill -9 the server while clients send, restart it, check exactly-once.
+
+Each round starts `python -m triolytics serve` (fsync always) on a free port with one
+data directory shared by all rounds, waits for /healthz, and runs client threads that POST
+`/v1/batch` with unique messageIds, recording every id answered with a 2xx. A batch that
+fails (connection lost, 503) is retried with the same ids, as Segment SDKs do, in the
+same round or after the restart. At a random moment in the round the server gets SIGKILL.
+
+After the last round the server is started once more, the clients drain their retries,
+and the server is stopped with SIGTERM (it must exit 0). Then DuckDB is opened read-only:
+every acknowledged id must be stored exactly once, and nothing must be stored that no
+client sent.
+
+    .venv/bin/python bench/crash_loop.py [ROUNDS] [--clients N] [--load-s S] [--keep DIR]
+
+Prints one JSON document; exit status 0 when every check holds. `tests/test_crash.py`
+runs a few short rounds of the same loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+WRITE_KEY = "wk_crash"
+BATCH_EVENTS = 20
+START_TIMEOUT_S = 20.0  # the server must answer /healthz within this
+STOP_TIMEOUT_S = 30.0  # ...and exit after SIGTERM within this
+POLL_S = 0.02  # how often we look at a subprocess or a counter
+
+
+class Ledger:
+    """What the clients sent and what the server acknowledged (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sent: set[str] = set()
+        self.acked: set[str] = set()
+        self.retries: list[list[str]] = []  # batches to send again, same ids
+        self.retried = 0
+        self.serial = 0
+
+    def next_batch(self, name: str) -> list[str]:
+        with self.lock:
+            if self.retries:
+                self.retried += 1
+                return self.retries.pop()
+            self.serial += 1
+            ids = [f"{name}-{self.serial}-{i}" for i in range(BATCH_EVENTS)]
+            self.sent.update(ids)
+            return ids
+
+    def ack(self, ids: list[str]) -> None:
+        with self.lock:
+            self.acked.update(ids)
+
+    def retry(self, ids: list[str]) -> None:
+        with self.lock:
+            self.retries.append(ids)
+
+    def acked_count(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _body(ids: list[str]) -> bytes:
+    return json.dumps(
+        {
+            "batch": [
+                {
+                    "type": "track",
+                    "event": "Crash Test",
+                    "anonymousId": i.split("-", 1)[0],
+                    "messageId": i,
+                    "properties": {"n": n},
+                }
+                for n, i in enumerate(ids)
+            ]
+        }
+    ).encode()
+
+
+def client(
+    port: int, name: str, ledger: Ledger, stop: threading.Event, drain_only: bool = False
+) -> None:
+    """Send batches until `stop` (or, with drain_only, until no retry is left)."""
+    conn: http.client.HTTPConnection | None = None
+    headers = {"Content-Type": "application/json", "x-write-key": WRITE_KEY}
+    while not stop.is_set():
+        if drain_only:
+            with ledger.lock:
+                if not ledger.retries:
+                    break
+        ids = ledger.next_batch(name)
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection(HOST, port, timeout=10)
+            conn.request("POST", "/v1/batch", _body(ids), headers)
+            response = conn.getresponse()
+            reply = response.read()
+        except (OSError, http.client.HTTPException):
+            if conn is not None:
+                conn.close()
+            conn = None
+            ledger.retry(ids)
+            stop.wait(POLL_S)  # the server is gone or going; back off a little
+            continue
+        if response.status == 200:
+            answer = json.loads(reply)
+            if not answer.get("success") or answer.get("rejected"):
+                raise AssertionError(f"unexpected 200 answer: {answer}")
+            ledger.ack(ids)
+        elif response.status == 503:
+            ledger.retry(ids)
+        else:
+            raise AssertionError(f"unexpected answer {response.status}: {reply[:300]!r}")
+        if response.getheader("connection", "").lower() == "close":
+            conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
+
+
+class Server:
+    def __init__(self, data_dir: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in wait/kill)
+        argv = [
+            sys.executable,
+            "-m",
+            "triolytics",
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--data",
+            str(data_dir),
+            "--write-key",
+            WRITE_KEY,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in env.items() if not k.startswith("TRIOLYTICS_")}
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_healthy(self) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < START_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n"
+                    + self.log_path.read_text(errors="replace")
+                )
+            try:
+                conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return time.monotonic() - start
+                conn.close()
+            except OSError:
+                pass
+            time.sleep(POLL_S)  # bounded polling of a real subprocess
+        self.kill()
+        raise RuntimeError(
+            "server did not become healthy:\n" + self.log_path.read_text(errors="replace")
+        )
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"server did not stop within {STOP_TIMEOUT_S}s of SIGTERM") from None
+        self.log.close()
+        return code
+
+
+def _run_clients(
+    port: int, ledger: Ledger, clients: int, stop: threading.Event, drain_only: bool = False
+) -> tuple[list[threading.Thread], list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def guarded(name: str) -> None:
+        try:
+            client(port, name, ledger, stop, drain_only)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=guarded, args=(f"c{i}",), daemon=True) for i in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    return threads, errors
+
+
+def stored_counts(data_dir: Path) -> dict[str, int]:
+    import duckdb
+
+    con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
+    try:
+        return dict(
+            con.execute("SELECT message_id, count(*) FROM events GROUP BY message_id").fetchall()
+        )
+    finally:
+        con.close()
+
+
+def run(
+    rounds: int, data_dir: Path, clients: int = 4, load_s: float = 1.0, seed: int | None = None
+) -> dict:
+    """The loop; returns the summary (see `main`)."""
+    rng = random.Random(seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger()
+    per_round = []
+    started = time.monotonic()
+    for n in range(rounds):
+        server = Server(data_dir, data_dir.parent / f"server-{n}.log")
+        boot_s = server.wait_healthy()
+        before = ledger.acked_count()
+        stop = threading.Event()
+        threads, errors = _run_clients(server.port, ledger, clients, stop)
+        kill_at = time.monotonic() + load_s * rng.uniform(0.5, 1.0)
+        # run until the kill moment, and at least until this round acknowledged something
+        while (
+            (time.monotonic() < kill_at or ledger.acked_count() == before)
+            and time.monotonic() < kill_at + 10
+            and not errors
+        ):
+            time.sleep(POLL_S)
+        server.kill()
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        if errors:
+            raise errors[0]
+        per_round.append(
+            {
+                "boot_s": round(boot_s, 3),
+                "acked": ledger.acked_count() - before,
+                "retry_backlog": len(ledger.retries),
+            }
+        )
+    # the last start: replay, drain the clients' retries, stop cleanly
+    server = Server(data_dir, data_dir.parent / "server-final.log")
+    server.wait_healthy()
+    stop = threading.Event()
+    threads, errors = _run_clients(server.port, ledger, clients, stop, drain_only=True)
+    for t in threads:
+        t.join(timeout=60)
+    exit_code = server.terminate()
+    if errors:
+        raise errors[0]
+    counts = stored_counts(data_dir)
+    logs = "".join(p.read_text(errors="replace") for p in data_dir.parent.glob("server-*.log"))
+    replayed = sum(int(m) for m in re.findall(r"replayed (\d+) journaled rows", logs))
+    torn = len(re.findall(r"dropped a torn journal tail", logs))
+    duplicates = {k: c for k, c in counts.items() if c != 1}
+    missing = sorted(ledger.acked - counts.keys())
+    unknown = sorted(counts.keys() - ledger.sent)
+    return {
+        "rounds": rounds,
+        "clients": clients,
+        "load_s": load_s,
+        "sent": len(ledger.sent),
+        "acked": len(ledger.acked),
+        "stored": sum(counts.values()),
+        "retried_batches": ledger.retried,
+        "unsent_retries": len(ledger.retries),
+        "replayed_rows": replayed,
+        "torn_tails": torn,
+        "duplicates": len(duplicates),
+        "missing": len(missing),
+        "unknown": len(unknown),
+        "examples": {
+            "duplicates": dict(list(duplicates.items())[:5]),
+            "missing": missing[:5],
+            "unknown": unknown[:5],
+        },
+        "final_exit_code": exit_code,
+        "per_round": per_round,
+        "elapsed_s": round(time.monotonic() - started, 2),
+        "ok": not duplicates
+        and not missing
+        and not unknown
+        and exit_code == 0
+        and not ledger.retries,
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("rounds", nargs="?", type=int, default=20)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--load-s", type=float, default=2.0, help="load per round before kill -9")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--keep", help="keep the data and logs in this directory")
+    args = p.parse_args(argv)
+    if args.keep:
+        base = Path(args.keep)
+        base.mkdir(parents=True, exist_ok=True)
+        summary = run(args.rounds, base / "data", args.clients, args.load_s, args.seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="triolytics-crash-") as tmp:
+            summary = run(args.rounds, Path(tmp) / "data", args.clients, args.load_s, args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""collector.py: the Collector document's examples, Segment endpoints, keys, bodies, batches."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from triolytics.capture import RequestMeta
+from triolytics.collector import BatchRejected, Collector
+from triolytics.config import Config
+from triolytics.errors import ApiError
+
+KEY = "wk_123456789"
+RECEIVED = int(datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()) * 1_000_000
+META = RequestMeta(RECEIVED, "198.51.100.4", "curl/8.5.0")
+JSON_HEADERS = {b"content-type": b"application/json", b"x-write-key": KEY.encode()}
+
+# The Collector document's three examples, as the bytes each client puts on the wire.
+CURL_BODY = b"""{
+    "type": "track",
+    "event": "Button Clicked",
+    "anonymousId": "550e8400-e29b-41d4-a716-446655440000",
+    "properties": {
+      "button_id": "signup_hero",
+      "color": "blue"
+    }
+  }"""
+# JSON.stringify(payload) in a browser (navigator.userAgent / navigator.language filled in).
+UA = "Mozilla/5.0 (X11; Linux x86_64; rv:126.0) Gecko/20100101 Firefox/126.0"
+FETCH_BODY = ('{"type":"track","event":"Added to Cart","anonymousId":"user-session-id-123",'
+              '"context":{"userAgent":"' + UA + '","locale":"en-US"},'
+              '"properties":{"productId":"p_99","price":29.99}}').encode()
+# requests.post(url, json=payload): json.dumps with its default separators.
+PY_BODY = (b'{"type": "track", "event": "Order Completed", "userId": "u_8823", '
+           b'"timestamp": "2024-05-01T11:59:58.123456", '
+           b'"properties": {"orderId": "ord_555", "total": 120.5, "currency": "USD"}}')
+
+
+def collector(**config) -> Collector:
+    return Collector(Config(**config), {KEY: "default", "wk_shop": "shop"})
+
+
+def capture(body: bytes, headers=None, kind=None, **config):
+    return collector(**config).capture(kind, JSON_HEADERS if headers is None else headers,
+                                       body, META)
+
+
+def batch(body: bytes | dict, headers=None, **config):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return collector(**config).batch(JSON_HEADERS if headers is None else headers, raw, META)
+
+
+def refusal(fn, *args, **kw) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        fn(*args, **kw)
+    return info.value
+
+
+EVENT = {"type": "track", "event": "E", "anonymousId": "a"}
+
+
+# --- the document's examples -----------------------------------------------------------
+
+def test_curl_example():
+    got = capture(CURL_BODY)
+    (row,) = got.rows
+    assert got.status == 201
+    assert json.loads(got.body) == {"ok": True, "id": row.message_id}
+    assert (row.project, row.type, row.event, row.anonymous_id) == \
+        ("default", "track", "Button Clicked", "550e8400-e29b-41d4-a716-446655440000")
+    assert json.loads(row.properties) == {"button_id": "signup_hero", "color": "blue"}
+    assert json.loads(row.context) == {"ip": "198.51.100.4", "userAgent": "curl/8.5.0"}
+    assert row.timestamp == row.received_at == RECEIVED
+    assert got.client_ids == [False]
+
+
+def test_fetch_example():
+    headers = {b"content-type": b"application/json", b"x-write-key": KEY.encode()}
+    got = capture(FETCH_BODY, headers)
+    (row,) = got.rows
+    assert got.status == 201
+    assert json.loads(got.body) == {"ok": True, "id": row.message_id}
+    assert (row.event, row.anonymous_id) == ("Added to Cart", "user-session-id-123")
+    assert json.loads(row.properties) == {"productId": "p_99", "price": 29.99}
+    assert json.loads(row.context) == {"ip": "198.51.100.4", "userAgent": UA, "locale": "en-US"}
+
+
+def test_python_example():
+    payload = {"type": "track", "event": "Order Completed", "userId": "u_8823",
+               "timestamp": datetime(2024, 5, 1, 11, 59, 58, 123456).isoformat(),
+               "properties": {"orderId": "ord_555", "total": 120.50, "currency": "USD"}}
+    assert json.dumps(payload).encode() == PY_BODY  # what requests' json= sends
+    got = capture(PY_BODY)
+    (row,) = got.rows
+    assert got.status == 201
+    assert json.loads(got.body) == {"ok": True, "id": row.message_id}
+    assert (row.user_id, row.anonymous_id, row.event) == ("u_8823", None, "Order Completed")
+    expected = int(datetime(2024, 5, 1, 11, 59, 58, tzinfo=UTC).timestamp()) * 1_000_000 + 123456
+    assert row.timestamp == row.original_timestamp == expected
+    assert json.loads(row.properties) == {"orderId": "ord_555", "total": 120.5, "currency": "USD"}
+
+
+# --- Segment's /v1/<type> ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,extra", [
+    ("track", {"event": "E"}), ("page", {"name": "Home"}), ("identify", {"traits": {"a": 1}}),
+    ("screen", {"name": "S"}), ("group", {"groupId": "g"}), ("alias", {"previousId": "p"})])
+def test_typed_endpoints_answer_segment_style(kind, extra):
+    got = capture(json.dumps({"userId": "u", **extra}).encode(), kind=kind)
+    (row,) = got.rows
+    assert got.status == 200
+    assert json.loads(got.body) == {"success": True, "id": row.message_id}
+    assert row.type == kind
+
+
+# --- write keys ------------------------------------------------------------------------
+
+def basic(user: str, password: str = "") -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+@pytest.mark.parametrize("headers,body_key,project", [
+    ({b"x-write-key": b"wk_shop"}, None, "shop"),
+    ({b"authorization": basic("wk_shop")}, None, "shop"),
+    ({b"authorization": basic(KEY)}, None, "default"),
+    ({}, "wk_shop", "shop"),
+    ({b"x-write-key": b"wk_shop"}, "nope", "shop"),  # header first
+    ({b"x-write-key": b"wk_shop", b"authorization": basic(KEY)}, None, "shop"),
+])
+def test_write_key_sources(headers, body_key, project):
+    event = {**EVENT, "writeKey": body_key} if body_key else EVENT
+    got = capture(json.dumps(event).encode(), {b"content-type": b"application/json", **headers})
+    assert got.rows[0].project == project
+
+
+def test_batch_level_write_key():
+    got = batch({"writeKey": "wk_shop", "batch": [EVENT]}, {b"content-type": b"application/json"})
+    assert got.rows[0].project == "shop"
+    got = batch({"batch": [{**EVENT, "writeKey": "wk_shop"}]}, {})
+    assert got.rows[0].project == "shop"
+
+
+@pytest.mark.parametrize("headers,body,code", [
+    ({}, EVENT, "missing_write_key"),
+    ({b"x-write-key": b""}, EVENT, "missing_write_key"),
+    ({b"authorization": basic("")}, EVENT, "missing_write_key"),
+    ({b"x-write-key": b"wk_nope"}, EVENT, "unknown_write_key"),
+    ({b"authorization": basic("wk_nope")}, EVENT, "unknown_write_key"),
+    ({}, {**EVENT, "writeKey": "wk_nope"}, "unknown_write_key"),
+    ({b"authorization": b"Basic !!!"}, EVENT, "unauthorized"),
+])
+def test_write_key_refusals(headers, body, code):
+    err = refusal(capture, json.dumps(body).encode(), headers)
+    assert (err.code, err.status) == (code, 401)
+    err = refusal(batch, {"batch": [body]}, headers)
+    assert (err.code, err.status) == (code, 401)
+
+
+# --- body decoding ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("media", [b"text/plain", b"text/plain;charset=UTF-8",
+                                   b"application/json; charset=utf-8"])
+def test_json_and_beacon_media_types(media):
+    got = capture(json.dumps(EVENT).encode(), {b"content-type": media, b"x-write-key": b"wk_shop"})
+    assert got.rows[0].event == "E"
+
+
+def test_form_encoding_refused():
+    headers = {b"content-type": b"application/x-www-form-urlencoded", b"x-write-key": b"wk_shop"}
+    err = refusal(capture, json.dumps(EVENT).encode(), headers)
+    assert (err.code, err.status) == ("unsupported_media_type", 415)
+
+
+def gz_headers(encoding: bytes = b"gzip") -> dict:
+    return {**JSON_HEADERS, b"content-encoding": encoding}
+
+
+def test_gzip_body():
+    got = capture(gzip.compress(CURL_BODY), gz_headers())
+    assert got.rows[0].event == "Button Clicked"
+    got = batch(gzip.compress(json.dumps({"batch": [EVENT, EVENT]}).encode()), gz_headers())
+    assert len(got.rows) == 2
+
+
+def test_multi_member_gzip_decoded_whole():
+    # RFC 1952 2.2: a gzip stream is a series of members (as `cat a.gz b.gz` or a flushing
+    # compressor produces); gzip.decompress() and curl/zcat read them all.
+    body = gzip.compress(b'{"batch":[{"type":"page","userId":"u"},') + \
+        gzip.compress(b'{"type":"page","userId":"v"}]}')
+    got = batch(body, gz_headers())
+    assert [r.user_id for r in got.rows] == ["u", "v"]
+
+
+def test_gzip_bomb_refused():
+    bomb = gzip.compress(b" " * (4 << 20))  # 4 MiB of whitespace, ~4 KiB compressed
+    err = refusal(capture, bomb, gz_headers(), max_decompressed_bytes=64 * 1024)
+    assert (err.code, err.status) == ("payload_too_large", 413)
+    err = refusal(batch, bomb, gz_headers(), max_decompressed_bytes=64 * 1024)
+    assert (err.code, err.status) == ("payload_too_large", 413)
+
+
+def test_brotli_refused():
+    err = refusal(capture, b"\x1b\x00", gz_headers(b"br"))
+    assert (err.code, err.status) == ("unsupported_encoding", 415)
+
+
+@pytest.mark.parametrize("cut", [10, 4, 0.5])
+def test_truncated_gzip_is_bad_request(cut):
+    whole = gzip.compress(CURL_BODY)
+    body = whole[:int(len(whole) * cut)] if isinstance(cut, float) else whole[:-cut]
+    err = refusal(capture, body, gz_headers())
+    assert (err.code, err.status) == ("bad_request", 400)
+
+
+def test_not_gzip_is_bad_request():
+    err = refusal(capture, CURL_BODY, gz_headers())
+    assert (err.code, err.status) == ("bad_request", 400)
+
+
+def test_event_over_max_event_bytes():
+    big = json.dumps({**EVENT, "properties": {"pad": "x" * 33_000}}).encode()
+    err = refusal(capture, big)
+    assert (err.code, err.status) == ("payload_too_large", 413)
+    err = refusal(capture, gzip.compress(big), gz_headers())  # size after gzip counts
+    assert (err.code, err.status) == ("payload_too_large", 413)
+
+
+# --- batches ---------------------------------------------------------------------------
+
+def test_batch_mixed_valid_and_invalid():
+    items = [EVENT, {"type": "track", "userId": "u"}, {**EVENT, "userId": [1]}, EVENT, [1],
+             {**EVENT, "properties": {"pad": "x" * 33_000}}]
+    got = batch({"batch": items})
+    assert got.status == 200
+    assert len(got.rows) == 2
+    reply = json.loads(got.body)
+    assert (reply["success"], reply["stored"]) == (True, 2)
+    assert [(r["index"], r["code"], r["field"]) for r in reply["rejected"]] == [
+        (1, "invalid_event", "$.batch[1].event"),
+        (2, "invalid_event", "$.batch[2].userId"),
+        (4, "invalid_event", "$.batch[4]"),
+        (5, "payload_too_large", "$.batch[5]"),
+    ]
+    assert all(r["message"] for r in reply["rejected"])
+
+
+def test_batch_all_valid_has_no_rejected():
+    got = batch({"batch": [EVENT] * 3})
+    assert json.loads(got.body) == {"success": True, "stored": 3}
+
+
+def test_batch_all_invalid_lists_every_index():
+    items = [{"type": "track", "userId": "u"}, {"type": "nope", "userId": "u"}, {"type": "page"}]
+    with pytest.raises(BatchRejected) as info:
+        batch({"batch": items})
+    err = info.value
+    assert (err.status, err.code) == (400, "invalid_event")
+    reply = json.loads(err.as_body())
+    assert reply["error"]["code"] == "invalid_event"
+    assert [(r["index"], r["field"]) for r in reply["rejected"]] == [
+        (0, "$.batch[0].event"), (1, "$.batch[1].type"), (2, "$.batch[2].anonymousId")]
+
+
+def test_empty_batch():
+    err = refusal(batch, {"batch": []})
+    assert (err.code, err.status, err.field) == ("invalid_event", 400, "$.batch")
+
+
+def test_batch_over_max_events():
+    err = refusal(batch, {"batch": [EVENT] * 4}, max_batch_events=3)
+    assert (err.code, err.status) == ("payload_too_large", 413)
+    assert len(batch({"batch": [EVENT] * 3}, max_batch_events=3).rows) == 3
+
+
+def test_batch_envelope_applies_to_events():
+    got = batch({"sentAt": "2024-05-01T10:00:10Z", "context": {"library": {"name": "py"}},
+                 "batch": [{**EVENT, "timestamp": "2024-05-01T10:00:00Z"},
+                           {**EVENT, "context": {"library": {"name": "own"}}}]})
+    first, second = got.rows
+    assert first.timestamp == RECEIVED - 10_000_000
+    assert json.loads(first.context) == {"ip": "198.51.100.4", "userAgent": "curl/8.5.0",
+                                         "library": {"name": "py"}}
+    assert json.loads(second.context)["library"] == {"name": "own"}
+
+
+def test_batch_context_error_path():
+    got = batch({"batch": [EVENT, {**EVENT, "context": [1]}]})
+    assert [(r["index"], r["field"]) for r in json.loads(got.body)["rejected"]] == \
+        [(1, "$.batch[1].context")]
+
+
+def test_client_ids_flags():
+    items = [{**EVENT, "messageId": "m0"}, EVENT, {"type": "track", "userId": "u"},
+             {**EVENT, "messageId": "m3"}, {**EVENT, "messageId": ""}]
+    got = batch({"batch": items})
+    assert got.client_ids == [True, False, True, False]
+    assert [r.message_id for r in got.rows][0::2] == ["m0", "m3"]
+    assert uuid.UUID(got.rows[1].message_id).version == 4
+    assert capture(json.dumps({**EVENT, "messageId": "x"}).encode()).client_ids == [True]
+    assert capture(json.dumps(EVENT).encode()).rows[0].message_id != "x"
+
+
+def test_batch_event_with_invalid_utf8_rejected_alone():
+    body = (b'{"batch":[{"type":"track","event":"ok","userId":"u"},'
+            b'{"type":"track","event":"\xff","userId":"u"}]}')
+    got = batch(body)
+    assert [r.event for r in got.rows] == ["ok"]
+    assert [(r["index"], r["code"]) for r in json.loads(got.body)["rejected"]] == \
+        [(1, "invalid_json")]
+
+
+def test_batch_event_too_deep_rejected_alone():
+    deep = b"[" * 5000 + b"]" * 5000
+    body = (b'{"batch":[{"type":"page","userId":"u","properties":{"a":' + deep + b'}},'
+            b'{"type":"page","userId":"u"}]}')
+    got = batch(body)
+    assert len(got.rows) == 1
+    assert [r["index"] for r in json.loads(got.body)["rejected"]] == [0]
+
+
+def test_capture_invalid_utf8_is_400():
+    err = refusal(capture, b'{"type":"track","event":"\xff","userId":"u"}')
+    assert (err.code, err.status) == ("invalid_json", 400)

@@ -1,0 +1,102 @@
+"""config.py: defaults < TOML < environment < overrides; unknown keys and bad values refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from triolytics.config import Config, ConfigError, load_config
+
+
+def test_defaults():
+    c = load_config()
+    assert (c.host, c.port, c.fsync, c.max_event_bytes, c.max_batch_events) == \
+        ("127.0.0.1", 3000, "always", 32 * 1024, 2500)
+    assert c.cors_origins == ["*"]
+    assert c.write_keys == [] and c.trusted_proxies == []
+
+
+def test_layers_later_wins():
+    toml = 'port = 4000\nhost = "0.0.0.0"\nfsync = "interval"\nmax_batch_events = 10\n'
+    env = {"TRIOLYTICS_PORT": "5000", "TRIOLYTICS_FSYNC": "off"}
+    c = load_config(toml, env, {"port": 6000})
+    assert c.port == 6000  # override beats env beats file
+    assert c.fsync == "off"  # env beats file
+    assert c.host == "0.0.0.0"  # file beats default
+    assert c.max_batch_events == 10
+    assert c.max_event_bytes == 32 * 1024  # default where no layer says otherwise
+
+
+def test_env_beats_file_and_none_override_is_ignored():
+    c = load_config("port = 4000\n", {"TRIOLYTICS_PORT": "5000"}, {"port": None, "host": None})
+    assert (c.port, c.host) == (5000, "127.0.0.1")
+
+
+def test_env_values_converted():
+    c = load_config(environ={"TRIOLYTICS_REQUEST_TIMEOUT_S": "2.5",
+                             "TRIOLYTICS_MAX_EVENT_BYTES": "1024",
+                             "TRIOLYTICS_DATA_DIR": "/var/lib/x"})
+    assert (c.request_timeout_s, c.max_event_bytes, c.data_dir) == (2.5, 1024, "/var/lib/x")
+
+
+def test_other_environment_ignored():
+    c = load_config(environ={"PATH": "/bin", "TRIOLYTICSPORT": "1", "TRIOLYTICS_CONFIG": "x.toml"})
+    assert c.port == 3000
+
+
+def test_list_env_vars_comma_separated():
+    c = load_config(environ={"TRIOLYTICS_WRITE_KEYS": "wk_a, wk_b,,wk_c ",
+                             "TRIOLYTICS_CORS_ORIGINS": "https://a.example,https://b.example",
+                             "TRIOLYTICS_TRUSTED_PROXIES": "10.0.0.0/8"})
+    assert c.write_keys == ["wk_a", "wk_b", "wk_c"]
+    assert c.cors_origins == ["https://a.example", "https://b.example"]
+    assert c.trusted_proxies == ["10.0.0.0/8"]
+    assert load_config(environ={"TRIOLYTICS_WRITE_KEYS": ""}).write_keys == []
+
+
+def test_lists_from_toml():
+    c = load_config('write_keys = ["wk_1", "wk_2"]\ntrusted_proxies = ["127.0.0.1"]\n')
+    assert (c.write_keys, c.trusted_proxies) == (["wk_1", "wk_2"], ["127.0.0.1"])
+
+
+def test_unknown_toml_key_named():
+    with pytest.raises(ConfigError, match="prot"):
+        load_config("prot = 4000\n")
+    with pytest.raises(ConfigError, match="server"):
+        load_config("[server]\nport = 4000\n")
+
+
+def test_unknown_env_key_named():
+    with pytest.raises(ConfigError, match="TRIOLYTICS_MAX_EVENTS_BYTES"):
+        load_config(environ={"TRIOLYTICS_MAX_EVENTS_BYTES": "10"})
+
+
+def test_unknown_override_rejected():
+    with pytest.raises(ConfigError, match="colour"):
+        load_config(overrides={"colour": "blue"})
+
+
+def test_malformed_toml():
+    with pytest.raises(ConfigError):
+        load_config("port = = 1\n")
+
+
+@pytest.mark.parametrize("toml,env,name", [
+    ('port = "http"\n', {}, "port"),
+    ("", {"TRIOLYTICS_PORT": "abc"}, "port"),
+    ('fsync = "sometimes"\n', {}, "fsync"),
+    ("", {"TRIOLYTICS_FSYNC": "never"}, "fsync"),
+    ("max_event_bytes = 0\n", {}, "max_event_bytes"),
+    ("", {"TRIOLYTICS_MAX_BATCH_EVENTS": "-5"}, "max_batch_events"),
+    ("port = 70000\n", {}, "port"),
+    ("write_keys = 5\n", {}, "write_keys"),
+])
+def test_bad_values_rejected_with_name(toml, env, name):
+    with pytest.raises(ConfigError, match=name):
+        load_config(toml, env)
+
+
+def test_port_zero_allowed():
+    # Port 0 asks the OS for a free port (tests, `serve` reports the bound port); the
+    # range check in Config.__post_init__ explicitly allows it.
+    assert load_config(overrides={"port": 0}).port == 0
+    assert Config(port=0).port == 0

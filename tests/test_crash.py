@@ -1,0 +1,97 @@
+"""kill -9 the real server while clients send; every acknowledged event survives, once.
+
+Runs a few short rounds of `bench/crash_loop.py` (which has the longer version): a
+`python -m triolytics serve` subprocess, concurrent client threads sending batches with
+unique messageIds (retrying failures with the same ids), SIGKILL mid-stream, restart, and
+finally a clean SIGTERM stop, then a look at DuckDB.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "crash_loop.py"
+
+
+def _load_crash_loop():
+    spec = importlib.util.spec_from_file_location("crash_loop", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+crash_loop = _load_crash_loop()
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+
+
+def test_kill_9_mid_stream_loses_and_doubles_nothing(tmp_path):
+    summary = crash_loop.run(rounds=3, data_dir=tmp_path / "data", clients=4, load_s=1.0,
+                             seed=1)
+    report = json.dumps(summary, indent=2)
+    assert all(r["acked"] > 0 for r in summary["per_round"]), report
+    assert summary["missing"] == 0, report  # every 2xx'd id is stored...
+    assert summary["duplicates"] == 0, report  # ...exactly once...
+    assert summary["unknown"] == 0, report  # ...and nothing else is
+    assert summary["unsent_retries"] == 0, report
+    assert summary["final_exit_code"] == 0, report
+    assert summary["stored"] >= summary["acked"] > 0, report
+    assert summary["ok"], report
+
+
+def test_ledger_detects_loss_and_doubles(tmp_path, monkeypatch):
+    """The checks above can fail: a stored set that misses or repeats ids is reported."""
+    data = tmp_path / "data"
+    data.mkdir()
+    con = duckdb.connect(str(data / "events.duckdb"))
+    con.execute("CREATE TABLE events (message_id VARCHAR)")
+    con.execute("INSERT INTO events VALUES ('a'), ('a'), ('x')")
+    con.close()
+    assert crash_loop.stored_counts(data) == {"a": 2, "x": 1}
+
+
+def test_sigterm_exits_0_and_keeps_every_acknowledged_event(tmp_path):
+    """The subprocess's clean stop: what was acked before SIGTERM is in DuckDB."""
+    data = tmp_path / "data"
+    server = crash_loop.Server(data, tmp_path / "server.log")
+    server.wait_healthy()
+    ledger = crash_loop.Ledger()
+    import threading
+    stop = threading.Event()
+    threads, errors = crash_loop._run_clients(server.port, ledger, 2, stop)
+    deadline_polls = 500
+    while ledger.acked_count() < 100 and deadline_polls and not errors:
+        deadline_polls -= 1
+        stop.wait(crash_loop.POLL_S)  # bounded polling while a real subprocess works
+    code = server.terminate()  # clients are still sending
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    assert code == 0, (tmp_path / "server.log").read_text()
+    counts = crash_loop.stored_counts(data)
+    assert ledger.acked_count() >= 100
+    assert ledger.acked <= counts.keys()
+    assert set(counts.values()) == {1}
+    assert counts.keys() <= ledger.sent
+
+
+def test_crash_loop_script_prints_json(tmp_path):
+    """`bench/crash_loop.py N` is a script: one round, JSON on stdout, exit 0."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "1", "--clients", "2", "--load-s", "0.5",
+         "--keep", str(tmp_path)], capture_output=True, timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+    summary = json.loads(done.stdout)
+    assert summary["rounds"] == 1 and summary["ok"] is True

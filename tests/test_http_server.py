@@ -1,0 +1,670 @@
+"""`HttpServer` over in-memory streams, driven by an h11 client (as hypercorn's tests do).
+
+Level two of the test ladder: no sockets, no real time. Tests that wait use the
+`autojump_clock` fixture, and a hang fails fast under `trio.fail_after` instead of blocking.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+
+import h11
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from triolytics.api import Api
+from triolytics.app import prepare
+from triolytics.collector import Collector
+from triolytics.config import Config
+from triolytics.http_server import HttpServer
+from triolytics.web import Request, Response
+
+PEER = "127.0.0.1"
+ORIGIN = b"https://app.example"
+EVENT = b'{"type":"track","event":"Clicked","anonymousId":"a-1"}'
+
+
+# --- a small h11 client over one end of a memory stream pair
+
+
+class Reply(msgspec.Struct):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def all(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k == name]
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.all(name)
+        assert len(values) <= 1, f"{name!r} sent {len(values)} times: {values}"
+        return values[0] if values else None
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Client:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def send(self, *events) -> None:
+        await self.stream.send_all(b"".join(self.conn.send(e) for e in events))
+
+    async def next_event(self):
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.conn.receive_data(await self.stream.receive_some(65536))
+
+    async def response(self) -> Reply:
+        """The next final response (1xx are skipped), read to its end."""
+        event = await self.next_event()
+        while type(event) is h11.InformationalResponse:
+            event = await self.next_event()
+        assert type(event) is h11.Response, event
+        reply = Reply(event.status_code, list(event.headers), b"")
+        while True:
+            event = await self.next_event()
+            if type(event) is h11.EndOfMessage:
+                return reply
+            reply.body += event.data
+
+    async def request(self, method: bytes, target: bytes, headers=(), body: bytes = b"") -> Reply:
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        hdrs = [(b"host", b"test"), *headers]
+        if body or method in (b"POST", b"PUT"):
+            hdrs.append((b"content-length", b"%d" % len(body)))
+        await self.send(h11.Request(method=method, target=target, headers=hdrs))
+        if body:
+            await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
+        return await self.response()
+
+    async def raw(self, data: bytes, method: bytes = b"POST") -> Reply:
+        """Send bytes as they are; parse the answer as the response to a `method` request."""
+        self.conn = h11.Connection(h11.CLIENT)
+        self.conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x"),
+                                                                         (b"content-length",
+                                                                          b"0")]))
+        self.conn.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+        return await self.response()
+
+    async def assert_closed(self) -> None:
+        """The server closed (or half-closed) its side: EOF and no stray bytes."""
+        assert await self.stream.receive_some(65536) == b""
+
+
+def open_client(nursery: trio.Nursery, server: HttpServer, peer: str = PEER) -> Client:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve, server_stream, peer)
+    return Client(client_stream)
+
+
+# --- a fake route table
+
+
+class Fake:
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+        self.entered = trio.Event()
+        self.release = trio.Event()
+
+    async def echo(self, req: Request) -> Response:
+        self.calls.append(req.path)
+        return Response(200, req.body, content_type=b"application/octet-stream")
+
+    async def hello(self, req: Request) -> Response:
+        self.calls.append(req.path)
+        return Response(200, b'{"hello":"world"}')
+
+    async def slow(self, req: Request) -> Response:
+        self.calls.append(req.path)
+        await trio.sleep(1)
+        return Response(200, b"slow", content_type=b"text/plain")
+
+    async def fast(self, req: Request) -> Response:
+        self.calls.append(req.path)
+        return Response(200, b"fast", content_type=b"text/plain")
+
+    async def boom(self, req: Request) -> Response:
+        self.calls.append(req.path)
+        raise RuntimeError("a bug in a handler")
+
+    async def held(self, req: Request) -> Response:
+        self.calls.append(req.path)
+        self.entered.set()
+        await self.release.wait()
+        return Response(200, b"held", content_type=b"text/plain")
+
+    async def ip(self, req: Request) -> Response:
+        return Response(200, req.client_ip.encode(), content_type=b"text/plain")
+
+    def routes(self):
+        return {
+            b"/echo": {b"POST": self.echo},
+            b"/hello": {b"GET": self.hello, b"HEAD": self.hello},
+            b"/slow": {b"GET": self.slow},
+            b"/fast": {b"GET": self.fast},
+            b"/boom": {b"GET": self.boom, b"POST": self.boom},
+            b"/held": {b"GET": self.held},
+            b"/ip": {b"GET": self.ip},
+        }
+
+
+def make_server(**overrides) -> tuple[HttpServer, Fake]:
+    settings = {"max_request_bytes": 1000, "max_header_bytes": 1024,
+                "keepalive_timeout_s": 5.0, "request_timeout_s": 3.0, **overrides}
+    fake = Fake()
+    return HttpServer(Config(**settings), fake.routes()), fake
+
+
+@pytest.fixture
+def fake_server():
+    return make_server()
+
+
+# --- keep-alive and pipelining
+
+
+async def test_keep_alive_two_requests_on_one_connection(nursery, fake_server, autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        first = await client.request(b"GET", b"/hello")
+        second = await client.request(b"POST", b"/echo", body=b"ping")
+    assert (first.status, first.json()) == (200, {"hello": "world"})
+    assert (second.status, second.body) == (200, b"ping")
+    assert first.header(b"connection") is None and second.header(b"connection") is None
+    assert server.connections.count == 1
+    assert fake.calls == [b"/hello", b"/echo"]
+
+
+async def test_pipelined_requests_are_answered_in_order(nursery, fake_server, autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    second = h11.Connection(h11.CLIENT)
+    head = [(b"host", b"test")]
+    data = client.conn.send(h11.Request(method=b"GET", target=b"/slow", headers=head))
+    data += client.conn.send(h11.EndOfMessage())
+    data += second.send(h11.Request(method=b"GET", target=b"/fast", headers=head))
+    data += second.send(h11.EndOfMessage())
+    with trio.fail_after(10):
+        await client.stream.send_all(data)  # both requests in one write
+        slow = await client.response()
+        leftover, _closed = client.conn.trailing_data
+        client.conn = second
+        if leftover:  # (receive_data(b"") would mean EOF)
+            client.conn.receive_data(leftover)
+        fast = await client.response()
+    assert (slow.status, slow.body) == (200, b"slow")
+    assert (fast.status, fast.body) == (200, b"fast")
+    assert fake.calls == [b"/slow", b"/fast"]  # the second waited for the first
+
+
+async def test_expect_100_continue_is_answered_before_the_body(nursery, fake_server,
+                                                              autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"content-length", b"5"), (b"expect", b"100-continue")]))
+        interim = await client.next_event()  # the body is not sent yet
+        assert type(interim) is h11.InformationalResponse
+        assert interim.status_code == 100
+        await client.send(h11.Data(data=b"hello"), h11.EndOfMessage())
+        reply = await client.response()
+    assert (reply.status, reply.body) == (200, b"hello")
+
+
+async def test_expect_100_continue_too_large_is_refused_without_100(nursery, fake_server,
+                                                                   autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"content-length", b"5000"), (b"expect", b"100-continue")]))
+        first = await client.next_event()
+    assert type(first) is h11.Response and first.status_code == 413
+
+
+# --- limits
+
+
+async def test_head_too_large_arriving_in_pieces_is_431(nursery, fake_server, autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.stream.send_all(b"GET /hello HTTP/1.1\r\nHost: test\r\nX-Big: ")
+        await client.stream.send_all(b"a" * 1500)  # still no end of head
+        reply = await client.raw(b"", method=b"GET")
+        await client.assert_closed()
+    assert reply.status == 431
+    assert reply.json()["error"]["code"] == "header_too_large"
+    assert fake.calls == []
+
+
+async def test_head_too_large_arriving_whole_is_431(nursery, fake_server, autojump_clock):
+    """max_header_bytes bounds the head however it arrives (here in one read)."""
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    head = b"GET /hello HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+    with trio.fail_after(10):
+        reply = await client.raw(head, method=b"GET")
+    assert reply.status == 431
+    assert fake.calls == []
+
+
+async def test_content_length_over_limit_is_413_and_closes(nursery, fake_server, autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"content-length", b"1001")]))
+        reply = await client.response()  # answered before any body byte is sent
+        await client.assert_closed()
+    assert reply.status == 413
+    assert reply.json()["error"]["code"] == "payload_too_large"
+    assert reply.header(b"connection") == b"close"
+    assert fake.calls == []
+
+
+async def test_content_length_at_limit_is_accepted(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.request(b"POST", b"/echo", body=b"x" * 1000)
+    assert (reply.status, len(reply.body)) == (200, 1000)
+
+
+async def test_chunked_body_over_limit_is_413(nursery, fake_server, autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"transfer-encoding", b"chunked")]))
+        for _ in range(3):
+            await client.send(h11.Data(data=b"y" * 400))
+        reply = await client.response()
+        await client.assert_closed()
+    assert reply.status == 413
+    assert reply.header(b"connection") == b"close"
+    assert fake.calls == []
+
+
+async def test_chunked_body_within_limit_is_read_whole(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"transfer-encoding", b"chunked")]))
+        await client.send(h11.Data(data=b"ab"), h11.Data(data=b"cd"), h11.EndOfMessage())
+        reply = await client.response()
+    assert (reply.status, reply.body) == (200, b"abcd")
+
+
+async def test_post_without_framing_is_411(nursery, fake_server, autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.raw(b"POST /echo HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert reply.status == 411
+    assert reply.json()["error"]["code"] == "length_required"
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("head", [
+    b"GARBAGE\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nBad Header\r\n\r\n",
+])
+async def test_malformed_request_is_400_and_closes(nursery, fake_server, autojump_clock, head):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.raw(head, method=b"GET")
+        await client.assert_closed()
+    assert reply.status == 400
+    assert reply.json()["error"]["code"] == "bad_request"
+    assert fake.calls == []
+
+
+# --- routing
+
+
+async def test_unknown_path_is_404_and_the_connection_stays(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        missing = await client.request(b"POST", b"/nope", body=b"{}")
+        after = await client.request(b"GET", b"/hello")
+    assert missing.status == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    assert after.status == 200
+
+
+async def test_wrong_method_is_405_with_allow(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        wrong = await client.request(b"GET", b"/echo")
+        with_body = await client.request(b"PUT", b"/hello", body=b"123")  # body is skipped
+        after = await client.request(b"GET", b"/hello")
+    assert wrong.status == 405
+    assert wrong.header(b"allow") == b"OPTIONS, POST"
+    assert with_body.status == 405
+    assert with_body.header(b"allow") == b"GET, HEAD, OPTIONS"
+    assert after.status == 200
+
+
+async def test_options_without_origin_is_not_refused(nursery, fake_server, autojump_clock):
+    """Allow lists OPTIONS, so a plain OPTIONS request (no Origin) must not be a 405."""
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.request(b"OPTIONS", b"/echo")
+    assert 200 <= reply.status < 300
+    assert b"POST" in (reply.header(b"allow") or b"")
+
+
+async def test_head_request_is_answered_without_a_body(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        head = await client.request(b"HEAD", b"/hello")
+        after = await client.request(b"GET", b"/hello")
+    assert (head.status, head.body) == (200, b"")
+    assert after.json() == {"hello": "world"}
+
+
+# --- CORS
+
+
+async def test_preflight_echoes_the_origin_once(nursery, fake_server, autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.request(b"OPTIONS", b"/echo", headers=[
+            (b"origin", ORIGIN), (b"access-control-request-method", b"POST"),
+            (b"access-control-request-headers", b"content-type,x-write-key")])
+        after = await client.request(b"POST", b"/echo", headers=[(b"origin", ORIGIN)],
+                                     body=b"x")
+    assert 200 <= reply.status < 300
+    assert reply.all(b"access-control-allow-origin") == [ORIGIN]
+    assert b"POST" in reply.header(b"access-control-allow-methods").split(b", ")
+    allowed = reply.header(b"access-control-allow-headers").lower()
+    assert b"content-type" in allowed and b"x-write-key" in allowed
+    assert fake.calls == [b"/echo"]  # the preflight itself reached no handler
+    assert after.all(b"access-control-allow-origin") == [ORIGIN]
+    assert b"Origin" in after.header(b"vary")
+
+
+async def test_disallowed_origin_with_allowlist_is_403(nursery, autojump_clock):
+    server, fake = make_server(cors_origins=["https://good.example"])
+    client = open_client(nursery, server)
+    evil = [(b"origin", b"https://evil.example")]
+    with trio.fail_after(10):
+        preflight = await client.request(b"OPTIONS", b"/echo", headers=[
+            *evil, (b"access-control-request-method", b"POST")])
+        post = await client.request(b"POST", b"/echo", headers=evil, body=b"x")
+        good = await client.request(b"POST", b"/echo",
+                                    headers=[(b"origin", b"https://good.example")], body=b"y")
+        no_origin = await client.request(b"POST", b"/echo", body=b"z")  # not a browser
+    assert preflight.status == 403 and post.status == 403
+    assert post.json()["error"]["code"] == "forbidden_origin"
+    assert post.all(b"access-control-allow-origin") == []
+    assert fake.calls == [b"/echo", b"/echo"]  # only `good` and `no_origin`
+    assert good.all(b"access-control-allow-origin") == [b"https://good.example"]
+    assert (no_origin.status, no_origin.body) == (200, b"z")
+
+
+@pytest.mark.parametrize(("method", "target", "status"), [
+    (b"GET", b"/nope", 404), (b"GET", b"/echo", 405), (b"GET", b"/boom", 500),
+])
+async def test_error_responses_carry_cors_headers(nursery, fake_server, autojump_clock,
+                                                  method, target, status):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.request(method, target, headers=[(b"origin", ORIGIN)])
+    assert reply.status == status
+    assert reply.all(b"access-control-allow-origin") == [ORIGIN]
+
+
+async def test_413_carries_cors_headers(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"origin", ORIGIN), (b"content-length", b"5000")]))
+        reply = await client.response()
+    assert reply.status == 413
+    assert reply.all(b"access-control-allow-origin") == [ORIGIN]
+
+
+async def test_408_carries_cors_headers(nursery, fake_server, autojump_clock):
+    """The head (with its Origin) was read, so the browser must be able to see the 408."""
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(30):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"origin", ORIGIN), (b"content-length", b"10")]))
+        await client.send(h11.Data(data=b"12345"))
+        reply = await client.response()
+    assert reply.status == 408
+    assert reply.all(b"access-control-allow-origin") == [ORIGIN]
+
+
+# --- faults
+
+
+async def test_handler_exception_is_500_and_the_next_request_works(nursery, fake_server,
+                                                                   autojump_clock, caplog):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        broken = await client.request(b"POST", b"/boom", body=b"{}")
+        after = await client.request(b"GET", b"/hello")
+    assert broken.status == 500
+    assert broken.json()["error"]["code"] == "internal"
+    assert b"a bug in a handler" not in broken.body  # no internals leak to the client
+    assert "a bug in a handler" in caplog.text  # but the log has them
+    assert (after.status, after.json()) == (200, {"hello": "world"})
+    assert fake.calls == [b"/boom", b"/hello"]
+
+
+async def test_peer_address_reaches_the_handler(nursery, autojump_clock):
+    server, _ = make_server(trusted_proxies=["10.0.0.0/8"])
+    direct = open_client(nursery, server, peer="192.0.2.7")
+    proxied = open_client(nursery, server, peer="10.1.2.3")
+    spoof = [(b"x-forwarded-for", b"203.0.113.9")]
+    with trio.fail_after(10):
+        a = await direct.request(b"GET", b"/ip", headers=spoof)
+        b = await proxied.request(b"GET", b"/ip", headers=spoof)
+    assert a.body == b"192.0.2.7"  # not a trusted proxy: its header is ignored
+    assert b.body == b"203.0.113.9"
+
+
+# --- timeouts
+
+
+async def test_idle_keep_alive_connection_is_closed_after_the_timeout(nursery, fake_server,
+                                                                      autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(60):
+        await client.request(b"GET", b"/hello")
+        start = trio.current_time()
+        await client.assert_closed()
+    waited = trio.current_time() - start
+    assert 5.0 <= waited < 6.0
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.connections.count == 0
+
+
+async def test_connection_that_never_sends_is_closed_after_the_keepalive_timeout(
+        nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await client.assert_closed()
+    assert 5.0 <= trio.current_time() - start < 6.0
+
+
+async def test_stalled_body_is_408_after_the_request_timeout(nursery, fake_server,
+                                                             autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(60):
+        await client.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+            (b"host", b"test"), (b"content-length", b"10")]))
+        await client.send(h11.Data(data=b"12345"))  # half the body, then silence
+        start = trio.current_time()
+        reply = await client.response()
+        waited = trio.current_time() - start
+        await client.assert_closed()
+    assert reply.status == 408
+    assert reply.json()["error"]["code"] == "request_timeout"
+    assert reply.header(b"connection") == b"close"
+    assert 3.0 <= waited < 4.0
+    assert fake.calls == []
+
+
+async def test_stalled_head_is_408_after_the_request_timeout(nursery, fake_server,
+                                                             autojump_clock):
+    """A request that has begun (part of its head is in) gets request_timeout_s, not the
+    (longer) idle keep-alive timeout, and an answer."""
+    server, _ = make_server(keepalive_timeout_s=75.0, request_timeout_s=3.0)
+    client = open_client(nursery, server)
+    answer = b""
+    with trio.fail_after(200):
+        await client.stream.send_all(b"POST /echo HTTP/1.1\r\nHost: te")
+        start = trio.current_time()
+        while chunk := await client.stream.receive_some(65536):
+            answer += chunk
+    waited = trio.current_time() - start
+    assert answer.startswith(b"HTTP/1.1 408 "), (waited, answer)
+    assert 3.0 <= waited < 4.0
+
+
+# --- drain (shutdown)
+
+
+async def test_drain_closes_idle_connections(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    used = open_client(nursery, server)
+    fresh = open_client(nursery, server)
+    with trio.fail_after(10):
+        await used.request(b"GET", b"/hello")
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        server.connections.drain()
+        await used.assert_closed()
+        await fresh.assert_closed()
+    assert trio.current_time() == start  # at once, not after the keep-alive timeout
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.connections.count == 0
+
+
+async def test_drain_lets_a_busy_request_finish_with_connection_close(nursery, fake_server,
+                                                                      autojump_clock):
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"GET", target=b"/held",
+                                      headers=[(b"host", b"test")]), h11.EndOfMessage())
+        await fake.entered.wait()
+        server.connections.drain()
+        await trio.testing.wait_all_tasks_blocked()
+        fake.release.set()
+        reply = await client.response()
+        await client.assert_closed()
+    assert (reply.status, reply.body) == (200, b"held")
+    assert reply.header(b"connection") == b"close"
+
+
+# --- with the real API routes and a real writer
+
+
+@asynccontextmanager
+async def real_api(tmp_path, **overrides):
+    config = Config(data_dir=str(tmp_path), write_keys=["wk_test"], **overrides)
+    writer, keys, token = await trio.to_thread.run_sync(prepare, config)
+    api = Api(Collector(config, keys), writer, token)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        try:
+            yield HttpServer(config, api.routes()), writer, nursery
+        finally:
+            writer.close()
+
+
+async def test_capture_with_expect_100_continue_is_journaled(tmp_path):
+    async with real_api(tmp_path) as (server, writer, nursery):
+        client = open_client(nursery, server)
+        with trio.fail_after(10):
+            await client.send(h11.Request(method=b"POST", target=b"/v1/capture", headers=[
+                (b"host", b"test"), (b"content-type", b"application/json"),
+                (b"x-write-key", b"wk_test"), (b"content-length", b"%d" % len(EVENT)),
+                (b"expect", b"100-continue")]))
+            interim = await client.next_event()
+            assert type(interim) is h11.InformationalResponse and interim.status_code == 100
+            await client.send(h11.Data(data=EVENT), h11.EndOfMessage())
+            reply = await client.response()
+            assert reply.status == 201, reply.body
+            assert writer.stats.journaled_rows == 1
+            await client.stream.aclose()
+
+
+async def test_capture_preflight_and_post_with_the_real_routes(tmp_path):
+    async with real_api(tmp_path) as (server, writer, nursery):
+        client = open_client(nursery, server)
+        with trio.fail_after(10):
+            pre = await client.request(b"OPTIONS", b"/v1/capture", headers=[
+                (b"origin", ORIGIN), (b"access-control-request-method", b"POST"),
+                (b"access-control-request-headers", b"content-type,x-write-key")])
+            post = await client.request(b"POST", b"/v1/capture", headers=[
+                (b"origin", ORIGIN), (b"content-type", b"application/json"),
+                (b"x-write-key", b"wk_test")], body=EVENT)
+            await client.stream.aclose()
+    assert pre.status == 204
+    assert pre.all(b"access-control-allow-origin") == [ORIGIN]
+    assert b"POST" in pre.header(b"access-control-allow-methods")
+    assert post.status == 201
+    assert post.all(b"access-control-allow-origin") == [ORIGIN]
+    assert post.json()["ok"] is True
+    assert writer.stats.journaled_rows == 1
+
+
+async def test_oversized_capture_is_413_and_nothing_is_journaled(tmp_path):
+    async with real_api(tmp_path, max_request_bytes=100) as (server, writer, nursery):
+        client = open_client(nursery, server)
+        body = b'{"type":"track","event":"E","anonymousId":"a","properties":{"p":"' + \
+            b"x" * 200 + b'"}}'
+        with trio.fail_after(10):
+            reply = await client.request(b"POST", b"/v1/capture", headers=[
+                (b"x-write-key", b"wk_test")], body=body)
+            await client.stream.aclose()
+    assert reply.status == 413
+    assert writer.stats.journaled_rows == 0
+
+
+async def test_a_bad_request_does_not_break_the_connection(tmp_path):
+    async with real_api(tmp_path) as (server, writer, nursery):
+        client = open_client(nursery, server)
+        key = [(b"x-write-key", b"wk_test"), (b"content-type", b"application/json")]
+        with trio.fail_after(10):
+            good1 = await client.request(b"POST", b"/v1/capture", headers=key, body=EVENT)
+            bad = await client.request(b"POST", b"/v1/capture", headers=key, body=b"{not json")
+            good2 = await client.request(b"POST", b"/v1/capture", headers=key, body=EVENT)
+            await client.stream.aclose()
+    assert [good1.status, bad.status, good2.status] == [201, 400, 201]
+    assert writer.stats.journaled_rows == 2

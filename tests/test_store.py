@@ -1,0 +1,154 @@
+"""store.py against a DuckDB file: atomic load + journal mark, write keys, recent ids."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import triolytics.store as store_mod
+from triolytics.dedup import dedup_key
+from triolytics.journal import Position
+from triolytics.rows import Row
+from triolytics.store import Store
+
+T0 = 1_714_564_800_000_000  # 2024-05-01T12:00:00Z in µs
+
+
+def make_row(i: int, project: str = "default", received: int | None = None) -> Row:
+    received = T0 + i * 1_000_000 if received is None else received
+    return Row(f"m{i}", project, "http", "track", f"E{i}", None, f"a{i}", None, None, None,
+               None, received - 500, None, None, received, json.dumps({"i": i}),
+               None, '{"ip":"1.2.3.4"}', None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "events.duckdb")
+    yield s
+    s.close()
+
+
+def rows_in(store: Store) -> list[tuple]:
+    return store.conn.execute(
+        "SELECT message_id, project, event, epoch_us(timestamp), epoch_us(received_at), "
+        "properties->>'$.i', context->>'$.ip' FROM events ORDER BY message_id").fetchall()
+
+
+def test_fresh_store(store):
+    assert store.count() == 0
+    assert store.loaded_position() == Position(0, 0)
+
+
+def test_load_inserts_rows_and_moves_mark(store):
+    store.load([make_row(1), make_row(2)], Position(1, 120))
+    assert rows_in(store) == [
+        ("m1", "default", "E1", T0 + 1_000_000 - 500, T0 + 1_000_000, "1", "1.2.3.4"),
+        ("m2", "default", "E2", T0 + 2_000_000 - 500, T0 + 2_000_000, "2", "1.2.3.4")]
+    assert store.loaded_position() == Position(1, 120)
+    store.load([make_row(3)], Position(2, 40))
+    assert store.count() == 3
+    assert store.loaded_position() == Position(2, 40)
+
+
+def test_load_without_rows_moves_mark(store):
+    store.load([], Position(3, 7))
+    assert store.loaded_position() == Position(3, 7)
+    assert store.count() == 0
+
+
+def test_load_survives_reopen(tmp_path):
+    s = Store(tmp_path / "e.duckdb")
+    s.load([make_row(1)], Position(1, 50))
+    s.close()
+    s = Store(tmp_path / "e.duckdb")
+    assert (s.count(), s.loaded_position()) == (1, Position(1, 50))
+    s.close()
+
+
+def test_failed_conversion_changes_nothing(store, monkeypatch):
+    store.load([make_row(1)], Position(1, 10))
+
+    def boom(rows):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(store_mod, "rows_to_arrow", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        store.load([make_row(2)], Position(1, 20))
+    assert store.count() == 1
+    assert store.loaded_position() == Position(1, 10)
+
+
+def test_failure_after_insert_rolls_back_rows(store):
+    # The mark cannot be written (not a number): the rows inserted before it must go too.
+    store.load([make_row(1)], Position(1, 10))
+    with pytest.raises(Exception):  # noqa: B017 - any DuckDB conversion error
+        store.load([make_row(2), make_row(3)], Position("not-a-segment", 20))
+    assert store.count() == 1
+    assert store.loaded_position() == Position(1, 10)
+    store.load([make_row(2)], Position(1, 30))  # the connection is still usable
+    assert (store.count(), store.loaded_position()) == (2, Position(1, 30))
+
+
+# --- write keys ------------------------------------------------------------------------
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def test_create_list_revoke(store):
+    k1 = store.create_key("shop")
+    k2 = store.create_key("blog", "wk_blog_fixed")
+    assert k1.startswith("wk_") and len(k1) > 20 and k1 != k2
+    assert k2 == "wk_blog_fixed"
+    assert store.active_keys() == {k1: "shop", k2: "blog"}
+    listed = {k.key: k for k in store.list_keys()}
+    assert set(listed) == {k1, k2}
+    assert listed[k1].project == "shop" and listed[k1].revoked_at is None
+    assert STAMP.match(listed[k1].created_at)
+
+    assert store.revoke_key(k1) is True
+    assert store.revoke_key(k1) is False
+    assert store.revoke_key("wk_unknown") is False
+    assert store.active_keys() == {k2: "blog"}
+    revoked = {k.key: k for k in store.list_keys()}[k1]
+    assert revoked.revoked_at is not None and STAMP.match(revoked.revoked_at)
+
+
+def test_generated_keys_distinct(store):
+    keys = {store.create_key("p") for _ in range(20)}
+    assert len(keys) == 20
+
+
+def test_create_key_idempotent_for_same_project(store):
+    assert store.create_key("shop", "wk_x") == "wk_x"
+    assert store.create_key("shop", "wk_x") == "wk_x"
+    assert len(store.list_keys()) == 1
+
+
+def test_create_key_of_other_project_raises(store):
+    store.create_key("shop", "wk_x")
+    with pytest.raises(KeyError):
+        store.create_key("blog", "wk_x")
+    assert store.active_keys() == {"wk_x": "shop"}
+
+
+def test_revoked_key_cannot_be_reused(store):
+    store.create_key("shop", "wk_x")
+    store.revoke_key("wk_x")
+    with pytest.raises(KeyError):
+        store.create_key("shop", "wk_x")
+    assert store.active_keys() == {}
+
+
+# --- recent ids ------------------------------------------------------------------------
+
+def test_recent_ids(store):
+    rows = [make_row(i, project="p" if i % 2 else "q") for i in range(6)]
+    store.load(rows[3:] + rows[:3], Position(1, 1))  # insertion order does not matter
+    got = store.recent_ids(T0 + 2_000_000, 100)
+    assert got == [(dedup_key(r.project, r.message_id), r.received_at) for r in rows[2:]]
+    # the limit keeps the most recent ones, still oldest first
+    got = store.recent_ids(T0, 2)
+    assert got == [(dedup_key(r.project, r.message_id), r.received_at) for r in rows[4:]]
+    assert store.recent_ids(T0 + 10_000_000, 100) == []

@@ -314,10 +314,20 @@ def test_batch_event_with_invalid_utf8_rejected_alone():
         [(1, "invalid_json")]
 
 
-def test_batch_event_too_deep_rejected_alone():
+def test_batch_nested_beyond_parser_limit_is_refused_whole():
+    # JSON nested deeper than the parser's recursion limit cannot even be split into
+    # events, so the request as a whole is malformed: 400, nothing stored.
     deep = b"[" * 5000 + b"]" * 5000
     body = (b'{"batch":[{"type":"page","userId":"u","properties":{"a":' + deep + b'}},'
             b'{"type":"page","userId":"u"}]}')
+    err = refusal(batch, body)
+    assert (err.code, err.status) == ("invalid_json", 400)
+
+
+def test_batch_event_deep_but_parseable_rejected_alone():
+    # Nesting within the limit but an invalid type deep inside: only that event fails.
+    body = (b'{"batch":[{"type":"page","userId":"u","properties":' + b"[" * 50 + b"]" * 50
+            + b'},{"type":"page","userId":"u"}]}')
     got = batch(body)
     assert len(got.rows) == 1
     assert [r["index"] for r in json.loads(got.body)["rejected"]] == [0]

@@ -8,12 +8,15 @@ finally a clean SIGTERM stop, then a look at DuckDB.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -49,8 +52,8 @@ def test_kill_9_mid_stream_loses_and_doubles_nothing(tmp_path):
     assert summary["ok"], report
 
 
-def test_ledger_detects_loss_and_doubles(tmp_path, monkeypatch):
-    """The checks above can fail: a stored set that misses or repeats ids is reported."""
+def test_stored_counts_sees_doubles(tmp_path):
+    """The crash checks can fail: a repeated id is counted as such."""
     data = tmp_path / "data"
     data.mkdir()
     con = duckdb.connect(str(data / "events.duckdb"))
@@ -66,7 +69,6 @@ def test_sigterm_exits_0_and_keeps_every_acknowledged_event(tmp_path):
     server = crash_loop.Server(data, tmp_path / "server.log")
     server.wait_healthy()
     ledger = crash_loop.Ledger()
-    import threading
     stop = threading.Event()
     threads, errors = crash_loop._run_clients(server.port, ledger, 2, stop)
     deadline_polls = 500
@@ -95,3 +97,32 @@ def test_crash_loop_script_prints_json(tmp_path):
     assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
     summary = json.loads(done.stdout)
     assert summary["rounds"] == 1 and summary["ok"] is True
+
+
+def test_acknowledged_events_reach_duckdb_within_about_a_second(tmp_path):
+    """A trickle of events (far below load_batch_rows) is loaded on the load interval, so
+    it is queryable about a second after its ack, not only at shutdown."""
+    data = tmp_path / "data"
+    server = crash_loop.Server(data, tmp_path / "server.log")
+    try:
+        server.wait_healthy()
+        conn = http.client.HTTPConnection(crash_loop.HOST, server.port, timeout=10)
+        conn.request("POST", "/v1/capture", json.dumps(
+            {"type": "track", "event": "Trickle", "userId": "u"}),
+            {"Content-Type": "application/json", "x-write-key": crash_loop.WRITE_KEY})
+        assert conn.getresponse().status == 201
+        acked_at = time.monotonic()
+        token = (data / "admin.token").read_text().strip()
+        loaded = 0
+        while time.monotonic() - acked_at < 3.0:  # bounded polling of a real subprocess
+            conn.request("GET", "/admin/stats", headers={"Authorization": f"Bearer {token}"})
+            loaded = json.loads(conn.getresponse().read())["loaded_rows"]
+            if loaded:
+                break
+            time.sleep(crash_loop.POLL_S)
+        waited = time.monotonic() - acked_at
+        conn.close()
+    finally:
+        assert server.terminate() == 0
+    assert loaded == 1, f"not loaded into DuckDB {waited:.1f}s after its ack"
+    assert waited < 1.5

@@ -102,8 +102,23 @@ def to_micros(dt: datetime) -> int:
     return (dt - (_EPOCH if dt.tzinfo is not None else _EPOCH_NAIVE)) // _US
 
 
-def decode_error(exc: msgspec.DecodeError, prefix: str) -> ApiError:
-    """Map a msgspec error to `invalid_json`/`invalid_event` with a JSON path."""
+def _absent(raw: msgspec.Raw) -> bool:
+    """An omitted field or an explicit JSON null."""
+    return not raw or (len(raw) == 4 and bytes(raw) == b"null")
+
+
+# What decoding untrusted JSON may raise: msgspec's errors, invalid UTF-8 in a string
+# field, and nesting deeper than the interpreter's recursion limit.
+BAD_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def decode_error(exc: Exception, prefix: str) -> ApiError:
+    """Map a decoding error to `invalid_json`/`invalid_event` with a JSON path."""
+    if isinstance(exc, UnicodeDecodeError):
+        return ApiError("invalid_json", f"invalid UTF-8 at byte {exc.start}",
+                        field=prefix or "$")
+    if isinstance(exc, RecursionError):
+        return ApiError("invalid_json", "JSON nested too deeply", field=prefix or "$")
     message = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return ApiError("invalid_json", f"malformed JSON: {message}", field=prefix or "$")
@@ -116,7 +131,7 @@ def decode_error(exc: msgspec.DecodeError, prefix: str) -> ApiError:
 def decode_event(body: bytes | msgspec.Raw, prefix: str = "") -> WireEvent:
     try:
         return EVENT_DECODER.decode(body)
-    except msgspec.DecodeError as exc:
+    except BAD_JSON as exc:
         raise decode_error(exc, prefix) from None
 
 
@@ -126,11 +141,11 @@ def decode_batch(body: bytes, max_event_bytes: int) -> WireBatch | WireBatchEven
     if len(body) <= max_event_bytes:
         try:
             return BATCH_EVENTS_DECODER.decode(body)
-        except msgspec.DecodeError:
+        except BAD_JSON:
             pass  # find out which event is at fault, below
     try:
         return BATCH_DECODER.decode(body)
-    except msgspec.DecodeError as exc:
+    except BAD_JSON as exc:
         raise decode_error(exc, "") from None
 
 
@@ -144,7 +159,7 @@ def _text_of(raw: msgspec.Raw | bytes, field: str) -> str:
 
 def _object(raw: msgspec.Raw, field: str) -> str | None:
     """Raw JSON that must be an object (or absent/null), as owned text."""
-    if not raw or raw == b"null":
+    if _absent(raw):
         return None
     text = _text_of(raw, field)
     if text[:1] != "{":
@@ -161,8 +176,8 @@ def _text(value: Id | None) -> str | None:
 def _decode_any(raw: msgspec.Raw, field: str) -> object:
     try:
         return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise ApiError("invalid_json", str(exc), field=field) from None
+    except BAD_JSON as exc:
+        raise decode_error(exc, field) from None
 
 
 class ContextEnricher:
@@ -183,7 +198,7 @@ class ContextEnricher:
         self.fresh = "{" + joined + "}"
         self.prefix = "{" + joined + ","
         self.base: dict | None = None
-        if batch_context and batch_context != b"null":
+        if not _absent(batch_context):
             base = _decode_any(batch_context, field)
             if not isinstance(base, dict):
                 raise ApiError("invalid_event", "expected an object", field=field)
@@ -191,7 +206,7 @@ class ContextEnricher:
 
     def __call__(self, raw: msgspec.Raw, field: str) -> str:
         if self.base is None:
-            if not raw or raw == b"null":
+            if _absent(raw):
                 return self.fresh
             data = _text_of(raw, field)
             if data[:1] != "{":
@@ -205,7 +220,7 @@ class ContextEnricher:
 
     def _merge(self, raw: msgspec.Raw, field: str) -> str:
         ctx = dict(self.base or {})
-        if raw and raw != b"null":
+        if not _absent(raw):
             own = _decode_any(raw, field)
             if not isinstance(own, dict):
                 raise ApiError("invalid_event", "expected an object", field=field)

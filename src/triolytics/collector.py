@@ -97,18 +97,29 @@ def decode_body(headers: dict[bytes, bytes], body: bytes, config: Config) -> byt
         raise ApiError("unsupported_encoding",
                        f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; "
                        "send gzip or identity")
-    limit = config.max_decompressed_bytes
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise ApiError("bad_request", f"invalid gzip body: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise ApiError("payload_too_large",
-                       f"decompressed body exceeds {limit} bytes (max_decompressed_bytes)")
-    if not inflater.eof:
-        raise ApiError("bad_request", "truncated gzip body")
-    return out
+    return _gunzip(body, config.max_decompressed_bytes)
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """Every gzip member of `body` (RFC 1952 allows several), at most `limit` bytes out."""
+    out: list[bytes] = []
+    size = 0
+    rest = body
+    while rest:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            chunk = inflater.decompress(rest, limit - size + 1)
+        except zlib.error as exc:
+            raise ApiError("bad_request", f"invalid gzip body: {exc}") from None
+        size += len(chunk)
+        if size > limit or inflater.unconsumed_tail:
+            raise ApiError("payload_too_large",
+                           f"decompressed body exceeds {limit} bytes (max_decompressed_bytes)")
+        if not inflater.eof:
+            raise ApiError("bad_request", "truncated gzip body")
+        out.append(chunk)
+        rest = inflater.unused_data
+    return b"".join(out)
 
 
 class Collector:

@@ -60,7 +60,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedup_max_ids: int = 1_000_000  # remembered ids (memory); the oldest are forgotten first
 
     def __post_init__(self) -> None:
-        positive = ("port", "max_connections", "journal_segment_bytes", "load_batch_rows",
+        positive = ("max_connections", "journal_segment_bytes", "load_batch_rows",
                     "load_interval_ms", "duckdb_threads", "max_pending_rows", "max_unloaded_rows",
                     "max_unloaded_bytes", "max_event_bytes", "max_request_bytes",
                     "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
@@ -68,7 +68,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.port < 65536 and self.port != 0:
+        if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
 
 

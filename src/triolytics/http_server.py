@@ -147,10 +147,8 @@ class HttpServer:
                                   client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted))
                 await upgrade(stream, conn, request)
                 return False
-            if method == b"OPTIONS" and origin is not None:
-                response = self.cors.preflight(
-                    Request(method, path, query, headers, b"", peer),
-                    list(self.routes.get(path) or {b"GET": None}))
+            if method == b"OPTIONS":
+                response = self._options(Request(method, path, query, headers, b"", peer))
             else:
                 handler = route(self.routes, method, path)
                 if not self.cors.allowed(origin):
@@ -176,6 +174,15 @@ class HttpServer:
             if event is None or type(event) is h11.EndOfMessage:
                 return
             left -= len(event.data)
+
+    def _options(self, req: Request) -> Response:
+        methods = self.routes.get(req.path)
+        if methods is None:
+            raise ApiError("not_found", f"no such endpoint: {req.path.decode('latin-1')}")
+        if b"origin" in req.headers:
+            return self.cors.preflight(req, list(methods))
+        allow = b", ".join(sorted({*methods, b"OPTIONS"}))
+        return Response(204, b"", [(b"allow", allow)], content_type=b"")
 
     async def _body(self, conn, stream, method: bytes, headers: dict) -> bytes | None:
         limit = self.config.max_request_bytes

@@ -145,7 +145,7 @@ class Server:
     def __init__(self, data_dir: Path, log_path: Path) -> None:
         self.port = free_port()
         self.log_path = log_path
-        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in wait/kill)
+        self.log = open(log_path, "wb")  # closed by kill() or terminate()
         argv = [
             sys.executable,
             "-m",

@@ -175,13 +175,15 @@ def count_stored(db: Path) -> dict:
     try:
         columns = {row[0] for row in con.execute("DESCRIBE events").fetchall()}
         total = con.execute("SELECT count(*) FROM events").fetchone()[0]
-        ours = total
+        ours, by_type = total, None
+        if "type" in columns:
+            by_type = dict(con.execute("SELECT type, count(*) FROM events GROUP BY 1").fetchall())
         if "event" in columns:  # leave out system rows such as session_start
             sql = "SELECT count(*) FROM events WHERE event = ?"
             ours = con.execute(sql, [EVENT["event"]]).fetchone()[0]
     finally:
         con.close()
-    return {"stored_rows": total, "stored_events": ours}
+    return {"stored_rows": total, "stored_by_type": by_type, "stored_events": ours}
 
 
 # --- load: wrk ---------------------------------------------------------------------------
@@ -394,7 +396,9 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
         else:
             r = run_builtin(port, load, conns, args.duration, args.gen_procs)
         server_cpu = server.cpu_seconds() - cpu0
+        stop_began = time.monotonic()
         exit_code = server.stop(args.stop_timeout)
+        stop_s = time.monotonic() - stop_began  # includes any final load into DuckDB
     finally:
         server.kill()
     per_req = LOADS[load][2]
@@ -411,6 +415,7 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
         "server_cpu_util": round(server_cpu / elapsed, 3),
         "load_cpu_util": round(r["load_cpu_s"] / elapsed, 3),
         "server_exit_code": exit_code,
+        "server_stop_s": round(stop_s, 3),
     }
     if "timeouts" in r:
         result["timeouts"] = r["timeouts"]

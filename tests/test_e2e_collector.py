@@ -37,10 +37,8 @@ AUTH = {**JSON_CT, "x-write-key": WRITE_KEY}
 
 
 def make_config(data_dir: Path, **overrides) -> Config:
-    config = Config(host="127.0.0.1", port=3000, data_dir=str(data_dir),
-                    write_keys=[WRITE_KEY], **overrides)
-    config.port = 0  # Config refuses port=0 (see test_port_zero_is_a_valid_setting)
-    return config
+    return Config(host="127.0.0.1", port=0, data_dir=str(data_dir), write_keys=[WRITE_KEY],
+                  **overrides)
 
 
 class Server:

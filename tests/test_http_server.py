@@ -492,6 +492,45 @@ async def test_peer_address_reaches_the_handler(nursery, autojump_clock):
     assert b.body == b"203.0.113.9"
 
 
+class ResettingStream(trio.abc.Stream):
+    """A peer that sends `data`, then resets the connection (ECONNRESET)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.received = b""
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if self.data:
+            data, self.data = self.data, b""
+            return data
+        raise trio.BrokenResourceError("connection reset by peer")
+
+    async def send_all(self, data) -> None:
+        await trio.lowlevel.checkpoint()
+        self.received += bytes(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /hello HTTP/1.1\r\nHost: test\r\n\r\n"])
+async def test_a_reset_connection_leaves_no_trace(fake_server, autojump_clock, sent):
+    """A peer that resets while idle must not stay in `Connections` (memory would grow
+    with every such client, and drain() would keep cancelling dead scopes)."""
+    server, _ = fake_server
+    stream = ResettingStream(sent)
+    with trio.fail_after(10):
+        await server.serve(stream, PEER)
+    if sent:
+        assert stream.received.startswith(b"HTTP/1.1 200 ")
+    assert server.connections.count == 0
+    assert len(server.connections.idle) == 0
+
+
 # --- timeouts
 
 

@@ -231,31 +231,42 @@ class ContextEnricher:
         return _JSON.encode(ctx).decode()
 
 
-def _need(value: object, kind: str, field: str, path: str) -> None:
+def _need(value: object, kind: str, field: str) -> None:
     if value is None or value == "":
-        raise ApiError("invalid_event", f"{field} is required for {kind}", field=f"{path}.{field}")
+        raise ApiError("invalid_event", f"{field} is required for {kind}", field=f"$.{field}")
 
 
 def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnricher, *,
            kind: str | None = None, sent_at: datetime | None = None,
-           integrations: msgspec.Raw = NO_JSON, path: str = "$") -> Row:
-    """Validate one decoded event and normalize it into a stored row."""
+           integrations: msgspec.Raw = NO_JSON) -> Row:
+    """Validate one decoded event and normalize it into a stored row.
+
+    Field paths in errors are relative to the event (`$.userId`); a batch prefixes them.
+    This runs once per stored event: keep it free of needless calls and formatting.
+    """
     kind = kind or ev.type
     if kind not in TYPES:
         message = "type is required" if kind is None else \
             f"unknown type {kind!r}; expected one of {', '.join(sorted(TYPES))}"
-        raise ApiError("invalid_event", message, field=f"{path}.type")
-    anonymous_id, user_id = _text(ev.anonymousId), _text(ev.userId)
+        raise ApiError("invalid_event", message, field="$.type")
+    anonymous_id = ev.anonymousId
+    if type(anonymous_id) is not str or not anonymous_id:
+        anonymous_id = _text(anonymous_id)
+    user_id = ev.userId
+    if type(user_id) is not str or not user_id:
+        user_id = _text(user_id)
     if anonymous_id is None and user_id is None:
         raise ApiError("invalid_event", "anonymousId or userId is required",
-                       field=f"{path}.anonymousId")
-    group_id, previous_id = _text(ev.groupId), _text(ev.previousId)
+                       field="$.anonymousId")
+    group_id, previous_id = ev.groupId, ev.previousId
+    if group_id is not None or previous_id is not None:
+        group_id, previous_id = _text(group_id), _text(previous_id)
     if kind == "track":
-        _need(ev.event, kind, "event", path)
+        _need(ev.event, kind, "event")
     elif kind == "group":
-        _need(group_id, kind, "groupId", path)
+        _need(group_id, kind, "groupId")
     elif kind == "alias":
-        _need(previous_id, kind, "previousId", path)
+        _need(previous_id, kind, "previousId")
     received = meta.received_at
     client_time = ev.timestamp or ev.originalTimestamp
     sent = ev.sentAt or sent_at
@@ -271,8 +282,8 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
         ev.messageId or new_id(), project, "http", kind, ev.event, ev.name,
         anonymous_id, user_id, group_id, previous_id, None,
         timestamp, original, sent_us, received,
-        _object(ev.properties, f"{path}.properties"),
-        _object(ev.traits, f"{path}.traits"),
-        enrich(ev.context, f"{path}.context"),
-        _object(ev.integrations or integrations, f"{path}.integrations"),
+        _object(ev.properties, "$.properties"),
+        _object(ev.traits, "$.traits"),
+        enrich(ev.context, "$.context"),
+        _object(ev.integrations or integrations, "$.integrations"),
     )

@@ -199,7 +199,10 @@ class Writer:
 
     async def _write_group(self, group: _Group) -> None:
         try:
-            async with self._io_lock:
+            if self.config.fsync == "interval":
+                async with self._io_lock:
+                    position, size = await trio.to_thread.run_sync(self._append, group.batches)
+            else:
                 position, size = await trio.to_thread.run_sync(self._append, group.batches)
         except JournalError as exc:
             log.error("%s", exc)

@@ -162,13 +162,13 @@ class Writer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._load_loop)
+                syncing = trio.CancelScope()
                 if self.config.fsync == "interval":
-                    nursery.start_soon(self._sync_loop, nursery.cancel_scope)
+                    nursery.start_soon(self._sync_loop, syncing)
                 task_status.started()
                 await self._write_loop()
+                syncing.cancel()  # _close_files makes the last sync
                 self._load_wakeup.set()  # final load; _load_loop returns when drained
-                if self.config.fsync == "interval":
-                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close_files)
@@ -211,14 +211,15 @@ class Writer:
             self.dedup.forget(group.keys)
         else:
             if group.rows:
-                if not self._unloaded:
+                first = not self._unloaded
+                if first:
                     self._oldest_unloaded = trio.current_time()
                 self._unloaded.append(([r for b in group.batches for r in b], position, size))
                 self.stats.unloaded_rows += group.rows
                 self.stats.unloaded_bytes += size
                 self.stats.journaled_rows += group.rows
-                if self.stats.unloaded_rows >= self.config.load_batch_rows:
-                    self._load_wakeup.set()
+                if first or self.stats.unloaded_rows >= self.config.load_batch_rows:
+                    self._load_wakeup.set()  # start the interval clock, or load now
         finally:
             self.stats.pending_rows -= group.rows
             self.stats.groups += 1
@@ -232,11 +233,12 @@ class Writer:
             self.journal.sync()
         return position, sum(map(len, payloads)) + HEADER.size * len(payloads)
 
-    async def _sync_loop(self, _scope: trio.CancelScope) -> None:
-        while True:
-            await trio.sleep(self.config.fsync_interval_ms / 1000)
-            async with self._io_lock:
-                await trio.to_thread.run_sync(self.journal.sync)
+    async def _sync_loop(self, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await trio.sleep(self.config.fsync_interval_ms / 1000)
+                async with self._io_lock:
+                    await trio.to_thread.run_sync(self.journal.sync)
 
     async def _load_loop(self) -> None:
         interval = self.config.load_interval_ms / 1000

@@ -1,0 +1,214 @@
+"""writer.py in-process: group commit, fsync policies, dedup, backpressure, recovery.
+
+A real journal and DuckDB file in tmp_path; no sockets. Time-dependent paths run under
+a mock clock that jumps ahead once the run has been idle for 20 ms of real time: the
+journal and DuckDB work in worker threads (real time) finishes first, so waiting for the
+load interval costs no wall time and is not raced by the jump.
+"""
+
+from __future__ import annotations
+
+import json
+from time import time_ns
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from triolytics.config import Config
+from triolytics.dedup import Dedup
+from triolytics.errors import ApiError
+from triolytics.journal import Journal
+from triolytics.rows import Row
+from triolytics.store import Store
+from triolytics.writer import Writer
+
+T0 = 1_714_564_800_000_000
+
+
+@pytest.fixture
+def clock():
+    return MockClock(autojump_threshold=0.02)
+
+
+def row(i: int, mid: str | None = None) -> Row:
+    return Row(mid or f"m{i}", "default", "http", "track", "E", None, f"a{i}", None, None,
+               None, None, T0 + i, None, None, T0 + i, json.dumps({"i": i}), None, "{}", None)
+
+
+def make_writer(tmp_path, **overrides) -> Writer:
+    config = Config(data_dir=str(tmp_path), **overrides)
+    store = Store(tmp_path / "events.duckdb")
+    journal = Journal(tmp_path / "journal", config.journal_segment_bytes)
+    writer = Writer(config, journal, store, Dedup(10**12, 1000))
+    writer.recover()
+    return writer
+
+
+def stored(tmp_path) -> list[str]:
+    store = Store(tmp_path / "events.duckdb", read_only=True)
+    try:
+        return [r[0] for r in store.conn.execute(
+            "SELECT message_id FROM events ORDER BY message_id").fetchall()]
+    finally:
+        store.close()
+
+
+async def run_writer(writer: Writer, body) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        try:
+            await body()
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval", "off"])
+async def test_every_policy_stores_everything_at_close(tmp_path, fsync, clock):
+    writer = make_writer(tmp_path, fsync=fsync)
+
+    async def body():
+        async with trio.open_nursery() as clients:
+            for i in range(20):
+                clients.start_soon(writer.store_rows, [row(i)], [False])
+    await run_writer(writer, body)
+    assert stored(tmp_path) == sorted(f"m{i}" for i in range(20))
+    assert writer.stats.pending_rows == 0 and writer.stats.unloaded_rows == 0
+
+
+async def test_concurrent_submissions_share_one_journal_write(tmp_path):
+    writer = make_writer(tmp_path)
+
+    async def body():
+        async with trio.open_nursery() as clients:
+            for i in range(50):
+                clients.start_soon(writer.store_rows, [row(i)], [False])
+    await run_writer(writer, body)
+    assert writer.stats.journaled_rows == 50
+    assert writer.stats.groups < 50  # group commit: many requests per write + sync
+
+
+async def test_loaded_within_interval_while_running(tmp_path, clock):
+    writer = make_writer(tmp_path, load_interval_ms=500)
+
+    async def body():
+        await writer.store_rows([row(1)], [False])
+        assert writer.stats.loaded_rows == 0
+        await trio.sleep(0.6)
+        assert writer.stats.loaded_rows == 1
+    await run_writer(writer, body)
+
+
+async def test_client_message_ids_are_deduplicated(tmp_path):
+    writer = make_writer(tmp_path)
+
+    async def body():
+        await writer.store_rows([row(1, "same"), row(2, "other")], [True, True])
+        await writer.store_rows([row(3, "same")], [True])  # a retry: answered, not stored
+        await writer.store_rows([row(4, "m4")], [False])  # server-made ids are not tracked
+    await run_writer(writer, body)
+    assert stored(tmp_path) == ["m4", "other", "same"]
+    assert writer.stats.duplicates == 1
+
+
+async def test_backpressure_answers_503_after_waiting(tmp_path, clock):
+    writer = make_writer(tmp_path, max_unloaded_rows=2, load_batch_rows=100,
+                         load_interval_ms=60_000, backpressure_wait_ms=200, retry_after_s=3)
+
+    async def body():
+        await writer.store_rows([row(1), row(2)], [False, False])
+        start = trio.current_time()
+        with pytest.raises(ApiError) as info:
+            await writer.store_rows([row(3)], [False])
+        assert info.value.status == 503 and info.value.code == "overloaded"
+        assert (b"retry-after", b"3") in info.value.headers
+        assert trio.current_time() - start == pytest.approx(0.2)
+    await run_writer(writer, body)
+    assert stored(tmp_path) == ["m1", "m2"]  # the refused request stored nothing
+    assert writer.stats.rejected_busy == 1
+
+
+async def test_backpressure_waiter_proceeds_when_room_appears(tmp_path, clock):
+    writer = make_writer(tmp_path, max_unloaded_rows=2, load_batch_rows=100,
+                         load_interval_ms=100, backpressure_wait_ms=5_000)
+
+    async def body():
+        await writer.store_rows([row(1), row(2)], [False, False])
+        await writer.store_rows([row(3)], [False])  # waits for the interval load, then goes
+    await run_writer(writer, body)
+    assert stored(tmp_path) == ["m1", "m2", "m3"]
+
+
+async def test_closed_writer_refuses_new_rows(tmp_path):
+    writer = make_writer(tmp_path)
+    writer.close()
+    with pytest.raises(ApiError) as info:
+        await writer.store_rows([row(1)], [False])
+    assert info.value.status == 503
+
+
+def test_recover_replays_unloaded_journal_exactly_once(tmp_path):
+    # Journal three records but load none (a crash before the loader ran).
+    config = Config(data_dir=str(tmp_path))
+    journal = Journal(tmp_path / "journal", config.journal_segment_bytes)
+    journal.open()
+    from triolytics.rows import encode_rows
+    journal.append([encode_rows([row(1), row(2)]), encode_rows([row(3)])])
+    journal.sync()
+    journal.close()
+    Store(tmp_path / "events.duckdb").close()
+
+    first = make_writer(tmp_path)
+    assert stored_rows_via(first) == ["m1", "m2", "m3"]
+    first.store.close()
+    first.journal.close()
+    second = make_writer(tmp_path)  # a second start replays nothing
+    assert stored_rows_via(second) == ["m1", "m2", "m3"]
+    second.store.close()
+    second.journal.close()
+
+
+def stored_rows_via(writer: Writer) -> list[str]:
+    return [r[0] for r in writer.store.conn.execute(
+        "SELECT message_id FROM events ORDER BY message_id").fetchall()]
+
+
+def test_recover_remembers_recent_ids_for_dedup(tmp_path):
+    writer = make_writer(tmp_path)
+    recent = row(1, "seen-before")
+    recent.received_at = time_ns() // 1000 - 60_000_000  # a minute ago: inside the window
+    old = row(2, "long-ago")  # 2024: outside the default one-day window
+    writer.store.load([recent, old], writer.journal.position)
+    writer.store.close()
+    writer.journal.close()
+    again = make_writer(tmp_path)
+    from triolytics.dedup import dedup_key
+    now = time_ns() // 1000
+    assert not again.dedup.admit(dedup_key("default", "seen-before"), now)
+    assert again.dedup.admit(dedup_key("default", "long-ago"), now)
+    again.store.close()
+    again.journal.close()
+
+
+async def test_failed_load_keeps_rows_and_reports_unhealthy(tmp_path, clock,
+                                                            monkeypatch):
+    writer = make_writer(tmp_path, load_interval_ms=10)
+    real_load = writer.store.load
+    failures = []
+
+    def flaky(rows, position):
+        if len(failures) < 2:
+            failures.append(1)
+            raise OSError("disk full")
+        real_load(rows, position)
+    monkeypatch.setattr(writer.store, "load", flaky)
+
+    async def body():
+        await writer.store_rows([row(1)], [False])
+        await trio.sleep(0.05)
+        assert not writer.healthy
+        await trio.sleep(3)  # retried every second
+        assert writer.healthy
+    await run_writer(writer, body)
+    assert stored(tmp_path) == ["m1"]
+    assert writer.stats.load_errors == 2

@@ -18,7 +18,7 @@ from trio.testing import MockClock
 from triolytics.config import Config
 from triolytics.dedup import Dedup
 from triolytics.errors import ApiError
-from triolytics.journal import Journal
+from triolytics.journal import Journal, Position
 from triolytics.rows import Row
 from triolytics.store import Store
 from triolytics.writer import Writer
@@ -212,3 +212,23 @@ async def test_failed_load_keeps_rows_and_reports_unhealthy(tmp_path, clock,
     await run_writer(writer, body)
     assert stored(tmp_path) == ["m1"]
     assert writer.stats.load_errors == 2
+
+
+def test_mark_beyond_lost_journal_tail_does_not_hide_new_records(tmp_path):
+    # DuckDB says segment 1 was loaded up to byte 5000, but the journal (fsync off, power
+    # cut) only kept 100 bytes of it. New records must land past the mark, or replay
+    # after the next crash would skip them.
+    writer = make_writer(tmp_path)
+    writer.store.load([row(1)], Position(1, 5000))
+    writer.store.close()
+    writer.journal.close()
+    again = make_writer(tmp_path)
+    assert again.journal.position > Position(1, 5000)
+    from triolytics.rows import encode_rows
+    again.journal.append([encode_rows([row(2)])])
+    again.store.close()
+    again.journal.close()
+    third = make_writer(tmp_path)  # replays the new record
+    assert stored_rows_via(third) == ["m1", "m2"]
+    third.store.close()
+    third.journal.close()

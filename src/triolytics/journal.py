@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,7 @@ class Journal:
         self.segment = 0
         self.offset = 0
         self.torn_bytes = 0  # dropped from the tail when opened
+        self.lock = threading.Lock()  # held to sync or to close a segment (rotation)
 
     # --- lifecycle
     def open(self) -> Position:
@@ -96,9 +98,10 @@ class Journal:
         return self.position
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     @property
     def position(self) -> Position:
@@ -130,10 +133,13 @@ class Journal:
         return self.position
 
     def sync(self) -> None:
-        try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            raise JournalError(f"journal sync failed: {exc}") from exc
+        with self.lock:
+            if self.fd < 0:
+                return
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise JournalError(f"journal sync failed: {exc}") from exc
 
     def _undo(self, offset: int) -> None:
         try:
@@ -141,15 +147,24 @@ class Journal:
         except OSError:
             pass
 
-    def _rotate(self) -> None:
-        if self.sync_on_rotate:
-            os.fdatasync(self.fd)
-        os.close(self.fd)
-        self.segment += 1
-        self.offset = 0
-        self.fd = os.open(self.path(self.segment), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        if self.sync_on_rotate:
-            _fsync_dir(self.dir)
+    def _rotate(self, segment: int | None = None) -> None:
+        with self.lock:
+            if self.sync_on_rotate:
+                os.fdatasync(self.fd)
+            os.close(self.fd)
+            self.segment = segment or self.segment + 1
+            self.offset = 0
+            self.fd = os.open(self.path(self.segment),
+                              os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            if self.sync_on_rotate:
+                _fsync_dir(self.dir)
+
+    def skip_past(self, position: Position) -> None:
+        """Make the next append land after `position`. DuckDB may hold a mark beyond the
+        journal's end when the journal lost an unsynced tail (fsync off/interval and a
+        power cut); appending below the mark would hide new records from replay."""
+        if position > self.position:
+            self._rotate(position.segment + 1)
 
     # --- reading and releasing
     def records(self, start: Position) -> Iterator[tuple[bytes, Position]]:
@@ -181,3 +196,53 @@ class Journal:
                 self.path(segment).unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+class Syncer:
+    """A thread that makes the journal durable behind the writer.
+
+    The writer appends on its own thread and calls `request(position)`; this thread
+    fdatasyncs and calls `notify(position, error)` (from this thread) once everything up
+    to `position` is durable. Requests made while a sync runs are merged into the next
+    one, so a busy writer costs one sync per sync-duration, and no thread hand-off per
+    write. `os.write` and `fdatasync` on one file may run concurrently; only rotation
+    (which closes a file) takes `journal.lock`, as the sync does.
+    """
+
+    def __init__(self, journal: Journal, notify) -> None:
+        self.journal = journal
+        self.notify = notify
+        self._cond = threading.Condition()
+        self._target: Position | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="journal-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, position: Position) -> None:
+        with self._cond:
+            self._target = position
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Finish the pending sync (if any) and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._target is None and not self._stopping:
+                    self._cond.wait()
+                target, self._target = self._target, None
+                if target is None:
+                    return
+            try:
+                self.journal.sync()
+            except JournalError as exc:
+                self.notify(target, exc)
+            else:
+                self.notify(target, None)

@@ -1,13 +1,17 @@
 """The writer task: owns the journal and the DuckDB store; acks follow durability.
 
 Rules:
-- Handlers call `await writer.store(rows, client_ids)`; it returns once the rows are in
-  the journal under the fsync policy, or raises `ApiError` (503) and stores nothing.
-- Group commit: everything submitted while a write+sync is in flight goes out in the
-  next single write and sync. Journal I/O and DuckDB loads run in worker threads; the
-  two never share a file.
-- Memory is bounded by `max_pending_rows` (accepted, not journaled) and
-  `max_unloaded_rows`/`max_unloaded_bytes` (journaled, not in DuckDB). At a bound, a
+- Handlers call `await writer.store_rows(rows, client_ids)`; it returns once the rows are
+  in the journal under the fsync policy, or raises `ApiError` (503) and stores nothing.
+- Group commit: everything submitted since the writer last ran goes out in one `write`
+  (on the event loop: a page-cache write of one group is a few µs). With fsync
+  `always`, the `Syncer` thread fdatasyncs behind the writer and the group is answered
+  when a sync covers it; appends made meanwhile share the next sync. No thread hand-off
+  per group.
+- Rows reach the loader only once durable, so DuckDB's journal mark never passes the
+  synced end of the journal. Loads run in a worker thread, one DuckDB call at a time.
+- Memory is bounded by `max_pending_rows` (accepted, not yet durable) and
+  `max_unloaded_rows`/`max_unloaded_bytes` (durable, not in DuckDB). At a bound, a
   caller waits up to `backpressure_wait_ms`, then gets 503 + Retry-After.
 - Shutdown: `close()` stops intake; `run` journals what is pending, loads everything,
   closes the store and returns.
@@ -24,17 +28,18 @@ import trio
 from triolytics.config import Config
 from triolytics.dedup import Dedup, dedup_key
 from triolytics.errors import ApiError, overloaded
-from triolytics.journal import HEADER, Journal, JournalError, Position
+from triolytics.journal import HEADER, Journal, JournalError, Position, Syncer
 from triolytics.rows import Row, decode_rows, encode_rows
 from triolytics.store import Store
 
 log = logging.getLogger("triolytics.writer")
+LOAD_RETRY_S = 1.0  # after a failed DuckDB load
 
 
 class _Group:
-    """Submissions that share one journal write and sync."""
+    """Submissions that share one journal write (and sync)."""
 
-    __slots__ = ("batches", "rows", "waiters", "done", "error", "keys")
+    __slots__ = ("batches", "rows", "waiters", "done", "error", "keys", "end", "size")
 
     def __init__(self) -> None:
         self.batches: list[list[Row]] = []
@@ -43,11 +48,14 @@ class _Group:
         self.keys: list[str] = []  # dedup keys admitted for this group
         self.done = trio.Event()
         self.error: Exception | None = None
+        self.end = Position(0, 0)  # journal position just past this group
+        self.size = 0  # journal bytes
 
 
 class WriterStats:
-    __slots__ = ("pending_rows", "unloaded_rows", "unloaded_bytes", "journaled_rows", "loaded_rows",
-                 "duplicates", "rejected_busy", "groups", "loads", "load_errors")
+    __slots__ = ("pending_rows", "unloaded_rows", "unloaded_bytes", "journaled_rows",
+                 "loaded_rows", "duplicates", "rejected_busy", "groups", "syncs", "loads",
+                 "load_errors")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -68,12 +76,15 @@ class Writer:
         self._wakeup = trio.Event()
         self._room = trio.Event()
         self._load_wakeup = trio.Event()
+        self._unsynced: deque[_Group] = deque()  # written, waiting for a sync (in order)
+        self._all_synced = trio.Event()
         self._unloaded: deque[tuple[list[Row], Position, int]] = deque()  # rows, end, bytes
         self._oldest_unloaded = 0.0  # trio time of the oldest row waiting for a load
         self._loaded = Position(0, 0)
         self._closing = False
-        self._io_lock = trio.Lock()  # journal writes vs. interval syncs
+        self._drained = False  # closing, and every group is durable: final loads
         self._store_lock = trio.Lock()  # one DuckDB call at a time (loads, admin)
+        self._syncer: Syncer | None = None
         self.healthy = True  # journal writable and DuckDB loads succeeding
 
     # --- start-up (before serving): replay whatever DuckDB does not have yet
@@ -81,6 +92,7 @@ class Writer:
         """Open the journal and load its unloaded suffix; returns rows replayed."""
         self.journal.open()
         self._loaded = self.store.loaded_position()
+        self.journal.skip_past(self._loaded)
         batch: list[Row] = []
         end = self._loaded
         replayed = 0
@@ -102,25 +114,26 @@ class Writer:
         return replayed
 
     # --- intake (called by connection tasks)
+    # --- intake (called by connection tasks)
     def has_room(self, rows: int) -> bool:
         s, c = self.stats, self.config
-        if s.unloaded_rows >= c.max_unloaded_rows:
-            return False
-        if s.unloaded_bytes >= c.max_unloaded_bytes:
+        if s.unloaded_rows >= c.max_unloaded_rows or s.unloaded_bytes >= c.max_unloaded_bytes:
             return False
         return s.pending_rows == 0 or s.pending_rows + rows <= c.max_pending_rows
+
+    def _refusal(self, message: str) -> ApiError:
+        return ApiError("unavailable", message,
+                        headers=((b"retry-after", str(self.config.retry_after_s).encode()),))
 
     async def store_rows(self, rows: list[Row], client_ids: list[bool]) -> None:
         """Return once `rows` are journaled (durable per policy); else raise ApiError."""
         if self._closing:
-            raise ApiError("unavailable", "server is shutting down",
-                           headers=((b"retry-after", str(self.config.retry_after_s).encode()),))
+            raise self._refusal("server is shutting down")
         if not self.has_room(len(rows)):
             await self._wait_room(len(rows))
         group = self._group
-        now = time_ns() // 1000
         if any(client_ids):
-            rows = self._dedup(rows, client_ids, now, group)
+            rows = self._dedup(rows, client_ids, time_ns() // 1000, group)
         if rows:
             group.batches.append(rows)
             group.rows += len(rows)
@@ -129,8 +142,7 @@ class Writer:
         self._wakeup.set()
         await group.done.wait()
         if group.error is not None:
-            raise ApiError("unavailable", f"could not journal the events: {group.error}",
-                           headers=((b"retry-after", str(self.config.retry_after_s).encode()),))
+            raise self._refusal(f"could not journal the events: {group.error}")
 
     def _dedup(self, rows: list[Row], client_ids: list[bool], now: int,
                group: _Group) -> list[Row]:
@@ -159,6 +171,10 @@ class Writer:
 
     # --- the task
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        token = trio.lowlevel.current_trio_token()
+        self._syncer = Syncer(self.journal, lambda pos, err: token.run_sync_soon(
+            self._synced, pos, err))
+        self._syncer.start()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._load_loop)
@@ -167,10 +183,15 @@ class Writer:
                     nursery.start_soon(self._sync_loop, syncing)
                 task_status.started()
                 await self._write_loop()
-                syncing.cancel()  # _close_files makes the last sync
-                self._load_wakeup.set()  # final load; _load_loop returns when drained
+                syncing.cancel()
+                if self._unsynced:
+                    self._syncer.request(self.journal.position)
+                    await self._all_synced.wait()
+                self._drained = True
+                self._load_wakeup.set()  # final loads; _load_loop returns when empty
         finally:
             with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._syncer.stop)
                 await trio.to_thread.run_sync(self._close_files)
 
     @property
@@ -195,65 +216,77 @@ class Writer:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
             group, self._group = self._group, _Group()
-            await self._write_group(group)
+            self._write(group)
+            # Let the connections run and gather the next group.
+            await trio.lowlevel.checkpoint()
 
-    async def _write_group(self, group: _Group) -> None:
+    def _write(self, group: _Group) -> None:
+        self.stats.groups += 1
         try:
-            if self.config.fsync == "interval":
-                async with self._io_lock:
-                    position, size = await trio.to_thread.run_sync(self._append, group.batches)
-            else:
-                position, size = await trio.to_thread.run_sync(self._append, group.batches)
+            payloads = [encode_rows(b) for b in group.batches]
+            group.end = self.journal.append(payloads)
+            group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
         except JournalError as exc:
-            log.error("%s", exc)
-            self.healthy = False
-            group.error = exc
-            self.dedup.forget(group.keys)
+            self._finish(group, exc)
+            return
+        if self.config.fsync == "always" and group.rows:
+            self._unsynced.append(group)
+            self._all_synced = trio.Event()
+            self._syncer.request(group.end)
+        elif self._unsynced:  # nothing to make durable, but answer after earlier groups
+            self._unsynced.append(group)
         else:
-            if group.rows:
-                first = not self._unloaded
-                if first:
-                    self._oldest_unloaded = trio.current_time()
-                self._unloaded.append(([r for b in group.batches for r in b], position, size))
-                self.stats.unloaded_rows += group.rows
-                self.stats.unloaded_bytes += size
-                self.stats.journaled_rows += group.rows
-                if first or self.stats.unloaded_rows >= self.config.load_batch_rows:
-                    self._load_wakeup.set()  # start the interval clock, or load now
-        finally:
-            self.stats.pending_rows -= group.rows
-            self.stats.groups += 1
-            group.done.set()
-            self._room_changed()
+            self._finish(group, None)
 
-    def _append(self, batches: list[list[Row]]) -> tuple[Position, int]:
-        payloads = [encode_rows(b) for b in batches]
-        position = self.journal.append(payloads)
-        if self.config.fsync == "always":
-            self.journal.sync()
-        return position, sum(map(len, payloads)) + HEADER.size * len(payloads)
+    def _synced(self, position: Position, error: Exception | None) -> None:
+        """Called on the event loop by the Syncer: groups up to `position` are durable."""
+        self.stats.syncs += 1
+        unsynced = self._unsynced
+        while unsynced and unsynced[0].end <= position:
+            self._finish(unsynced.popleft(), error)
+        if not unsynced:
+            self._all_synced.set()
+
+    def _finish(self, group: _Group, error: Exception | None) -> None:
+        self.stats.pending_rows -= group.rows
+        if error is not None:
+            log.error("%s", error)
+            self.healthy = False
+            group.error = error
+            self.dedup.forget(group.keys)
+        elif group.rows:
+            first = not self._unloaded
+            if first:
+                self._oldest_unloaded = trio.current_time()
+            self._unloaded.append(([r for b in group.batches for r in b], group.end, group.size))
+            self.stats.unloaded_rows += group.rows
+            self.stats.unloaded_bytes += group.size
+            self.stats.journaled_rows += group.rows
+            if first or self.stats.unloaded_rows >= self.config.load_batch_rows:
+                self._load_wakeup.set()  # start the interval clock, or load now
+        group.done.set()
+        self._room_changed()
 
     async def _sync_loop(self, scope: trio.CancelScope) -> None:
         with scope:
             while True:
                 await trio.sleep(self.config.fsync_interval_ms / 1000)
-                async with self._io_lock:
-                    await trio.to_thread.run_sync(self.journal.sync)
+                self._syncer.request(self.journal.position)
 
     async def _load_loop(self) -> None:
         interval = self.config.load_interval_ms / 1000
         while True:
             if not self._unloaded:
-                if self._closing and not self._group.waiters and not self._group.batches:
+                if self._drained:
                     return
                 await self._load_wakeup.wait()
                 self._load_wakeup = trio.Event()
                 continue
-            if (self.stats.unloaded_rows < self.config.load_batch_rows and not self._closing):
+            if self.stats.unloaded_rows < self.config.load_batch_rows and not self._drained:
                 with trio.move_on_at(self._oldest_unloaded + interval):
                     await self._load_wakeup.wait()
                 self._load_wakeup = trio.Event()
-            if not await self._load_some() and self._closing:
+            if not await self._load_some() and self._drained:
                 log.error("giving up loading at shutdown; the journal keeps the rows "
                           "and the next start loads them")
                 return
@@ -274,8 +307,8 @@ class Writer:
             self.stats.load_errors += 1
             self.healthy = False
             self._unloaded.appendleft((rows, end, size))
-            if not self._closing:
-                await trio.sleep(1.0)
+            if not self._drained:
+                await trio.sleep(LOAD_RETRY_S)
             return False
         self.healthy = True
         self._loaded = end
@@ -292,10 +325,9 @@ class Writer:
         self.journal.release(end)
 
     def _close_files(self) -> None:
-        if self.config.fsync != "always" and self.journal.fd >= 0:
-            try:
-                self.journal.sync()
-            except JournalError as exc:
-                log.error("%s", exc)
+        try:
+            self.journal.sync()
+        except JournalError as exc:
+            log.error("%s", exc)
         self.journal.close()
         self.store.close()

@@ -3,7 +3,7 @@
 Each round starts `python -m triolytics serve` (fsync always) on a free port with one
 data directory shared by all rounds, waits for /healthz, and runs client threads that POST
 `/v1/batch` with unique messageIds, recording every id answered with a 2xx. A batch that
-fails (connection lost, 503) is retried with the same ids, as Segment SDKs do, in the
+fails (connection lost, 408, 429, 5xx) is retried with the same ids, as Segment SDKs do, in the
 same round or after the restart. At a random moment in the round the server gets SIGKILL.
 
 After the last round the server is started once more, the clients drain their retries,
@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -41,6 +42,7 @@ BATCH_EVENTS = 20
 START_TIMEOUT_S = 20.0  # the server must answer /healthz within this
 STOP_TIMEOUT_S = 30.0  # ...and exit after SIGTERM within this
 POLL_S = 0.02  # how often we look at a subprocess or a counter
+RETRYABLE = {408, 429, 500, 502, 503, 504}
 
 
 class Ledger:
@@ -53,6 +55,7 @@ class Ledger:
         self.retries: list[list[str]] = []  # batches to send again, same ids
         self.retried = 0
         self.serial = 0
+        self.answers: Counter[int] = Counter()  # HTTP status -> how many
 
     def next_batch(self, name: str) -> list[str]:
         with self.lock:
@@ -125,12 +128,14 @@ def client(
             ledger.retry(ids)
             stop.wait(POLL_S)  # the server is gone or going; back off a little
             continue
+        with ledger.lock:
+            ledger.answers[response.status] += 1
         if response.status == 200:
             answer = json.loads(reply)
             if not answer.get("success") or answer.get("rejected"):
                 raise AssertionError(f"unexpected 200 answer: {answer}")
             ledger.ack(ids)
-        elif response.status == 503:
+        elif response.status in RETRYABLE:  # as Segment SDKs: retry, same ids
             ledger.retry(ids)
         else:
             raise AssertionError(f"unexpected answer {response.status}: {reply[:300]!r}")
@@ -235,6 +240,16 @@ def stored_counts(data_dir: Path) -> dict[str, int]:
         con.close()
 
 
+def check(
+    ledger: Ledger, counts: dict[str, int]
+) -> tuple[dict[str, int], list[str], list[str]]:
+    """(ids stored more than once, acked ids not stored, stored ids nobody sent)."""
+    duplicates = {k: c for k, c in counts.items() if c != 1}
+    missing = sorted(ledger.acked - counts.keys())
+    unknown = sorted(counts.keys() - ledger.sent)
+    return duplicates, missing, unknown
+
+
 def run(
     rounds: int, data_dir: Path, clients: int = 4, load_s: float = 1.0, seed: int | None = None
 ) -> dict:
@@ -285,9 +300,7 @@ def run(
     logs = "".join(p.read_text(errors="replace") for p in data_dir.parent.glob("server-*.log"))
     replayed = sum(int(m) for m in re.findall(r"replayed (\d+) journaled rows", logs))
     torn = len(re.findall(r"dropped a torn journal tail", logs))
-    duplicates = {k: c for k, c in counts.items() if c != 1}
-    missing = sorted(ledger.acked - counts.keys())
-    unknown = sorted(counts.keys() - ledger.sent)
+    duplicates, missing, unknown = check(ledger, counts)
     return {
         "rounds": rounds,
         "clients": clients,
@@ -296,6 +309,7 @@ def run(
         "acked": len(ledger.acked),
         "stored": sum(counts.values()),
         "retried_batches": ledger.retried,
+        "answers": {str(k): v for k, v in sorted(ledger.answers.items())},
         "unsent_retries": len(ledger.retries),
         "replayed_rows": replayed,
         "torn_tails": torn,

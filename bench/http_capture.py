@@ -63,6 +63,13 @@ def pinned(cpu: int) -> list[str]:
     return []
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time all CPUs have spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]  # guest time is in user already
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -390,12 +397,12 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
     log(f"{target}/{load}: {conns} connections, {args.duration:g}s, {args.tool}")
     try:
         server.start(args.startup_timeout)
-        cpu0 = server.cpu_seconds()
+        cpu0, busy0 = server.cpu_seconds(), busy_cpu_seconds()
         if args.tool == "wrk":
             r = run_wrk(port, load, conns, args.duration, run_dir)
         else:
             r = run_builtin(port, load, conns, args.duration, args.gen_procs)
-        server_cpu = server.cpu_seconds() - cpu0
+        server_cpu, busy = server.cpu_seconds() - cpu0, busy_cpu_seconds() - busy0
         stop_began = time.monotonic()
         exit_code = server.stop(args.stop_timeout)
         stop_s = time.monotonic() - stop_began  # includes any final load into DuckDB
@@ -414,6 +421,8 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
         "socket_errors": r["socket_errors"],
         "server_cpu_util": round(server_cpu / elapsed, 3),
         "load_cpu_util": round(r["load_cpu_s"] / elapsed, 3),
+        # CPU used by anything else on the machine meanwhile: near 0 for a clean run
+        "other_cpu_util": round((busy - server_cpu - r["load_cpu_s"]) / elapsed, 3),
         "server_exit_code": exit_code,
         "server_stop_s": round(stop_s, 3),
     }

@@ -52,15 +52,20 @@ def test_kill_9_mid_stream_loses_and_doubles_nothing(tmp_path):
     assert summary["ok"], report
 
 
-def test_stored_counts_sees_doubles(tmp_path):
-    """The crash checks can fail: a repeated id is counted as such."""
+def test_the_checks_flag_loss_doubles_and_strangers(tmp_path):
+    """The crash test can fail: its checks see a lost, a doubled and an unknown id."""
     data = tmp_path / "data"
     data.mkdir()
     con = duckdb.connect(str(data / "events.duckdb"))
     con.execute("CREATE TABLE events (message_id VARCHAR)")
-    con.execute("INSERT INTO events VALUES ('a'), ('a'), ('x')")
+    con.execute("INSERT INTO events VALUES ('a'), ('a'), ('c'), ('x')")
     con.close()
-    assert crash_loop.stored_counts(data) == {"a": 2, "x": 1}
+    ledger = crash_loop.Ledger()
+    ledger.sent = {"a", "b", "c"}
+    ledger.acked = {"a", "b"}
+    counts = crash_loop.stored_counts(data)
+    assert counts == {"a": 2, "c": 1, "x": 1}
+    assert crash_loop.check(ledger, counts) == ({"a": 2}, ["b"], ["x"])
 
 
 def test_sigterm_exits_0_and_keeps_every_acknowledged_event(tmp_path):

@@ -7,6 +7,7 @@ Level two of the test ladder: no sockets, no real time. Tests that wait use the
 from __future__ import annotations
 
 import json
+import threading
 from contextlib import asynccontextmanager
 
 import h11
@@ -89,10 +90,9 @@ class Client:
 
     async def raw(self, data: bytes, method: bytes = b"POST") -> Reply:
         """Send bytes as they are; parse the answer as the response to a `method` request."""
-        self.conn = h11.Connection(h11.CLIENT)
-        self.conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x"),
-                                                                         (b"content-length",
-                                                                          b"0")]))
+        self.conn = h11.Connection(h11.CLIENT)  # primed: it "sent" a `method` request
+        head = [(b"host", b"x"), (b"content-length", b"0")]
+        self.conn.send(h11.Request(method=method, target=b"/", headers=head))
         self.conn.send(h11.EndOfMessage())
         await self.stream.send_all(data)
         return await self.response()
@@ -185,6 +185,25 @@ async def test_keep_alive_two_requests_on_one_connection(nursery, fake_server, a
     assert first.header(b"connection") is None and second.header(b"connection") is None
     assert server.connections.count == 1
     assert fake.calls == [b"/hello", b"/echo"]
+
+
+async def test_client_connection_close_is_honoured(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.request(b"GET", b"/hello", headers=[(b"connection", b"close")])
+        await client.assert_closed()
+    assert reply.status == 200
+    assert reply.header(b"connection") == b"close"
+
+
+async def test_http_1_0_gets_one_response_then_close(nursery, fake_server, autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.raw(b"GET /hello HTTP/1.0\r\n\r\n", method=b"GET")
+        await client.assert_closed()
+    assert (reply.status, reply.json()) == (200, {"hello": "world"})
 
 
 async def test_pipelined_requests_are_answered_in_order(nursery, fake_server, autojump_clock):
@@ -630,6 +649,27 @@ async def test_drain_lets_a_busy_request_finish_with_connection_close(nursery, f
     assert reply.header(b"connection") == b"close"
 
 
+async def test_drain_racing_a_request_that_just_arrived(nursery, fake_server, autojump_clock):
+    """Shutdown starts in the same tick as a request arrives on an idle connection: that
+    request is in flight, so it is answered (with `connection: close`), not dropped."""
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    await trio.testing.wait_all_tasks_blocked()  # the server waits for a request
+    data = client.conn.send(h11.Request(method=b"POST", target=b"/echo", headers=[
+        (b"host", b"test"), (b"content-length", b"4")]))
+    data += client.conn.send(h11.Data(data=b"ping")) + client.conn.send(h11.EndOfMessage())
+    await client.stream.send_all(data)  # wakes the server's read; it has not run yet
+    server.connections.drain()
+    with trio.fail_after(10):
+        try:
+            reply = await client.response()
+        except h11.RemoteProtocolError as exc:
+            raise AssertionError(f"closed without a response; handler ran: {fake.calls}") \
+                from exc
+    assert (reply.status, reply.body) == (200, b"ping")
+    assert reply.header(b"connection") == b"close"
+
+
 # --- with the real API routes and a real writer
 
 
@@ -707,3 +747,62 @@ async def test_a_bad_request_does_not_break_the_connection(tmp_path):
             await client.stream.aclose()
     assert [good1.status, bad.status, good2.status] == [201, 400, 201]
     assert writer.stats.journaled_rows == 2
+
+
+async def test_drain_race_never_answers_non_2xx_for_a_stored_event(tmp_path):
+    """The same race through the real API: whatever the answer, it must be true. A 4xx/5xx
+    means nothing was stored; a stored event gets its 201."""
+    async with real_api(tmp_path) as (server, writer, nursery):
+        client = open_client(nursery, server)
+        await trio.testing.wait_all_tasks_blocked()
+        data = client.conn.send(h11.Request(method=b"POST", target=b"/v1/capture", headers=[
+            (b"host", b"test"), (b"x-write-key", b"wk_test"),
+            (b"content-length", b"%d" % len(EVENT))]))
+        data += client.conn.send(h11.Data(data=EVENT)) + client.conn.send(h11.EndOfMessage())
+        await client.stream.send_all(data)
+        server.connections.drain()
+        with trio.fail_after(10):
+            try:
+                status = (await client.response()).status
+            except h11.RemoteProtocolError:
+                status = None  # closed without an answer
+    stored = writer.stats.journaled_rows
+    assert (status, stored) in {(201, 1), (503, 0)}, (status, stored)
+
+
+@pytest.fixture
+def thread_safe_clock():
+    """Virtual time that jumps only after 20 ms of real idleness, so worker threads (the
+    journal sync) finish their real-time work before the clock races past them."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+async def test_request_timeout_while_the_writer_is_slow_is_not_a_lie(tmp_path,
+                                                                     thread_safe_clock):
+    """request_timeout_s bounds receiving a request, not waiting for the journal. Once the
+    rows are handed to the writer they will be stored, so the only honest answer is the
+    2xx once the (slow) sync completes: never a 408 behind a stored event (the client
+    would retry and, without a messageId, store it twice)."""
+    gate = threading.Event()
+    async with real_api(tmp_path, request_timeout_s=1.0) as (server, writer, nursery):
+        sync = writer.journal.sync  # runs in a worker thread, never on the event loop
+
+        def slow_sync():
+            gate.wait(30)  # the disk is slow (until the test opens the gate)
+            sync()
+
+        writer.journal.sync = slow_sync
+
+        async def open_gate_later():
+            await trio.sleep(5)  # well past request_timeout_s
+            gate.set()
+        nursery.start_soon(open_gate_later)
+        client = open_client(nursery, server)
+        try:
+            with trio.fail_after(20):
+                reply = await client.request(b"POST", b"/v1/capture", headers=[
+                    (b"x-write-key", b"wk_test")], body=EVENT)
+        finally:
+            gate.set()
+    stored = writer.stats.journaled_rows
+    assert (reply.status, stored) == (201, 1)

@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 
 import h11
@@ -57,6 +58,17 @@ class Connections:
             scope.cancel()
 
 
+class _Context:
+    """Per-connection state the timeout path needs."""
+
+    __slots__ = ("timer", "origin", "receiving")
+
+    def __init__(self) -> None:
+        self.timer: trio.CancelScope | None = None
+        self.origin: bytes | None = None  # of the request being received (for a 408)
+        self.receiving = False  # part of a request is in: a timeout answers 408
+
+
 class HttpServer:
     def __init__(self, config: Config, routes: Routes, upgrades: dict | None = None) -> None:
         self.config = config
@@ -81,38 +93,60 @@ class HttpServer:
             await trio.aclose_forcefully(stream)
 
     async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str) -> None:
-        # One cancel scope for the connection's life; its deadline moves with the phase
-        # (idle: keep-alive timeout; busy: request timeout). Cheaper than a scope per phase.
+        # Phases of a request: idle (keep-alive timeout; drain closes the connection),
+        # receiving (request timeout, answered 408), handling (no deadline: the writer's
+        # own waits are bounded), sending (request timeout). One cancel scope for the
+        # connection's life times them all by moving its deadline.
         conns = self.connections
-        config = self.config
-        busy = False
-        with trio.CancelScope() as scope:
+        ctx = _Context()
+        with trio.CancelScope() as timer:
+            ctx.timer = timer
             while not conns.draining:
-                scope.deadline = trio.current_time() + config.keepalive_timeout_s
-                conns.idle.add(scope)
-                event = await self._next(conn, stream)
-                conns.idle.discard(scope)
+                timer.deadline = trio.current_time() + self.config.keepalive_timeout_s
+                ctx.origin = None
+                ctx.receiving = False
+                event = await self._next_request(conn, stream, ctx)
                 if event is None:
                     return
-                busy = True
-                scope.deadline = trio.current_time() + config.request_timeout_s
-                if not await self._exchange(conn, stream, peer, event):
+                if not await self._exchange(conn, stream, peer, event, ctx):
                     return
-                busy = False
                 if conn.our_state is h11.MUST_CLOSE or conns.draining:
                     return
                 try:
                     conn.start_next_cycle()
                 except h11.LocalProtocolError:
                     return
-        conns.idle.discard(scope)
-        if scope.cancelled_caught and busy:
+        if timer.cancelled_caught and ctx.receiving:
             with trio.move_on_after(LINGER_S):
                 await self._send_error(conn, stream, ApiError(
-                    "request_timeout", "request not received in time"))
+                    "request_timeout", "request not received in time"), ctx.origin)
 
-    async def _next(self, conn: h11.Connection, stream: trio.abc.Stream):
-        """The next h11 event, reading as needed; None when the peer is gone."""
+    async def _next_request(self, conn: h11.Connection, stream: trio.abc.Stream, ctx):
+        """Wait for the next request head. While nothing of it has arrived the connection
+        is idle: `drain()` may close it then. None: the connection is done."""
+        while True:
+            event = await self._next(conn, stream, once=True)
+            if event is not h11.NEED_DATA:
+                return event
+            if ctx.receiving:
+                conn.receive_data(await stream.receive_some(RECV_BYTES))
+                continue
+            idle = trio.CancelScope()
+            self.connections.idle.add(idle)
+            try:
+                with idle:
+                    data = await stream.receive_some(RECV_BYTES)
+            finally:
+                self.connections.idle.discard(idle)
+            if idle.cancelled_caught:
+                return None
+            conn.receive_data(data)
+            ctx.receiving = True
+            ctx.timer.deadline = trio.current_time() + self.config.request_timeout_s
+
+    async def _next(self, conn: h11.Connection, stream: trio.abc.Stream, once: bool = False):
+        """The next h11 event, reading as needed; None when the peer is gone. With
+        `once`, NEED_DATA is returned instead of read for."""
         while True:
             try:
                 event = conn.next_event()
@@ -121,27 +155,35 @@ class HttpServer:
                     _hint(exc.error_status_hint), f"bad HTTP request: {exc}"))
                 return None
             if event is h11.NEED_DATA:
+                if once:
+                    return event
                 if conn.they_are_waiting_for_100_continue:
                     await stream.send_all(conn.send(h11.InformationalResponse(
                         status_code=100, headers=[])))
-                data = await stream.receive_some(RECV_BYTES)
-                conn.receive_data(data)
+                conn.receive_data(await stream.receive_some(RECV_BYTES))
                 continue
             if type(event) is h11.ConnectionClosed:
                 return None
             return event
 
-    async def _exchange(self, conn, stream, peer: str, event) -> bool:
+    async def _exchange(self, conn, stream, peer: str, event, ctx: _Context) -> bool:
         """Read one request, answer it. False: the connection must close now."""
         if type(event) is not h11.Request:
             return False
+        timer = ctx.timer
+        if not ctx.receiving:  # a pipelined request, already buffered
+            ctx.receiving = True
+            timer.deadline = trio.current_time() + self.config.request_timeout_s
         headers = dict(event.headers)
         target = event.target
         path, _, query = target.partition(b"?")
         method = event.method
-        origin = headers.get(b"origin")
+        origin = ctx.origin = headers.get(b"origin")
         upgrade = self.upgrades.get(path) if b"upgrade" in headers else None
         try:
+            if len(target) + sum(map(len, headers)) + sum(map(len, headers.values())) \
+                    > self.config.max_header_bytes:
+                raise ApiError("header_too_large", "request head exceeds max_header_bytes")
             if upgrade is not None:
                 request = Request(method, path, query, headers, b"",
                                   client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted))
@@ -156,6 +198,8 @@ class HttpServer:
                 body = await self._body(conn, stream, method, headers)
                 if body is None:
                     return False
+                ctx.receiving = False
+                timer.deadline = math.inf  # handling: the writer's waits are bounded
                 ip = client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted)
                 response = await handler(Request(method, path, query, headers, body, ip))
         except ApiError as exc:
@@ -163,9 +207,11 @@ class HttpServer:
         except Exception:
             log.exception("unhandled error on %s %s", method.decode(), path.decode("latin-1"))
             response = Response(500, INTERNAL)
-        if conn.their_state is h11.SEND_BODY and response.status != 413:
+        timer.deadline = trio.current_time() + self.config.request_timeout_s
+        if conn.their_state is h11.SEND_BODY and response.status not in (413, 431):
             await self._discard_body(conn, stream)  # keep the connection usable
-        return await self._respond(conn, stream, response, origin)
+        ctx.receiving = False
+        return await self._respond(conn, stream, response, origin, method == b"HEAD")
 
     async def _discard_body(self, conn, stream) -> None:
         left = self.config.max_request_bytes
@@ -206,7 +252,8 @@ class HttpServer:
                                f"body exceeds {limit} bytes (max_request_bytes)")
             chunks.append(event.data)
 
-    async def _respond(self, conn, stream, response: Response, origin) -> bool:
+    async def _respond(self, conn, stream, response: Response, origin,
+                       head: bool = False) -> bool:
         headers = [(b"date", self.date()), (b"server", SERVER)]
         if response.content_type:
             headers.append((b"content-type", response.content_type))
@@ -220,7 +267,7 @@ class HttpServer:
         try:
             data = conn.send(h11.Response(status_code=response.status, headers=headers,
                                           reason=REASONS.get(response.status, b"")))
-            if response.body:
+            if response.body and not head:  # HEAD: same headers, no body
                 data += conn.send(h11.Data(data=response.body))
             data += conn.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
@@ -228,10 +275,10 @@ class HttpServer:
         await stream.send_all(data)
         return True
 
-    async def _send_error(self, conn, stream, exc: ApiError) -> None:
+    async def _send_error(self, conn, stream, exc: ApiError, origin: bytes | None = None) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        await self._respond(conn, stream, error_response(exc), None)
+        await self._respond(conn, stream, error_response(exc), origin)
 
 
 async def _linger(stream: trio.abc.Stream) -> None:

@@ -274,18 +274,22 @@ class Writer:
                 self._syncer.request(self.journal.position)
 
     async def _load_loop(self) -> None:
+        """Load when `load_batch_rows` are waiting, or the oldest has waited an interval."""
         interval = self.config.load_interval_ms / 1000
+        batch = self.config.load_batch_rows
         while True:
             if not self._unloaded:
                 if self._drained:
                     return
-                await self._load_wakeup.wait()
                 self._load_wakeup = trio.Event()
+                await self._load_wakeup.wait()  # the first rows arrived, or we are closing
                 continue
-            if self.stats.unloaded_rows < self.config.load_batch_rows and not self._drained:
-                with trio.move_on_at(self._oldest_unloaded + interval):
-                    await self._load_wakeup.wait()
+            deadline = self._oldest_unloaded + interval
+            while (self.stats.unloaded_rows < batch and not self._drained
+                   and trio.current_time() < deadline):
                 self._load_wakeup = trio.Event()
+                with trio.move_on_at(deadline):
+                    await self._load_wakeup.wait()
             if not await self._load_some() and self._drained:
                 log.error("giving up loading at shutdown; the journal keeps the rows "
                           "and the next start loads them")

@@ -21,7 +21,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from time import time_ns
@@ -96,7 +95,6 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
-    sys.setswitchinterval(0.0005)
     api = Api(Collector(config, keys), writer, token, clock)
     http = HttpServer(config, api.routes())
     stop = stop if stop is not None else trio.Event()

@@ -189,7 +189,7 @@ class Collector:
                 field = f"$.batch[{i}]" + (exc.field or "$")[1:]
                 rejected.append(Rejected(i, exc.code, exc.message, field))
                 continue
-            client.append(ev.messageId is not None and ev.messageId != "")
+            client.append(bool(ev.messageId))
         rejected.sort(key=lambda r: r.index)
         if not rows:
             error = ApiError("invalid_event", "no event in the batch is valid", field="$.batch")

@@ -175,8 +175,8 @@ def stored_rows_via(writer: Writer) -> list[str]:
 
 def test_recover_remembers_recent_ids_for_dedup(tmp_path):
     writer = make_writer(tmp_path)
-    recent = row(1, "seen-before")
-    recent.received_at = time_ns() // 1000 - 60_000_000  # a minute ago: inside the window
+    # a minute ago: inside the window
+    recent = row(1, "seen-before")._replace(received_at=time_ns() // 1000 - 60_000_000)
     old = row(2, "long-ago")  # 2024: outside the default one-day window
     writer.store.load([recent, old], writer.journal.position)
     writer.store.close()

@@ -78,6 +78,7 @@ BATCH_EVENTS_DECODER = msgspec.json.Decoder(WireBatchEvents)
 _JSON = msgspec.json.Encoder()
 NO_JSON = msgspec.Raw()  # an absent JSON value
 _PATH = re.compile(r" - at `\$(.*)`$")
+_new_row = tuple.__new__  # Row(*values) without NamedTuple's Python-level __new__
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
 _US = timedelta(microseconds=1)
@@ -290,7 +291,7 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
         original = to_micros(client_time)
         # Segment's skew correction: the device clock's error is sentAt - receivedAt.
         timestamp = original if sent_us is None else received - (sent_us - original)
-    return Row(
+    return _new_row(Row, (
         ev.messageId or new_id(), project, "http", kind, ev.event, ev.name,
         anonymous_id, user_id, group_id, previous_id, None,
         timestamp, original, sent_us, received,
@@ -298,4 +299,4 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
         _object(ev.traits, "$.traits") if ev.traits else None,
         enrich(ev.context, "$.context"),
         _object(integrations, "$.integrations") if integrations else None,
-    )
+    ))

@@ -6,16 +6,20 @@ Rules:
 - Times are integers: microseconds since the Unix epoch, UTC.
 - JSON columns hold encoded JSON text (validated, UTF-8 checked), never Python objects, so
   a row costs one copy from the request buffer and nothing more until DuckDB.
-- The field order is the journal's wire format (`array_like`): append new fields at the
-  end with a default, never reorder.
+- The field order is the journal's wire format (a msgpack array per row): append new
+  fields at the end with a default, never reorder.
+- `Row` is a NamedTuple rather than a Struct: pyarrow turns a list of tuples into a
+  columnar batch in C++ (`rows_to_arrow`), which is the loader's hot path.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 
 
-class Row(msgspec.Struct, array_like=True, gc=False):
+class Row(NamedTuple):
     message_id: str
     project: str
     channel: str  # "http", "ws" or "system"
@@ -60,7 +64,7 @@ COLUMNS: dict[str, str] = {
     "integrations": "JSON",
 }
 
-assert tuple(COLUMNS) == Row.__struct_fields__, "COLUMNS must follow Row's field order"
+assert tuple(COLUMNS) == Row._fields, "COLUMNS must follow Row's field order"
 
 ROWS_CODEC = msgspec.msgpack.Encoder()
 ROWS_DECODER = msgspec.msgpack.Decoder(list[Row])

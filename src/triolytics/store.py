@@ -28,7 +28,7 @@ _ARROW_TYPES = {
     "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
 }
 ARROW_SCHEMA = pa.schema([(name, _ARROW_TYPES[sql]) for name, sql in COLUMNS.items()])
-_astuple = msgspec.structs.astuple
+_ROW_TYPE = pa.struct(list(ARROW_SCHEMA))
 
 
 class KeyInfo(msgspec.Struct):
@@ -42,11 +42,9 @@ def new_write_key() -> str:
     return "wk_" + secrets.token_urlsafe(24)
 
 
-def rows_to_arrow(rows: list[Row]) -> pa.Table:
-    columns = zip(*[_astuple(r) for r in rows], strict=True)
-    return pa.Table.from_arrays(
-        [pa.array(col, type=f.type) for col, f in zip(columns, ARROW_SCHEMA, strict=True)],
-        schema=ARROW_SCHEMA)
+def rows_to_arrow(rows: list[Row]) -> pa.RecordBatch:
+    """Rows (tuples) to a columnar batch; pyarrow transposes them in C++."""
+    return pa.RecordBatch.from_struct_array(pa.array(rows, type=_ROW_TYPE))
 
 
 class Store:

@@ -37,7 +37,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     journal_segment_bytes: int = 64 * MiB  # a journal file is rotated past this size
     load_batch_rows: int = 122_880  # DuckDB load once this many rows are journaled
     # (one DuckDB row group: a load this big skips DuckDB's WAL)...
-    load_interval_ms: int = 500  # ...or once the oldest unloaded row is this old
+    load_interval_ms: int = 1000  # ...or once the oldest unloaded row is this old
     duckdb_threads: int = 1  # DuckDB worker threads; bulk appends gain nothing from more
     max_pending_rows: int = 100_000  # rows accepted, not yet journaled (memory)
     max_unloaded_rows: int = 500_000  # rows journaled, not yet in DuckDB (memory)

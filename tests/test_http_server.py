@@ -102,8 +102,16 @@ class Client:
         assert await self.stream.receive_some(65536) == b""
 
 
+async def sweep_until_cancelled(server: HttpServer) -> None:
+    with server.sweep_scope:
+        await server.sweep()
+
+
 def open_client(nursery: trio.Nursery, server: HttpServer, peer: str = PEER) -> Client:
     client_stream, server_stream = trio.testing.memory_stream_pair()
+    if not hasattr(server, "sweep_scope"):  # the timeouts' task, once per server
+        server.sweep_scope = trio.CancelScope()
+        nursery.start_soon(sweep_until_cancelled, server)
     nursery.start_soon(server.serve, server_stream, peer)
     return Client(client_stream)
 
@@ -650,8 +658,9 @@ async def test_drain_lets_a_busy_request_finish_with_connection_close(nursery, f
 
 
 async def test_drain_racing_a_request_that_just_arrived(nursery, fake_server, autojump_clock):
-    """Shutdown starts in the same tick as a request arrives on an idle connection: that
-    request is in flight, so it is answered (with `connection: close`), not dropped."""
+    """Shutdown starts in the same tick as a request arrives on an idle connection: the
+    request is answered, not dropped — refused with 503 + `connection: close` before its
+    handler runs (so nothing is stored behind the refusal; the client retries)."""
     server, fake = fake_server
     client = open_client(nursery, server)
     await trio.testing.wait_all_tasks_blocked()  # the server waits for a request
@@ -666,8 +675,9 @@ async def test_drain_racing_a_request_that_just_arrived(nursery, fake_server, au
         except h11.RemoteProtocolError as exc:
             raise AssertionError(f"closed without a response; handler ran: {fake.calls}") \
                 from exc
-    assert (reply.status, reply.body) == (200, b"ping")
+    assert reply.status == 503 and reply.header(b"retry-after") == b"1"
     assert reply.header(b"connection") == b"close"
+    assert fake.calls == []  # the handler never ran
 
 
 # --- with the real API routes and a real writer
@@ -680,10 +690,14 @@ async def real_api(tmp_path, **overrides):
     api = Api(Collector(config, keys), writer, token)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
+        server = HttpServer(config, api.routes())
         try:
-            yield HttpServer(config, api.routes()), writer, nursery
+            yield server, writer, nursery
         finally:
             writer.close()
+            server.connections.drain()  # close idle keep-alive connections
+            if hasattr(server, "sweep_scope"):
+                server.sweep_scope.cancel()
 
 
 async def test_capture_with_expect_100_continue_is_journaled(tmp_path):

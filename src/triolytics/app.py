@@ -136,6 +136,15 @@ async def _listen(config: Config, http: HttpServer, stop: trio.Event, *,
         json.dumps({"host": bound.host, "port": bound.port, "pid": os.getpid()}))
     log.info("listening on http://%s:%d", bound.host, bound.port)
     limiter = trio.CapacityLimiter(config.max_connections)
+    async with trio.open_nursery() as timers:
+        timers.start_soon(http.sweep)
+        await _serve_until(listeners, http, limiter, stop, config, bound, task_status)
+        timers.cancel_scope.cancel()
+    (Path(config.data_dir) / "server.json").unlink(missing_ok=True)
+
+
+async def _serve_until(listeners, http: HttpServer, limiter: trio.CapacityLimiter,
+                       stop: trio.Event, config: Config, bound: Bound, task_status) -> None:
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptors:
             for listener in listeners:
@@ -149,7 +158,6 @@ async def _listen(config: Config, http: HttpServer, stop: trio.Event, *,
                  config.shutdown_grace_s)
         http.connections.drain()
         handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s
-    (Path(config.data_dir) / "server.json").unlink(missing_ok=True)
 
 
 async def _accept(listener: trio.SocketListener, handlers: trio.Nursery, http: HttpServer,

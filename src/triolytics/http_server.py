@@ -4,18 +4,21 @@ Rules:
 - This module owns the socket of its connection and nothing else; what a request means
   is the route handler's business (`web.Routes`).
 - Keep-alive and pipelining come from h11's cycle; a response is written with one
-  `send_all`. Limits: head size (h11), body size (checked against Content-Length before
+  `send_all`. Limits: head size, body size (checked against Content-Length before
   reading, and while reading), whole-request and idle timeouts.
+- Timeouts cost the request path nothing but two attribute stores: each connection
+  records its phase and when it entered it, and one sweeper task (`sweep`) cancels the
+  connections that overstayed. A phase's timeout: idle, `keepalive_timeout_s` (closed
+  quietly; `drain()` closes idle connections at once); receiving or sending,
+  `request_timeout_s` (a 408 while receiving); handling, none — the writer's waits are
+  bounded, and a request whose rows reached the writer is never abandoned.
 - Every client fault is answered with its status; a handler's unexpected exception is
   a 500 for that request only (logged), never the process.
-- `Connections.drain()` (shutdown) closes idle connections and makes busy ones close
-  after their current response.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from http import HTTPStatus
 
 import h11
@@ -37,116 +40,140 @@ from triolytics.web import (
 
 log = logging.getLogger("triolytics.http")
 RECV_BYTES = 64 * 1024  # one read; also the most h11 buffers beyond a request head
-SERVER = b"triolytics"
-REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+SWEEP_S = 0.5  # how often timeouts are checked: each timeout is late by at most this
 LINGER_S = 2.0  # how long a refused upload is read and discarded before closing
+REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _NO_BODY_OK = {b"GET", b"HEAD", b"OPTIONS", b"DELETE"}
 INTERNAL = b'{"error":{"code":"internal","message":"internal error; see the server log"}}'
+IDLE, RECEIVING, HANDLING, SENDING = range(4)
+
+
+class _Conn:
+    """What the sweeper and `drain()` need to know about one connection."""
+
+    __slots__ = ("scope", "phase", "since", "origin", "why")
+
+    def __init__(self, tick: int) -> None:
+        self.scope = trio.CancelScope()
+        self.phase = IDLE
+        self.since = tick  # sweeper tick at which `phase` began
+        self.origin: bytes | None = None  # of the request being received (for a 408)
+        self.why: ApiError | None = None  # the answer owed if cancelled mid-request
 
 
 class Connections:
-    """The set of open connections, so shutdown can reach the idle ones."""
+    """The open connections, their timeouts, and shutdown's drain."""
 
-    def __init__(self) -> None:
-        self.idle: set[trio.CancelScope] = set()
+    def __init__(self, keepalive_s: float, request_s: float) -> None:
+        self.open: set[_Conn] = set()
         self.draining = False
-        self.count = 0
+        self.tick = 0
+        self.keepalive_ticks = keepalive_s / SWEEP_S
+        self.request_ticks = request_s / SWEEP_S
+
+    @property
+    def count(self) -> int:
+        return len(self.open)
+
+    @property
+    def idle(self) -> list[_Conn]:
+        return [c for c in self.open if c.phase == IDLE]
 
     def drain(self) -> None:
         self.draining = True
-        for scope in self.idle:
-            scope.cancel()
+        for c in self.idle:
+            c.why = UNAVAILABLE
+            c.scope.cancel()
+
+    def sweep(self) -> None:
+        """One tick: cancel every connection past its phase's timeout."""
+        self.tick = tick = self.tick + 1
+        for c in self.open:
+            if c.phase == IDLE:
+                if tick - c.since > self.keepalive_ticks:
+                    c.scope.cancel()
+            elif c.phase != HANDLING and tick - c.since > self.request_ticks:
+                c.why = TIMED_OUT
+                c.scope.cancel()
 
 
-class _Context:
-    """Per-connection state the timeout path needs."""
-
-    __slots__ = ("timer", "origin", "receiving")
-
-    def __init__(self) -> None:
-        self.timer: trio.CancelScope | None = None
-        self.origin: bytes | None = None  # of the request being received (for a 408)
-        self.receiving = False  # part of a request is in: a timeout answers 408
+TIMED_OUT = ApiError("request_timeout", "request not received in time")
+UNAVAILABLE = ApiError("unavailable", "server is shutting down; retry",
+                       headers=((b"retry-after", b"1"),))
 
 
 class HttpServer:
     def __init__(self, config: Config, routes: Routes, upgrades: dict | None = None) -> None:
         self.config = config
         self.routes = routes
-        self.upgrades = upgrades or {}  # path -> async fn(stream, request, leftover bytes)
+        self.upgrades = upgrades or {}  # path -> async fn(stream, conn, request)
         self.cors = Cors(config.cors_origins)
         self.trusted = parse_networks(config.trusted_proxies)
         self.date = DateHeader()
-        self.connections = Connections()
+        self.connections = Connections(config.keepalive_timeout_s, config.request_timeout_s)
+
+    async def sweep(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the timeouts (forever; cancel to stop)."""
+        task_status.started()
+        while True:
+            await trio.sleep(SWEEP_S)
+            self.connections.sweep()
 
     async def serve(self, stream: trio.abc.Stream, peer: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-        self.connections.count += 1
+        c = _Conn(self.connections.tick)
+        self.connections.open.add(c)
         try:
-            await self._loop(conn, stream, peer)
+            with c.scope:
+                await self._loop(conn, stream, peer, c)
+            if c.scope.cancelled_caught and c.phase == RECEIVING and c.why is not None:
+                with trio.move_on_after(LINGER_S):
+                    await self._send_error(conn, stream, c.why, c.origin)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self.connections.count -= 1
+            self.connections.open.discard(c)
             if conn.their_state is h11.SEND_BODY:
                 await _linger(stream)
             await trio.aclose_forcefully(stream)
 
-    async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str) -> None:
-        # Phases of a request: idle (keep-alive timeout; drain closes the connection),
-        # receiving (request timeout, answered 408), handling (no deadline: the writer's
-        # own waits are bounded), sending (request timeout). One cancel scope for the
-        # connection's life times them all by moving its deadline.
+    async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str,
+                    c: _Conn) -> None:
         conns = self.connections
-        ctx = _Context()
-        with trio.CancelScope() as timer:
-            ctx.timer = timer
-            while not conns.draining:
-                timer.deadline = trio.current_time() + self.config.keepalive_timeout_s
-                ctx.origin = None
-                ctx.receiving = False
-                event = await self._next_request(conn, stream, ctx)
-                if event is None:
-                    return
-                if not await self._exchange(conn, stream, peer, event, ctx):
-                    return
-                if conn.our_state is h11.MUST_CLOSE or conns.draining:
-                    return
+        while not conns.draining:
+            c.phase = IDLE
+            c.since = conns.tick
+            c.origin = None
+            while True:  # the next request's head
                 try:
-                    conn.start_next_cycle()
-                except h11.LocalProtocolError:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._send_error(conn, stream, ApiError(
+                        _hint(exc.error_status_hint), f"bad HTTP request: {exc}"))
                     return
-        if timer.cancelled_caught and ctx.receiving:
-            with trio.move_on_after(LINGER_S):
-                await self._send_error(conn, stream, ApiError(
-                    "request_timeout", "request not received in time"), ctx.origin)
-
-    async def _next_request(self, conn: h11.Connection, stream: trio.abc.Stream, ctx):
-        """Wait for the next request head. While nothing of it has arrived the connection
-        is idle: `drain()` may close it then. None: the connection is done."""
-        while True:
-            event = await self._next(conn, stream, once=True)
-            if event is not h11.NEED_DATA:
-                return event
-            if ctx.receiving:
-                conn.receive_data(await stream.receive_some(RECV_BYTES))
-                continue
-            idle = trio.CancelScope()
-            self.connections.idle.add(idle)
+                if event is not h11.NEED_DATA:
+                    break
+                data = await stream.receive_some(RECV_BYTES)
+                if c.phase == IDLE:
+                    c.phase = RECEIVING
+                    c.since = conns.tick
+                conn.receive_data(data)
+            if type(event) is not h11.Request:
+                return  # ConnectionClosed
+            if c.phase == IDLE:  # a pipelined request, already buffered
+                c.phase = RECEIVING
+                c.since = conns.tick
+            if not await self._exchange(conn, stream, peer, event, c):
+                return
+            if conn.our_state is h11.MUST_CLOSE:
+                return
             try:
-                with idle:
-                    data = await stream.receive_some(RECV_BYTES)
-            finally:
-                self.connections.idle.discard(idle)
-            if idle.cancelled_caught:
-                return None
-            conn.receive_data(data)
-            ctx.receiving = True
-            ctx.timer.deadline = trio.current_time() + self.config.request_timeout_s
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
 
-    async def _next(self, conn: h11.Connection, stream: trio.abc.Stream, once: bool = False):
-        """The next h11 event, reading as needed; None when the peer is gone. With
-        `once`, NEED_DATA is returned instead of read for."""
+    async def _next(self, conn: h11.Connection, stream: trio.abc.Stream):
+        """The next h11 event, reading as needed; None when the peer is gone."""
         while True:
             try:
                 event = conn.next_event()
@@ -155,8 +182,6 @@ class HttpServer:
                     _hint(exc.error_status_hint), f"bad HTTP request: {exc}"))
                 return None
             if event is h11.NEED_DATA:
-                if once:
-                    return event
                 if conn.they_are_waiting_for_100_continue:
                     await stream.send_all(conn.send(h11.InformationalResponse(
                         status_code=100, headers=[])))
@@ -166,19 +191,13 @@ class HttpServer:
                 return None
             return event
 
-    async def _exchange(self, conn, stream, peer: str, event, ctx: _Context) -> bool:
+    async def _exchange(self, conn, stream, peer: str, event, c: _Conn) -> bool:
         """Read one request, answer it. False: the connection must close now."""
-        if type(event) is not h11.Request:
-            return False
-        timer = ctx.timer
-        if not ctx.receiving:  # a pipelined request, already buffered
-            ctx.receiving = True
-            timer.deadline = trio.current_time() + self.config.request_timeout_s
         headers = dict(event.headers)
         target = event.target
         path, _, query = target.partition(b"?")
         method = event.method
-        origin = ctx.origin = headers.get(b"origin")
+        origin = c.origin = headers.get(b"origin")
         upgrade = self.upgrades.get(path) if b"upgrade" in headers else None
         try:
             if len(target) + sum(map(len, headers)) + sum(map(len, headers.values())) \
@@ -198,8 +217,9 @@ class HttpServer:
                 body = await self._body(conn, stream, method, headers)
                 if body is None:
                     return False
-                ctx.receiving = False
-                timer.deadline = math.inf  # handling: the writer's waits are bounded
+                if c.scope.cancel_called:  # timed out or drained as the body arrived:
+                    return await self._refuse(conn, stream, c)  # honestly, nothing stored
+                c.phase = HANDLING  # from here the request is always answered
                 ip = client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted)
                 response = await handler(Request(method, path, query, headers, body, ip))
         except ApiError as exc:
@@ -207,11 +227,20 @@ class HttpServer:
         except Exception:
             log.exception("unhandled error on %s %s", method.decode(), path.decode("latin-1"))
             response = Response(500, INTERNAL)
-        timer.deadline = trio.current_time() + self.config.request_timeout_s
         if conn.their_state is h11.SEND_BODY and response.status not in (413, 431):
+            if c.phase == HANDLING:  # reading again: the receive timeout applies
+                c.phase = RECEIVING
+                c.since = self.connections.tick
             await self._discard_body(conn, stream)  # keep the connection usable
-        ctx.receiving = False
+        c.phase = SENDING
+        c.since = self.connections.tick
         return await self._respond(conn, stream, response, origin, method == b"HEAD")
+
+    async def _refuse(self, conn, stream, c: _Conn) -> bool:
+        """Answer a request the sweeper or drain cancelled before it reached its handler."""
+        with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
+            await self._send_error(conn, stream, c.why or UNAVAILABLE, c.origin)
+        return False
 
     async def _discard_body(self, conn, stream) -> None:
         left = self.config.max_request_bytes
@@ -254,7 +283,7 @@ class HttpServer:
 
     async def _respond(self, conn, stream, response: Response, origin,
                        head: bool = False) -> bool:
-        headers = [(b"date", self.date()), (b"server", SERVER)]
+        headers = [(b"date", self.date())]
         if response.content_type:
             headers.append((b"content-type", response.content_type))
         headers.append((b"content-length", b"%d" % len(response.body)))

@@ -194,6 +194,12 @@ def _context_parts(ip: str, user_agent: str | None) -> tuple[str, str]:
     return "{" + joined + "}", "{" + joined + ","
 
 
+@functools.lru_cache(maxsize=4096)
+def enricher(ip: str, user_agent: str | None) -> ContextEnricher:
+    """The (immutable) enricher for requests without a batch-level context."""
+    return ContextEnricher(RequestMeta(0, ip, user_agent))
+
+
 class ContextEnricher:
     """Adds `ip` and `userAgent` to each event's context unless the client set them.
 

@@ -25,6 +25,7 @@ from triolytics.capture import (
     decode_batch,
     decode_error,
     decode_event,
+    enricher,
     to_row,
 )
 from triolytics.config import Config
@@ -50,11 +51,6 @@ class Rejected(msgspec.Struct):
     code: str
     message: str
     field: str | None = None
-
-
-class CaptureReply(msgspec.Struct):
-    ok: bool
-    id: str
 
 
 class SegmentReply(msgspec.Struct, omit_defaults=True):
@@ -85,12 +81,17 @@ def header_write_key(headers: dict[bytes, bytes]) -> str | None:
 
 def decode_body(headers: dict[bytes, bytes], body: bytes, config: Config) -> bytes:
     """Undo Content-Encoding (identity or gzip, capped) and check the media type."""
-    media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    media = headers.get(b"content-type", b"")
+    if media != b"application/json":  # else the common case, decided in one comparison
+        media = media.split(b";", 1)[0].strip().lower()
     if media not in JSON_TYPES:
         raise ApiError("unsupported_media_type",
                        f"Content-Type {media.decode('latin-1')!r} is not JSON; "
                        "send application/json or text/plain")
-    encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+    encoding = headers.get(b"content-encoding")
+    if encoding is None:
+        return body
+    encoding = encoding.strip().lower()
     if encoding == b"identity":
         return body
     if encoding not in (b"gzip", b"x-gzip"):
@@ -149,12 +150,11 @@ class Collector:
         ev = decode_event(body)
         if not key:
             project = self.project(ev.writeKey)
-        row = to_row(ev, project, meta, ContextEnricher(meta), kind=kind)
-        client = [ev.messageId is not None and ev.messageId != ""]
-        if kind is None:
-            return Accepted([row], client, 201, _ENCODE.encode(CaptureReply(True, row.message_id)))
-        return Accepted([row], client, 200,
-                        _ENCODE.encode(SegmentReply(True, id=row.message_id)))
+        row = to_row(ev, project, meta, enricher(meta.ip, meta.user_agent), kind=kind)
+        quoted = _ENCODE.encode(row.message_id)
+        if kind is None:  # {"ok":true,"id":"..."}
+            return Accepted([row], [bool(ev.messageId)], 201, b'{"ok":true,"id":%b}' % quoted)
+        return Accepted([row], [bool(ev.messageId)], 200, b'{"success":true,"id":%b}' % quoted)
 
     def batch(self, headers: dict[bytes, bytes], body: bytes, meta: RequestMeta) -> Accepted:
         """`POST /v1/batch`: `{"batch": [...], "context"?, "sentAt"?, "writeKey"?}`."""

@@ -270,8 +270,13 @@ class HttpServer:
         chunks = []
         size = 0
         while True:
-            event = await self._next(conn, stream)
-            if event is None:
+            try:  # the body is usually buffered already: no coroutine call per event
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                event = h11.NEED_DATA  # let _next answer it
+            if event is h11.NEED_DATA:
+                event = await self._next(conn, stream)
+            if event is None or type(event) is h11.ConnectionClosed:
                 return None
             if type(event) is h11.EndOfMessage:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

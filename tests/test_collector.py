@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+from seed_examples import CURL_BODY
 
 from triolytics.capture import RequestMeta
 from triolytics.collector import BatchRejected, Collector
@@ -21,15 +22,6 @@ META = RequestMeta(RECEIVED, "198.51.100.4", "curl/8.5.0")
 JSON_HEADERS = {b"content-type": b"application/json", b"x-write-key": KEY.encode()}
 
 # The Collector document's three examples, as the bytes each client puts on the wire.
-CURL_BODY = b"""{
-    "type": "track",
-    "event": "Button Clicked",
-    "anonymousId": "550e8400-e29b-41d4-a716-446655440000",
-    "properties": {
-      "button_id": "signup_hero",
-      "color": "blue"
-    }
-  }"""
 # JSON.stringify(payload) in a browser (navigator.userAgent / navigator.language filled in).
 UA = "Mozilla/5.0 (X11; Linux x86_64; rv:126.0) Gecko/20100101 Firefox/126.0"
 FETCH_BODY = ('{"type":"track","event":"Added to Cart","anonymousId":"user-session-id-123",'

@@ -24,6 +24,7 @@ import h11
 import pytest
 import requests
 import trio
+from seed_examples import CURL_BODY
 
 from triolytics import cli
 from triolytics.app import Bound, serve
@@ -160,15 +161,6 @@ async def raw_exchange(port: int, data: bytes, method: bytes = b"POST") -> RawRe
 
 # --- the Collector document's three examples, verbatim
 
-CURL_BODY = b"""{
-    "type": "track",
-    "event": "Button Clicked",
-    "anonymousId": "550e8400-e29b-41d4-a716-446655440000",
-    "properties": {
-      "button_id": "signup_hero",
-      "color": "blue"
-    }
-  }"""
 
 
 async def test_curl_example_byte_for_byte(tmp_path):

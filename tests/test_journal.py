@@ -148,13 +148,3 @@ def test_release_never_deletes_current(journal):
     assert [p for p, _ in journal.records(Position(4, 0))][-1] == b"still writable"
 
 
-def test_backlog_bytes(journal):
-    assert journal.backlog_bytes(Position(0, 0)) == 0
-    ends = [journal.append([r]) for r in payloads(10)]
-    total = 10 * 38
-    assert journal.backlog_bytes(Position(0, 0)) == total
-    assert journal.backlog_bytes(Position(1, 0)) == total
-    for k, end in enumerate(ends):
-        assert journal.backlog_bytes(end) == total - 38 * (k + 1)
-    journal.release(ends[6])
-    assert journal.backlog_bytes(ends[6]) == 3 * 38

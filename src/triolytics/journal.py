@@ -177,17 +177,6 @@ class Journal:
             for payload, end in scan(data, begin):
                 yield payload, Position(segment, end)
 
-    def backlog_bytes(self, loaded: Position) -> int:
-        """Journal bytes after `loaded` (written, not yet in DuckDB)."""
-        if loaded.segment == self.segment:
-            return self.offset - loaded.offset
-        total = self.offset
-        for segment in self.segments():
-            if loaded.segment <= segment < self.segment:
-                size = self.path(segment).stat().st_size
-                total += size - (loaded.offset if segment == loaded.segment else 0)
-        return total
-
     def release(self, loaded: Position) -> int:
         """Delete segments wholly before `loaded`; returns how many."""
         removed = 0

@@ -106,8 +106,8 @@ class Writer:
         if end != self._loaded or batch:
             self.store.load(batch, end)
             replayed += len(batch)
-        self._loaded = self.journal.position if end == self._loaded else end
-        self.journal.release(self._loaded)
+        self._loaded = end
+        self.journal.release(end)
         now = time_ns() // 1000
         window = self.config.dedup_window_s * 1_000_000
         self.dedup.remember(self.store.recent_ids(now - window, self.config.dedup_max_ids), now)

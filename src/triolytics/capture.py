@@ -26,7 +26,7 @@ TYPES = frozenset({"track", "page", "identify", "screen", "group", "alias"})
 Id = str | int  # Segment SDKs send numeric user ids too; stored as text
 
 
-class WireEvent(msgspec.Struct):
+class WireEvent(msgspec.Struct, gc=False):  # holds no containers: no cycles to collect
     type: str | None = None
     event: str | None = None
     name: str | None = None
@@ -64,7 +64,7 @@ class WireBatchEvents(msgspec.Struct):
     writeKey: str | None = None
 
 
-class RequestMeta(msgspec.Struct):
+class RequestMeta(msgspec.Struct, gc=False):
     """What the I/O layer knows about the request, beyond its body."""
 
     received_at: int  # µs since epoch

@@ -171,11 +171,13 @@ class Collector:
                            f"{self.config.max_batch_events} (max_batch_events)", field="$.batch")
         rejected: list[Rejected] = []
         if isinstance(envelope, WireBatchEvents):
-            events = list(enumerate(items))
+            events = enumerate(items)  # no (index, event) tuples to allocate and collect
+            decoded = items
         else:
             events = self._decode_each(items, rejected)
+            decoded = [e for _, e in events]
         if not key:
-            key = envelope.writeKey or next((e.writeKey for _, e in events if e.writeKey), None)
+            key = envelope.writeKey or next((e.writeKey for e in decoded if e.writeKey), None)
             project = self.project(key)
         enrich = ContextEnricher(meta, envelope.context, "$.context")
         rows: list[Row] = []

@@ -2,10 +2,13 @@
 
     serve(config, task_status)
     └─ root nursery
-       ├─ writer            journal + DuckDB; exits last (final load on shutdown)
-       └─ service
-          ├─ acceptors      one per listening socket; cancelled first on shutdown
-          └─ handlers       one task per connection; get `shutdown_grace_s` to finish
+       ├─ signal watcher    SIGINT/SIGTERM: drain; a second one cancels `service`
+       ├─ writer            journal (+ Syncer thread) and DuckDB loads; exits last
+       └─ service           (cancel scope)
+          └─ listener
+             ├─ timers      the sweeper: idle and request timeouts of all connections
+             ├─ acceptors   one per listening socket; cancelled first on shutdown
+             └─ handlers    one task per connection; get `shutdown_grace_s` to finish
 
 Start-up (before listening): open the store, replay the journal's unloaded suffix,
 register write keys, write `<data_dir>/server.json` so the CLI can find us.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -292,7 +291,7 @@ def test_client_ids_flags():
     got = batch({"batch": items})
     assert got.client_ids == [True, False, True, False]
     assert [r.message_id for r in got.rows][0::2] == ["m0", "m3"]
-    assert uuid.UUID(got.rows[1].message_id).version == 4
+    assert got.rows[1].message_id is None  # DuckDB makes it at load (see test_store)
     assert capture(json.dumps({**EVENT, "messageId": "x"}).encode()).client_ids == [True]
     assert capture(json.dumps(EVENT).encode()).rows[0].message_id != "x"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import pytest
 
@@ -152,3 +153,13 @@ def test_recent_ids(store):
     got = store.recent_ids(T0, 2)
     assert got == [(dedup_key(r.project, r.message_id), r.received_at) for r in rows[4:]]
     assert store.recent_ids(T0 + 10_000_000, 100) == []
+
+
+def test_rows_without_message_id_get_a_uuid_at_load(store):
+    store.load([make_row(1)._replace(message_id=None), make_row(2)._replace(message_id=None),
+                make_row(3)], Position(1, 10))
+    ids = [r[0] for r in store.conn.execute(
+        "SELECT message_id FROM events ORDER BY received_at").fetchall()]
+    assert ids[2] == "m3"
+    assert len(set(ids[:2])) == 2
+    assert all(uuid.UUID(i).version == 4 for i in ids[:2])

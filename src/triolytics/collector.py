@@ -186,7 +186,7 @@ class Collector:
         for i, ev in events:
             try:
                 rows.append(to_row(ev, project, meta, enrich, sent_at=sent_at,
-                                   integrations=integrations))
+                                   integrations=integrations, make_id=False))
             except ApiError as exc:  # its field path is relative to the event
                 field = f"$.batch[{i}]" + (exc.field or "$")[1:]
                 rejected.append(Rejected(i, exc.code, exc.message, field))

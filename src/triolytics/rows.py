@@ -20,7 +20,7 @@ import msgspec
 
 
 class Row(NamedTuple):
-    message_id: str
+    message_id: str | None  # None: DuckDB makes a UUID at load
     project: str
     channel: str  # "http", "ws" or "system"
     type: str

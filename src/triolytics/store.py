@@ -29,6 +29,9 @@ _ARROW_TYPES = {
 }
 ARROW_SCHEMA = pa.schema([(name, _ARROW_TYPES[sql]) for name, sql in COLUMNS.items()])
 _ROW_TYPE = pa.struct(list(ARROW_SCHEMA))
+# Rows arrive without a message id when the client sent none and no answer needed one.
+_SELECT = ", ".join(["coalesce(message_id, CAST(uuid() AS VARCHAR))"]
+                    + [f'"{name}"' for name in list(COLUMNS)[1:]])
 
 
 class KeyInfo(msgspec.Struct):
@@ -78,7 +81,7 @@ class Store:
         try:
             if rows:
                 batch = rows_to_arrow(rows)  # noqa: F841 (read by name in the SQL below)
-                c.execute("INSERT INTO events SELECT * FROM batch")
+                c.execute(f"INSERT INTO events SELECT {_SELECT} FROM batch")
             c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
             c.execute("COMMIT")
         except BaseException:

@@ -195,6 +195,31 @@ async def test_keep_alive_two_requests_on_one_connection(nursery, fake_server, a
     assert fake.calls == [b"/hello", b"/echo"]
 
 
+async def test_cached_response_heads_follow_length_origin_and_date(nursery, fake_server,
+                                                                   autojump_clock):
+    """Plain heads are reused within a second; a head must still carry this response's
+    length, its CORS headers when there is an Origin, and the current date."""
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        a = await client.request(b"POST", b"/echo", body=b"ping")
+        b = await client.request(b"POST", b"/echo", body=b"ping")  # the cached head
+        c = await client.request(b"POST", b"/echo", body=b"longer body")
+        d = await client.request(b"POST", b"/echo", body=b"ping",
+                                 headers=[(b"origin", b"https://site.example")])
+        e = await client.request(b"POST", b"/echo", body=b"ping")
+    assert [r.header(b"content-length") for r in (a, b, c, d, e)] == \
+        [b"4", b"4", b"11", b"4", b"4"]
+    assert (b.body, c.body) == (b"ping", b"longer body")
+    assert d.header(b"access-control-allow-origin") == b"https://site.example"
+    assert e.header(b"access-control-allow-origin") is None
+    later = b"Thu, 01 Jan 2099 00:00:00 GMT"
+    server.date = lambda: later  # a new second: the cache must not serve a stale date
+    with trio.fail_after(10):
+        f = await client.request(b"POST", b"/echo", body=b"ping")
+    assert f.header(b"date") == b"Thu, 01 Jan 2099 00:00:00 GMT"
+
+
 async def test_client_connection_close_is_honoured(nursery, fake_server, autojump_clock):
     server, _ = fake_server
     client = open_client(nursery, server)

@@ -46,6 +46,8 @@ REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _NO_BODY_OK = {b"GET", b"HEAD", b"OPTIONS", b"DELETE"}
 INTERNAL = b'{"error":{"code":"internal","message":"internal error; see the server log"}}'
 IDLE, RECEIVING, HANDLING, SENDING = range(4)
+HEAD_CACHE_SIZE = 64  # distinct plain response heads kept per second
+_END = h11.EndOfMessage()
 
 
 class _Conn:
@@ -111,6 +113,8 @@ class HttpServer:
         self.trusted = parse_networks(config.trusted_proxies)
         self.date = DateHeader()
         self.connections = Connections(config.keepalive_timeout_s, config.request_timeout_s)
+        self._heads: dict[tuple, h11.Response] = {}  # plain response heads, this second
+        self._heads_date = b""
 
     async def sweep(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the timeouts (forever; cancel to stop)."""
@@ -288,7 +292,32 @@ class HttpServer:
 
     async def _respond(self, conn, stream, response: Response, origin,
                        head: bool = False) -> bool:
-        headers = [(b"date", self.date())]
+        close = conn.their_state is not h11.DONE or self.connections.draining
+        try:
+            data = conn.send(self._head(response, origin, close))
+            if response.body and not head:  # HEAD: same headers, no body
+                data += conn.send(h11.Data(data=response.body))
+            data += conn.send(_END)
+        except h11.LocalProtocolError:
+            return False
+        await stream.send_all(data)
+        return True
+
+    def _head(self, response: Response, origin: bytes | None, close: bool) -> h11.Response:
+        """The response head. Plain heads (no extra headers, no CORS) are cached for the
+        current second: h11 validates a head when it is built, which costs as much as
+        the rest of sending it, and a busy server sends the same few heads all second."""
+        date = self.date()
+        plain = not response.headers and origin is None
+        if plain:
+            if date is not self._heads_date:
+                self._heads.clear()
+                self._heads_date = date
+            key = (response.status, len(response.body), response.content_type, close)
+            cached = self._heads.get(key)
+            if cached is not None:
+                return cached
+        headers = [(b"date", date)]
         if response.content_type:
             headers.append((b"content-type", response.content_type))
         headers.append((b"content-length", b"%d" % len(response.body)))
@@ -296,18 +325,13 @@ class HttpServer:
             headers.extend(response.headers)
         if origin is not None:
             headers.extend(self.cors.headers(origin))
-        if conn.their_state is not h11.DONE or self.connections.draining:
+        if close:
             headers.append((b"connection", b"close"))
-        try:
-            data = conn.send(h11.Response(status_code=response.status, headers=headers,
-                                          reason=REASONS.get(response.status, b"")))
-            if response.body and not head:  # HEAD: same headers, no body
-                data += conn.send(h11.Data(data=response.body))
-            data += conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            return False
-        await stream.send_all(data)
-        return True
+        built = h11.Response(status_code=response.status, headers=headers,
+                             reason=REASONS.get(response.status, b""))
+        if plain and len(self._heads) < HEAD_CACHE_SIZE:
+            self._heads[key] = built
+        return built
 
     async def _send_error(self, conn, stream, exc: ApiError, origin: bytes | None = None) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -845,3 +845,12 @@ async def test_request_timeout_while_the_writer_is_slow_is_not_a_lie(tmp_path,
             gate.set()
     stored = writer.stats.journaled_rows
     assert (reply.status, stored) == (201, 1)
+
+
+def test_header_dict_matches_h11s_public_iteration():
+    from triolytics.http_server import header_dict
+    request = h11.Request(method=b"GET", target=b"/", headers=[
+        (b"Host", b"a"), (b"X-Write-Key", b"k1"), (b"x-write-key", b"k2"),
+        (b"Content-Type", b"application/json")])
+    assert header_dict(request.headers) == dict(request.headers)
+    assert header_dict(request.headers)[b"x-write-key"] == b"k2"

@@ -50,6 +50,13 @@ HEAD_CACHE_SIZE = 64  # distinct plain response heads kept per second
 _END = h11.EndOfMessage()
 
 
+def _head_size(target: bytes, headers: dict[bytes, bytes]) -> int:
+    """A parsed head's size (near enough: separators not counted). Only computed when
+    more than `max_header_bytes` arrived with the head, so the limit is exact without
+    costing the common request anything."""
+    return len(target) + sum(map(len, headers)) + sum(map(len, headers.values()))
+
+
 def header_dict(headers: h11._headers.Headers) -> dict[bytes, bytes]:
     """Lower-cased name -> value (the last one wins). Iterating h11's `Headers` goes
     through the generic Sequence protocol, an item at a time; its list of (raw name,
@@ -63,7 +70,7 @@ def header_dict(headers: h11._headers.Headers) -> dict[bytes, bytes]:
 class _Conn:
     """What the sweeper and `drain()` need to know about one connection."""
 
-    __slots__ = ("scope", "phase", "since", "origin", "why")
+    __slots__ = ("scope", "phase", "since", "origin", "why", "head_bytes")
 
     def __init__(self, tick: int) -> None:
         self.scope = trio.CancelScope()
@@ -71,6 +78,7 @@ class _Conn:
         self.since = tick  # sweeper tick at which `phase` began
         self.origin: bytes | None = None  # of the request being received (for a 408)
         self.why: ApiError | None = None  # the answer owed if cancelled mid-request
+        self.head_bytes = 0
 
 
 class Connections:
@@ -158,6 +166,7 @@ class HttpServer:
             c.phase = IDLE
             c.since = conns.tick
             c.origin = None
+            c.head_bytes = 0  # read for this head; 0: it was already buffered (pipelined)
             while True:  # the next request's head
                 try:
                     event = conn.next_event()
@@ -168,6 +177,7 @@ class HttpServer:
                 if event is not h11.NEED_DATA:
                     break
                 data = await stream.receive_some(RECV_BYTES)
+                c.head_bytes += len(data)
                 if c.phase == IDLE:
                     c.phase = RECEIVING
                     c.since = conns.tick
@@ -214,8 +224,8 @@ class HttpServer:
         origin = c.origin = headers.get(b"origin")
         upgrade = self.upgrades.get(path) if b"upgrade" in headers else None
         try:
-            if len(target) + sum(map(len, headers)) + sum(map(len, headers.values())) \
-                    > self.config.max_header_bytes:
+            if not 0 < c.head_bytes <= self.config.max_header_bytes and \
+                    _head_size(target, headers) > self.config.max_header_bytes:
                 raise ApiError("header_too_large", "request head exceeds max_header_bytes")
             if upgrade is not None:
                 request = Request(method, path, query, headers, b"",
@@ -226,7 +236,7 @@ class HttpServer:
                 response = self._options(Request(method, path, query, headers, b"", peer))
             else:
                 handler = route(self.routes, method, path)
-                if not self.cors.allowed(origin):
+                if origin is not None and not self.cors.allowed(origin):
                     raise ApiError("forbidden_origin", "origin not allowed")
                 body = await self._body(conn, stream, method, headers)
                 if body is None:

@@ -15,8 +15,8 @@ from time import time_ns
 
 import msgspec
 
-from triolytics.capture import RequestMeta
-from triolytics.collector import SEGMENT_TYPES, Collector
+from triolytics.capture import TYPES, RequestMeta
+from triolytics.collector import Collector
 from triolytics.errors import ApiError
 from triolytics.web import Handler, Request, Response, Routes
 from triolytics.writer import Writer
@@ -53,7 +53,7 @@ class Api:
             b"/admin/keys/revoke": {b"POST": self.revoke_key},
             b"/admin/stats": {b"GET": self.stats},
         }
-        for kind in SEGMENT_TYPES:
+        for kind in TYPES:
             routes[b"/v1/" + kind.encode()] = {b"POST": self._typed(kind)}
         for short, kind in SHORT_NAMES.items():
             routes[b"/v1/" + short.encode()] = {b"POST": self._typed(kind)}

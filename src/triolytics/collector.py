@@ -23,7 +23,6 @@ from triolytics.capture import (
     WireBatchEvents,
     WireEvent,
     decode_batch,
-    decode_error,
     decode_event,
     enricher,
     to_row,
@@ -32,7 +31,6 @@ from triolytics.config import Config
 from triolytics.errors import ApiError, ErrorBody
 from triolytics.rows import Row
 
-SEGMENT_TYPES = frozenset({"track", "page", "identify", "screen", "group", "alias"})
 JSON_TYPES = frozenset({b"", b"application/json", b"text/plain"})
 _ENCODE = msgspec.json.Encoder()
 
@@ -224,7 +222,3 @@ class BatchRejected(ApiError):
 
     def as_body(self) -> bytes:
         return _ENCODE.encode(BatchFailure(self.detail(), self.rejected))
-
-
-__all__ = ["Accepted", "BatchRejected", "Collector", "decode_body", "decode_error",
-           "header_write_key", "SEGMENT_TYPES"]

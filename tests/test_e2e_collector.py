@@ -809,3 +809,43 @@ async def test_every_example_survives_a_restart(tmp_path):
         pass
     assert stored(tmp_path) == before
     assert uuid.UUID(before[0]["message_id"]).version == 4
+
+
+def _query(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["query", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+async def test_query_cli_while_the_server_runs_and_after(tmp_path, capsys):
+    data = ["--data", str(tmp_path)]
+    sql = "SELECT event, user_id FROM events ORDER BY event"
+    run = partial(trio.to_thread.run_sync, _query, capsys)
+    async with running(tmp_path) as server:
+        reply = await server.post("/v1/batch", headers=AUTH, json={"batch": [
+            {"type": "track", "event": "A", "userId": "u1"},
+            {"type": "track", "event": "B", "userId": "u2"}]})
+        assert reply.status_code == 200
+        await trio.sleep(1.5)  # the load interval: then the rows are in DuckDB
+        live = await run("--json", sql, *data)
+        refused = await run("DELETE FROM events", *data)
+        two = await run("SELECT 1; SELECT 2", *data)
+        capped = await run("--json", "--max-rows", "1", sql, *data)
+    assert live[0] == 0 and json.loads(live[1]) == {
+        "columns": ["event", "user_id"], "rows": [["A", "u1"], ["B", "u2"]],
+        "truncated": False}
+    assert refused[0] == 1 and "read-only" in refused[2]
+    assert two[0] == 1 and "one statement" in two[2]
+    assert json.loads(capped[1])["rows"] == [["A", "u1"]]
+    assert json.loads(capped[1])["truncated"] is True
+    code, out, _ = _query(capsys, sql, *data)  # the server has stopped: read the file
+    assert code == 0
+    assert out.splitlines() == ["event\tuser_id", "A\tu1", "B\tu2"]
+    assert len(stored(tmp_path)) == 2  # the refused DELETE changed nothing
+
+
+async def test_admin_query_needs_the_token(tmp_path):
+    async with running(tmp_path) as server:
+        anonymous = await server.post("/admin/query", json={"sql": "SELECT 1"},
+                                      headers=JSON_CT)
+    assert anonymous.status_code == 401

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from time import time_ns
 
 import msgspec
+import trio
 
 from triolytics.capture import TYPES, RequestMeta
 from triolytics.collector import Collector
 from triolytics.errors import ApiError
+from triolytics.store import QueryError, QueryResult
 from triolytics.web import Handler, Request, Response, Routes
 from triolytics.writer import Writer
 
@@ -34,9 +36,15 @@ class KeyRevoke(msgspec.Struct, forbid_unknown_fields=True):
     key: str
 
 
+class QueryBody(msgspec.Struct, forbid_unknown_fields=True):
+    sql: str
+    max_rows: int | None = None
+
+
 class Api:
     def __init__(self, collector: Collector, writer: Writer, admin_token: str,
                  clock: Callable[[], int] = time_ns) -> None:
+        self.max_query_rows = collector.config.max_query_rows
         self.collector = collector
         self.writer = writer
         self.admin_token = admin_token.encode()
@@ -52,6 +60,7 @@ class Api:
             b"/admin/keys": {b"GET": self.list_keys, b"POST": self.create_key},
             b"/admin/keys/revoke": {b"POST": self.revoke_key},
             b"/admin/stats": {b"GET": self.stats},
+            b"/admin/query": {b"POST": self.query},
         }
         for kind in TYPES:
             routes[b"/v1/" + kind.encode()] = {b"POST": self._typed(kind)}
@@ -124,6 +133,20 @@ class Api:
         self.collector.keys.pop(body.key, None)
         return Response(200, msgspec.json.encode({"revoked": body.key}))
 
+    async def query(self, req: Request) -> Response:
+        """One read-only SQL statement against the events (the server alone may open the
+        DuckDB file while it runs). Runs on its own cursor, beside loads."""
+        self._admin(req)
+        body = _decode(req.body, QueryBody)
+        limit = min(body.max_rows or self.max_query_rows, self.max_query_rows)
+        store = self.writer.store
+        cursor = await self.writer.run_store(store.cursor)
+        try:
+            result = await trio.to_thread.run_sync(store.query, body.sql, limit, cursor)
+        except QueryError as exc:
+            raise ApiError("bad_request", str(exc), field="$.sql") from None
+        return Response(200, encode_result(result))
+
     async def stats(self, req: Request) -> Response:
         self._admin(req)
         return Response(200, msgspec.json.encode(self.writer.stats.snapshot()))
@@ -136,3 +159,8 @@ def _decode(body: bytes, type_: type):
         raise ApiError("bad_request", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError("invalid_json", str(exc)) from None
+
+
+def encode_result(result: QueryResult) -> bytes:
+    """JSON for a query result; values JSON has no type for (Decimal, UUID, ...) as text."""
+    return msgspec.json.encode(result, enc_hook=str)

@@ -1,7 +1,7 @@
-"""The `triolytics` command: `serve`, and `keys create|list|revoke`.
+"""The `triolytics` command: `serve`, `keys create|list|revoke`, and `query SQL`.
 
-`keys` talks to the running server when there is one (the server alone may write the
-DuckDB file); otherwise it opens the file itself.
+`keys` and `query` talk to the running server when there is one (the server alone may
+open the DuckDB file); otherwise they open the file themselves.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     kr.add_argument("key")
     for sp in (kc, kr, ks.choices["list"]):
         sp.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS)
+    q = sub.add_parser("query", help="run one read-only SQL statement on the stored events")
+    q.add_argument("sql", help="e.g. \"SELECT type, count(*) FROM events GROUP BY ALL\"")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.add_argument("--max-rows", type=int, help="at most this many rows (max_query_rows)")
+    q.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS)
     return p
 
 
@@ -66,7 +71,46 @@ def main(argv: list[str] | None = None) -> int:
         from triolytics.app import serve
         trio.run(lambda: serve(config, handle_signals=True))
         return 0
+    if args.command == "query":
+        return _query(args, config)
     return _keys(args, config)
+
+
+def _query(args: argparse.Namespace, config: Config) -> int:
+    data = Path(config.data_dir)
+    limit = min(args.max_rows or config.max_query_rows, config.max_query_rows)
+    server = _running_server(data)
+    if server is not None:
+        token = (data / "admin.token").read_text().strip()
+        status, reply = _call(server, token, "POST", "/admin/query",
+                              {"sql": args.sql, "max_rows": limit})
+        if status != 200:
+            print(f"triolytics: {reply['error']['message']}", file=sys.stderr)
+            return 1
+    else:
+        from triolytics.api import encode_result
+        from triolytics.store import QueryError, Store
+        if not (data / "events.duckdb").exists():
+            print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
+            return 1
+        store = Store(data / "events.duckdb", read_only=True)
+        try:
+            reply = json.loads(encode_result(store.query(args.sql, limit)))
+        except QueryError as exc:
+            print(f"triolytics: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(reply))
+        return 0
+    print("\t".join(reply["columns"]))
+    for row in reply["rows"]:
+        print("\t".join("" if v is None else v if isinstance(v, str) else json.dumps(v)
+                        for v in row))
+    if reply["truncated"]:
+        print(f"(first {limit} rows)", file=sys.stderr)
+    return 0
 
 
 def _keys(args: argparse.Namespace, config: Config) -> int:

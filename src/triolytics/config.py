@@ -58,13 +58,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     trusted_proxies: list[str] = []  # peers whose X-Forwarded-For is believed (IPs or CIDRs)
     dedup_window_s: int = 86_400  # a repeated messageId within this window is not stored again
     dedup_max_ids: int = 1_000_000  # remembered ids (memory); the oldest are forgotten first
+    max_query_rows: int = 10_000  # rows one /admin/query (or `triolytics query`) returns
 
     def __post_init__(self) -> None:
         positive = ("max_connections", "journal_segment_bytes", "load_batch_rows",
                     "load_interval_ms", "duckdb_threads", "max_pending_rows", "max_unloaded_rows",
                     "max_unloaded_bytes", "max_event_bytes", "max_request_bytes",
                     "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
-                    "fsync_interval_ms", "dedup_max_ids")
+                    "fsync_interval_ms", "dedup_max_ids", "max_query_rows")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -133,3 +133,61 @@ class Store:
             "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
             "RETURNING key", [datetime.now(UTC), key]).fetchall()
         return bool(got)
+
+    # --- reading
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own for a reader: queries then run beside loads."""
+        return self.conn.cursor()
+
+    def query(self, sql: str, max_rows: int,
+              cursor: duckdb.DuckDBPyConnection | None = None) -> QueryResult:
+        """Run one read-only statement and return at most `max_rows` rows. Its
+        transaction is rolled back, so a statement that slipped past `check_read_only`
+        still changes nothing in the file."""
+        check_read_only(sql)
+        cursor = cursor or self.conn.cursor()
+        try:
+            cursor.execute("BEGIN")
+            try:
+                result = cursor.execute(sql)
+                columns = [d[0] for d in result.description or []]
+                rows = result.fetchmany(max_rows + 1)
+            finally:
+                cursor.execute("ROLLBACK")
+        except duckdb.Error as exc:
+            raise QueryError(str(exc)) from None
+        finally:
+            cursor.close()
+        return QueryResult(columns, [list(r) for r in rows[:max_rows]], len(rows) > max_rows)
+
+
+READ_ONLY_STARTS = ("select", "with", "from", "describe", "show", "summarize", "explain",
+                    "pivot", "unpivot", "values", "table")
+
+
+class QueryError(Exception):
+    pass
+
+
+class QueryResult(msgspec.Struct):
+    columns: list[str]
+    rows: list[list]
+    truncated: bool
+
+
+def check_read_only(sql: str) -> None:
+    """One statement that reads: the first word says so, and no second statement."""
+    text = sql.strip().rstrip(";").strip()
+    first = text.split(None, 1)[0].lower() if text else ""
+    if first not in READ_ONLY_STARTS:
+        raise QueryError("only one read-only statement (SELECT, WITH, DESCRIBE, SHOW, "
+                         "SUMMARIZE, EXPLAIN, ...) is allowed")
+    if ";" in text and _statements(text) > 1:
+        raise QueryError("only one statement is allowed")
+
+
+def _statements(text: str) -> int:
+    try:
+        return len(duckdb.extract_statements(text))
+    except duckdb.Error as exc:
+        raise QueryError(str(exc)) from None

@@ -32,8 +32,16 @@ good = {"type": st.sampled_from(["track", "page", "identify", "screen", "group",
                                  "nope"]),
         "timestamp": st.sampled_from(["2024-05-01T12:00:00", "2024-05-01T12:00:00+02:00",
                                       "not a date", "2024-13-45T99:99:99Z"])}
-events = st.fixed_dictionaries({}, optional={
-    f: (good.get(f, values) | values) for f in FIELDS})
+objects = st.dictionaries(st.text(max_size=5), values, max_size=3)
+plausible = {**good, "event": st.text(max_size=8), "anonymousId": st.text(max_size=8),
+             "userId": st.text(max_size=8) | st.integers(), "context": objects,
+             "properties": objects, "traits": objects, "messageId": st.text(max_size=8)}
+# A valid event with some fields replaced: plausible values mostly, anything sometimes.
+events = st.builds(
+    lambda base, changes: {**base, **changes},
+    st.just({"type": "track", "event": "E", "anonymousId": "a"}),
+    st.fixed_dictionaries({}, optional={
+        f: (plausible[f] if f in plausible else values) | values for f in FIELDS}))
 
 
 def outcome(fn, *args) -> str:
@@ -56,6 +64,17 @@ def outcome(fn, *args) -> str:
 @given(event=events)
 def test_capture_accepts_or_refuses_cleanly(event):
     outcome(COLLECTOR.capture, None, HEADERS, json.dumps(event).encode(), META)
+
+
+def test_the_generator_reaches_both_outcomes():
+    seen = set()
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(event=events)
+    def run(event):
+        seen.add(outcome(COLLECTOR.capture, None, HEADERS, json.dumps(event).encode(), META))
+    run()
+    assert seen == {"stored", "refused"}
 
 
 @settings(max_examples=150, deadline=None)

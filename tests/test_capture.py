@@ -31,7 +31,7 @@ def body(**fields) -> bytes:
 
 def row(data: bytes | dict, meta: RequestMeta = META, **kw):
     raw = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return to_row(decode_event(raw), "proj", meta, ContextEnricher(meta), **kw)
+    return to_row(decode_event(raw), "proj", meta, ContextEnricher(meta.ip, meta.user_agent), **kw)
 
 
 def refused(data, **kw) -> ApiError:
@@ -216,7 +216,8 @@ def test_batch_level_sent_at_and_event_sent_at_wins():
 
 def ctx(raw: bytes | None, meta: RequestMeta = META, batch: bytes | None = None,
         field: str = "$.context") -> dict:
-    enrich = ContextEnricher(meta, msgspec.Raw(batch) if batch else msgspec.Raw())
+    enrich = ContextEnricher(meta.ip, meta.user_agent,
+                             msgspec.Raw(batch) if batch else msgspec.Raw())
     text = enrich(msgspec.Raw(raw) if raw is not None else msgspec.Raw(), field)
     return json.loads(text)
 
@@ -275,7 +276,7 @@ def test_batch_context_merged_event_keys_win():
 
 def test_invalid_utf8_in_batch_context_is_invalid_json():
     with pytest.raises(ApiError) as info:
-        ContextEnricher(META, msgspec.Raw(b'{"a":"\xff"}'), "$.context")
+        ContextEnricher(META.ip, META.user_agent, msgspec.Raw(b'{"a":"\xff"}'), "$.context")
     assert (info.value.code, info.value.field) == ("invalid_json", "$.context")
 
 
@@ -290,12 +291,12 @@ def test_invalid_utf8_in_event_context_is_invalid_json(raw, batch):
 @pytest.mark.parametrize("batch", [b"[]", b'"x"', b"1"])
 def test_non_object_batch_context_refused(batch):
     with pytest.raises(ApiError) as info:
-        ContextEnricher(META, msgspec.Raw(batch), "$.context")
+        ContextEnricher(META.ip, META.user_agent, msgspec.Raw(batch), "$.context")
     assert (info.value.code, info.value.field) == ("invalid_event", "$.context")
 
 
 def test_null_batch_context_is_absent():
-    enrich = ContextEnricher(META, msgspec.Raw(b"null"))
+    enrich = ContextEnricher(META.ip, META.user_agent, msgspec.Raw(b"null"))
     assert json.loads(enrich(msgspec.Raw(b'{"a":1}'), "$.context")) == {**FRESH, "a": 1}
 
 

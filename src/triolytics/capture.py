@@ -125,8 +125,7 @@ def decode_error(exc: Exception, prefix: str) -> ApiError:
     if not isinstance(exc, msgspec.ValidationError):
         return ApiError("invalid_json", f"malformed JSON: {message}", field=prefix or "$")
     m = _PATH.search(message)
-    field = "$" + prefix[1:] + (m.group(1) if m else "") if prefix else \
-        "$" + (m.group(1) if m else "")
+    field = (prefix or "$") + (m.group(1) if m else "")
     return ApiError("invalid_event", _PATH.sub("", message), field=field)
 
 
@@ -183,35 +182,36 @@ def _decode_any(raw: msgspec.Raw, field: str) -> object:
         raise decode_error(exc, field) from None
 
 
+def enricher_for(meta: RequestMeta, batch_context: msgspec.Raw = NO_JSON) -> ContextEnricher:
+    """The enricher for one request: shared per (ip, user agent) unless the request
+    brings a batch-level context to merge."""
+    if _absent(batch_context):
+        return _plain_enricher(meta.ip, meta.user_agent)
+    return ContextEnricher(meta.ip, meta.user_agent, batch_context)
+
+
 @functools.lru_cache(maxsize=4096)  # (ip, user agent) pairs: most requests repeat one
-def _context_parts(ip: str, user_agent: str | None) -> tuple[str, str]:
-    """The context to store when the client sent none, and the prefix spliced into one
-    it did send."""
-    items = [b'"ip":' + _JSON.encode(ip)]
-    if user_agent:
-        items.append(b'"userAgent":' + _JSON.encode(user_agent))
-    joined = b",".join(items).decode()
-    return "{" + joined + "}", "{" + joined + ","
-
-
-@functools.lru_cache(maxsize=4096)
-def enricher(ip: str, user_agent: str | None) -> ContextEnricher:
-    """The (immutable) enricher for requests without a batch-level context."""
-    return ContextEnricher(RequestMeta(0, ip, user_agent))
+def _plain_enricher(ip: str, user_agent: str | None) -> ContextEnricher:
+    return ContextEnricher(ip, user_agent)
 
 
 class ContextEnricher:
     """Adds `ip` and `userAgent` to each event's context unless the client set them.
 
-    Built once per request. Without a batch-level context it splices bytes (the common,
-    cheap case); with one, it merges objects (the batch's keys lose to the event's).
+    Without a batch-level context it splices text (the common, cheap case); with one, it
+    merges objects (the batch's keys lose to the event's). Immutable once built.
     """
 
-    def __init__(self, meta: RequestMeta, batch_context: msgspec.Raw = NO_JSON,
+    def __init__(self, ip: str, user_agent: str | None, batch_context: msgspec.Raw = NO_JSON,
                  field: str = "$.context") -> None:
-        self.ip = meta.ip
-        self.ua = meta.user_agent
-        self.fresh, self.prefix = _context_parts(meta.ip, meta.user_agent)
+        self.ip = ip
+        self.ua = user_agent
+        items = [b'"ip":' + _JSON.encode(ip)]
+        if user_agent:
+            items.append(b'"userAgent":' + _JSON.encode(user_agent))
+        joined = b",".join(items).decode()
+        self.fresh = "{" + joined + "}"  # the context of an event that sent none
+        self.prefix = "{" + joined + ","  # spliced before the rest of the event's own
         self.base: dict | None = None
         if not _absent(batch_context):
             base = _decode_any(batch_context, field)
@@ -221,13 +221,9 @@ class ContextEnricher:
 
     def __call__(self, raw: msgspec.Raw, field: str) -> str:
         if self.base is None:
-            if not raw:
+            data = _object(raw, field) if raw else None
+            if data is None:
                 return self.fresh
-            data = _text_of(raw, field)
-            if data == "null":
-                return self.fresh
-            if data[:1] != "{":
-                raise ApiError("invalid_event", "expected an object", field=field)
             rest = data[1:]
             if rest.lstrip()[:1] == "}":
                 return self.fresh

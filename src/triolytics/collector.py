@@ -18,13 +18,12 @@ from base64 import b64decode
 import msgspec
 
 from triolytics.capture import (
-    ContextEnricher,
     RequestMeta,
     WireBatchEvents,
     WireEvent,
     decode_batch,
     decode_event,
-    enricher,
+    enricher_for,
     to_row,
 )
 from triolytics.config import Config
@@ -53,7 +52,6 @@ class Rejected(msgspec.Struct):
 
 class SegmentReply(msgspec.Struct, omit_defaults=True):
     success: bool
-    id: str | None = None
     stored: int | None = None
     rejected: list[Rejected] | None = None
 
@@ -135,20 +133,24 @@ class Collector:
             raise ApiError("unknown_write_key", "unknown or revoked write key")
         return project
 
+    def _open(self, headers: dict[bytes, bytes], body: bytes) -> tuple[str | None, str, bytes]:
+        """(header key, its project, decoded body). Without a header key the project is
+        "" until the body's `writeKey` names one (the caller checks)."""
+        key = header_write_key(headers)
+        project = self.project(key) if key else ""
+        return key, project, decode_body(headers, body, self.config)
+
     def capture(self, kind: str | None, headers: dict[bytes, bytes], body: bytes,
                 meta: RequestMeta) -> Accepted:
         """`POST /v1/capture` (kind None: type from the body) and `POST /v1/<kind>`."""
-        key = header_write_key(headers)
-        if key:
-            project = self.project(key)
-        body = decode_body(headers, body, self.config)
+        key, project, body = self._open(headers, body)
         if len(body) > self.config.max_event_bytes:
             raise ApiError("payload_too_large",
                            f"event exceeds {self.config.max_event_bytes} bytes (max_event_bytes)")
         ev = decode_event(body)
         if not key:
             project = self.project(ev.writeKey)
-        row = to_row(ev, project, meta, enricher(meta.ip, meta.user_agent), kind=kind)
+        row = to_row(ev, project, meta, enricher_for(meta), kind=kind)
         quoted = _ENCODE.encode(row.message_id)
         if kind is None:  # {"ok":true,"id":"..."}
             return Accepted([row], [bool(ev.messageId)], 201, b'{"ok":true,"id":%b}' % quoted)
@@ -156,10 +158,7 @@ class Collector:
 
     def batch(self, headers: dict[bytes, bytes], body: bytes, meta: RequestMeta) -> Accepted:
         """`POST /v1/batch`: `{"batch": [...], "context"?, "sentAt"?, "writeKey"?}`."""
-        key = header_write_key(headers)
-        if key:
-            project = self.project(key)
-        body = decode_body(headers, body, self.config)
+        key, project, body = self._open(headers, body)
         envelope = decode_batch(body, self.config.max_event_bytes)
         items = envelope.batch
         if not items:
@@ -177,7 +176,7 @@ class Collector:
         if not key:
             key = envelope.writeKey or next((e.writeKey for e in decoded if e.writeKey), None)
             project = self.project(key)
-        enrich = ContextEnricher(meta, envelope.context, "$.context")
+        enrich = enricher_for(meta, envelope.context)
         rows: list[Row] = []
         client: list[bool] = []
         sent_at, integrations = envelope.sentAt, envelope.integrations

@@ -32,6 +32,7 @@ from triolytics.web import (
     Request,
     Response,
     Routes,
+    allowed_methods,
     client_ip,
     error_response,
     parse_networks,
@@ -171,8 +172,7 @@ class HttpServer:
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
-                    await self._send_error(conn, stream, ApiError(
-                        _hint(exc.error_status_hint), f"bad HTTP request: {exc}"))
+                    await self._protocol_error(conn, stream, exc)
                     return
                 if event is not h11.NEED_DATA:
                     break
@@ -202,8 +202,7 @@ class HttpServer:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._send_error(conn, stream, ApiError(
-                    _hint(exc.error_status_hint), f"bad HTTP request: {exc}"))
+                await self._protocol_error(conn, stream, exc)
                 return None
             if event is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:
@@ -280,8 +279,7 @@ class HttpServer:
             raise ApiError("not_found", f"no such endpoint: {req.path.decode('latin-1')}")
         if b"origin" in req.headers:
             return self.cors.preflight(req, list(methods))
-        allow = b", ".join(sorted({*methods, b"OPTIONS"}))
-        return Response(204, b"", [(b"allow", allow)], content_type=b"")
+        return Response(204, b"", [(b"allow", allowed_methods(methods))], content_type=b"")
 
     async def _body(self, conn, stream, method: bytes, headers: dict) -> bytes | None:
         limit = self.config.max_request_bytes
@@ -353,6 +351,12 @@ class HttpServer:
             self._heads[key] = built
         return built
 
+    async def _protocol_error(self, conn, stream, exc: h11.RemoteProtocolError) -> None:
+        """Answer what h11 could not parse with the status it suggests."""
+        code = {431: "header_too_large", 413: "payload_too_large"}.get(
+            exc.error_status_hint, "bad_request")
+        await self._send_error(conn, stream, ApiError(code, f"bad HTTP request: {exc}"))
+
     async def _send_error(self, conn, stream, exc: ApiError, origin: bytes | None = None) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -371,6 +375,3 @@ async def _linger(stream: trio.abc.Stream) -> None:
                 NotImplementedError):
             pass
 
-
-def _hint(status: int) -> str:
-    return {431: "header_too_large", 413: "payload_too_large"}.get(status, "bad_request")

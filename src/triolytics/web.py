@@ -45,13 +45,18 @@ def error_response(exc: ApiError) -> Response:
     return Response(exc.status, exc.as_body(), list(exc.headers))
 
 
+def allowed_methods(methods) -> bytes:
+    """The `Allow` (and preflight) value for a path's methods; OPTIONS always works."""
+    return b", ".join(sorted({*methods, b"OPTIONS"}))
+
+
 def route(routes: Routes, method: bytes, path: bytes) -> Handler:
     methods = routes.get(path)
     if methods is None:
         raise ApiError("not_found", f"no such endpoint: {path.decode('latin-1')}")
     handler = methods.get(method)
     if handler is None:
-        allow = b", ".join(sorted({*methods, b"OPTIONS"}))
+        allow = allowed_methods(methods)
         raise ApiError("method_not_allowed",
                        f"{method.decode('latin-1')} not allowed here; allowed: {allow.decode()}",
                        headers=((b"allow", allow),))
@@ -81,7 +86,7 @@ class Cors:
             raise ApiError("forbidden_origin", "origin not allowed")
         asked = req.headers.get(b"access-control-request-headers")
         headers = [  # the origin headers are added to every response by the server
-            (b"access-control-allow-methods", b", ".join(sorted({*methods, b"OPTIONS"}))),
+            (b"access-control-allow-methods", allowed_methods(methods)),
             (b"access-control-allow-headers", asked or self.ALLOW_HEADERS),
             (b"access-control-max-age", b"86400"),
         ]

@@ -78,7 +78,8 @@ class Writer:
         self._load_wakeup = trio.Event()
         self._unsynced: deque[_Group] = deque()  # written, waiting for a sync (in order)
         self._all_synced = trio.Event()
-        self._unloaded: deque[tuple[list[Row], Position, int]] = deque()  # rows, end, bytes
+        # Durable groups waiting for DuckDB: (their requests' row lists, end, bytes).
+        self._unloaded: deque[tuple[list[list[Row]], Position, int]] = deque()
         self._oldest_unloaded = 0.0  # trio time of the oldest row waiting for a load
         self._loaded = Position(0, 0)
         self._closing = False
@@ -258,7 +259,7 @@ class Writer:
             first = not self._unloaded
             if first:
                 self._oldest_unloaded = trio.current_time()
-            self._unloaded.append(([r for b in group.batches for r in b], group.end, group.size))
+            self._unloaded.append((group.batches, group.end, group.size))
             self.stats.unloaded_rows += group.rows
             self.stats.unloaded_bytes += group.size
             self.stats.journaled_rows += group.rows
@@ -301,8 +302,9 @@ class Writer:
         end = self._loaded
         size = 0
         while self._unloaded and len(rows) < self.config.load_batch_rows:
-            batch, end, nbytes = self._unloaded.popleft()
-            rows.extend(batch)
+            batches, end, nbytes = self._unloaded.popleft()
+            for batch in batches:  # one copy per row, here, for the whole load
+                rows.extend(batch)
             size += nbytes
         try:
             await self.run_store(self._load, rows, end)
@@ -310,7 +312,7 @@ class Writer:
             log.error("DuckDB load of %d rows failed: %s", len(rows), exc)
             self.stats.load_errors += 1
             self.healthy = False
-            self._unloaded.appendleft((rows, end, size))
+            self._unloaded.appendleft(([rows], end, size))
             if not self._drained:
                 await trio.sleep(LOAD_RETRY_S)
             return False

@@ -234,7 +234,8 @@ def stored_counts(data_dir: Path) -> dict[str, int]:
     con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
     try:
         return dict(
-            con.execute("SELECT message_id, count(*) FROM events GROUP BY message_id").fetchall()
+            con.execute("SELECT message_id, count(*) FROM events WHERE type NOT IN "
+                        "('session_start', 'session_end') GROUP BY message_id").fetchall()
         )
     finally:
         con.close()

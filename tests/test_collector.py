@@ -59,7 +59,7 @@ EVENT = {"type": "track", "event": "E", "anonymousId": "a"}
 
 def test_curl_example():
     got = capture(CURL_BODY)
-    (row,) = got.rows
+    (row,) = got.events()
     assert got.status == 201
     assert json.loads(got.body) == {"ok": True, "id": row.message_id}
     assert (row.project, row.type, row.event, row.anonymous_id) == \
@@ -67,13 +67,17 @@ def test_curl_example():
     assert json.loads(row.properties) == {"button_id": "signup_hero", "color": "blue"}
     assert json.loads(row.context) == {"ip": "198.51.100.4", "userAgent": "curl/8.5.0"}
     assert row.timestamp == row.received_at == RECEIVED
-    assert got.client_ids == [False]
+    assert got.keys == []  # a server-made id needs no dedup
+    start = got.rows[0]  # the session it opened, just before it
+    assert (start.type, start.session_id, start.anonymous_id) == \
+        ("session_start", row.session_id, row.anonymous_id)
+    assert row.session_id is not None
 
 
 def test_fetch_example():
     headers = {b"content-type": b"application/json", b"x-write-key": KEY.encode()}
     got = capture(FETCH_BODY, headers)
-    (row,) = got.rows
+    (row,) = got.events()
     assert got.status == 201
     assert json.loads(got.body) == {"ok": True, "id": row.message_id}
     assert (row.event, row.anonymous_id) == ("Added to Cart", "user-session-id-123")
@@ -87,7 +91,7 @@ def test_python_example():
                "properties": {"orderId": "ord_555", "total": 120.50, "currency": "USD"}}
     assert json.dumps(payload).encode() == PY_BODY  # what requests' json= sends
     got = capture(PY_BODY)
-    (row,) = got.rows
+    (row,) = got.events()
     assert got.status == 201
     assert json.loads(got.body) == {"ok": True, "id": row.message_id}
     assert (row.user_id, row.anonymous_id, row.event) == ("u_8823", None, "Order Completed")
@@ -103,7 +107,7 @@ def test_python_example():
     ("screen", {"name": "S"}), ("group", {"groupId": "g"}), ("alias", {"previousId": "p"})])
 def test_typed_endpoints_answer_segment_style(kind, extra):
     got = capture(json.dumps({"userId": "u", **extra}).encode(), kind=kind)
-    (row,) = got.rows
+    (row,) = got.events()
     assert got.status == 200
     assert json.loads(got.body) == {"success": True, "id": row.message_id}
     assert row.type == kind
@@ -126,14 +130,14 @@ def basic(user: str, password: str = "") -> bytes:
 def test_write_key_sources(headers, body_key, project):
     event = {**EVENT, "writeKey": body_key} if body_key else EVENT
     got = capture(json.dumps(event).encode(), {b"content-type": b"application/json", **headers})
-    assert got.rows[0].project == project
+    assert got.events()[0].project == project
 
 
 def test_batch_level_write_key():
     got = batch({"writeKey": "wk_shop", "batch": [EVENT]}, {b"content-type": b"application/json"})
-    assert got.rows[0].project == "shop"
+    assert got.events()[0].project == "shop"
     got = batch({"batch": [{**EVENT, "writeKey": "wk_shop"}]}, {})
-    assert got.rows[0].project == "shop"
+    assert got.events()[0].project == "shop"
 
 
 @pytest.mark.parametrize("headers,body,code", [
@@ -158,7 +162,7 @@ def test_write_key_refusals(headers, body, code):
                                    b"application/json; charset=utf-8"])
 def test_json_and_beacon_media_types(media):
     got = capture(json.dumps(EVENT).encode(), {b"content-type": media, b"x-write-key": b"wk_shop"})
-    assert got.rows[0].event == "E"
+    assert got.events()[0].event == "E"
 
 
 def test_form_encoding_refused():
@@ -173,9 +177,9 @@ def gz_headers(encoding: bytes = b"gzip") -> dict:
 
 def test_gzip_body():
     got = capture(gzip.compress(CURL_BODY), gz_headers())
-    assert got.rows[0].event == "Button Clicked"
+    assert got.events()[0].event == "Button Clicked"
     got = batch(gzip.compress(json.dumps({"batch": [EVENT, EVENT]}).encode()), gz_headers())
-    assert len(got.rows) == 2
+    assert len(got.events()) == 2
 
 
 def test_multi_member_gzip_decoded_whole():
@@ -184,7 +188,7 @@ def test_multi_member_gzip_decoded_whole():
     body = gzip.compress(b'{"batch":[{"type":"page","userId":"u"},') + \
         gzip.compress(b'{"type":"page","userId":"v"}]}')
     got = batch(body, gz_headers())
-    assert [r.user_id for r in got.rows] == ["u", "v"]
+    assert [r.user_id for r in got.events()] == ["u", "v"]
 
 
 def test_gzip_bomb_refused():
@@ -228,7 +232,7 @@ def test_batch_mixed_valid_and_invalid():
              {**EVENT, "properties": {"pad": "x" * 33_000}}]
     got = batch({"batch": items})
     assert got.status == 200
-    assert len(got.rows) == 2
+    assert len(got.events()) == 2
     reply = json.loads(got.body)
     assert (reply["success"], reply["stored"]) == (True, 2)
     assert [(r["index"], r["code"], r["field"]) for r in reply["rejected"]] == [
@@ -265,14 +269,14 @@ def test_empty_batch():
 def test_batch_over_max_events():
     err = refusal(batch, {"batch": [EVENT] * 4}, max_batch_events=3)
     assert (err.code, err.status) == ("payload_too_large", 413)
-    assert len(batch({"batch": [EVENT] * 3}, max_batch_events=3).rows) == 3
+    assert len(batch({"batch": [EVENT] * 3}, max_batch_events=3).events()) == 3
 
 
 def test_batch_envelope_applies_to_events():
     got = batch({"sentAt": "2024-05-01T10:00:10Z", "context": {"library": {"name": "py"}},
                  "batch": [{**EVENT, "timestamp": "2024-05-01T10:00:00Z"},
                            {**EVENT, "context": {"library": {"name": "own"}}}]})
-    first, second = got.rows
+    first, second = got.events()
     assert first.timestamp == RECEIVED - 10_000_000
     assert json.loads(first.context) == {"ip": "198.51.100.4", "userAgent": "curl/8.5.0",
                                          "library": {"name": "py"}}
@@ -285,22 +289,22 @@ def test_batch_context_error_path():
         [(1, "$.batch[1].context")]
 
 
-def test_client_ids_flags():
+def test_client_ids_are_dedup_keys():
     items = [{**EVENT, "messageId": "m0"}, EVENT, {"type": "track", "userId": "u"},
              {**EVENT, "messageId": "m3"}, {**EVENT, "messageId": ""}]
     got = batch({"batch": items})
-    assert got.client_ids == [True, False, True, False]
-    assert [r.message_id for r in got.rows][0::2] == ["m0", "m3"]
-    assert got.rows[1].message_id is None  # DuckDB makes it at load (see test_store)
-    assert capture(json.dumps({**EVENT, "messageId": "x"}).encode()).client_ids == [True]
-    assert capture(json.dumps(EVENT).encode()).rows[0].message_id != "x"
+    assert got.keys == ["default\x1fm0", "default\x1fm3"]
+    assert [r.message_id for r in got.events()][0::2] == ["m0", "m3"]
+    assert got.events()[1].message_id is None  # DuckDB makes it at load (see test_store)
+    assert capture(json.dumps({**EVENT, "messageId": "x"}).encode()).keys == ["default\x1fx"]
+    assert capture(json.dumps(EVENT).encode()).events()[0].message_id != "x"
 
 
 def test_batch_event_with_invalid_utf8_rejected_alone():
     body = (b'{"batch":[{"type":"track","event":"ok","userId":"u"},'
             b'{"type":"track","event":"\xff","userId":"u"}]}')
     got = batch(body)
-    assert [r.event for r in got.rows] == ["ok"]
+    assert [r.event for r in got.events()] == ["ok"]
     assert [(r["index"], r["code"]) for r in json.loads(got.body)["rejected"]] == \
         [(1, "invalid_json")]
 
@@ -320,7 +324,7 @@ def test_batch_event_deep_but_parseable_rejected_alone():
     body = (b'{"batch":[{"type":"page","userId":"u","properties":' + b"[" * 50 + b"]" * 50
             + b'},{"type":"page","userId":"u"}]}')
     got = batch(body)
-    assert len(got.rows) == 1
+    assert len(got.events()) == 1
     assert [r["index"] for r in json.loads(got.body)["rejected"]] == [0]
 
 

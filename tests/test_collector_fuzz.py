@@ -51,7 +51,7 @@ def outcome(fn, *args) -> str:
         assert 400 <= exc.status < 500, exc
         json.loads(exc.as_body())
         return "refused"
-    for row in accepted.rows:
+    for row in accepted.events():
         assert row.project == "default" and row.type in {
             "track", "page", "identify", "screen", "group", "alias"}
         assert row.anonymous_id or row.user_id

@@ -57,8 +57,9 @@ def test_the_checks_flag_loss_doubles_and_strangers(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     con = duckdb.connect(str(data / "events.duckdb"))
-    con.execute("CREATE TABLE events (message_id VARCHAR)")
-    con.execute("INSERT INTO events VALUES ('a'), ('a'), ('c'), ('x')")
+    con.execute("CREATE TABLE events (message_id VARCHAR, type VARCHAR)")
+    con.execute("INSERT INTO events VALUES ('a', 'track'), ('a', 'track'), ('c', 'track'), "
+                "('x', 'track'), ('s', 'session_start')")
     con.close()
     ledger = crash_loop.Ledger()
     ledger.sent = {"a", "b", "c"}
@@ -130,5 +131,5 @@ def test_acknowledged_events_reach_duckdb_within_about_a_second(tmp_path):
         conn.close()
     finally:
         assert server.terminate() == 0
-    assert loaded == 1, f"not loaded into DuckDB {waited:.1f}s after its ack"
+    assert loaded == 2, f"not loaded into DuckDB {waited:.1f}s after its ack (+ session_start)"
     assert waited < 1.5

@@ -18,7 +18,7 @@ from trio.testing import MockClock
 from triolytics.config import Config
 from triolytics.dedup import Dedup
 from triolytics.errors import ApiError
-from triolytics.journal import Journal, Position
+from triolytics.journal import Journal, JournalError, Position
 from triolytics.rows import Row
 from triolytics.store import Store
 from triolytics.writer import Writer
@@ -70,7 +70,7 @@ async def test_every_policy_stores_everything_at_close(tmp_path, fsync, clock):
     async def body():
         async with trio.open_nursery() as clients:
             for i in range(20):
-                clients.start_soon(writer.store_rows, [row(i)], [False])
+                clients.start_soon(writer.store_rows, [row(i)])
     await run_writer(writer, body)
     assert stored(tmp_path) == sorted(f"m{i}" for i in range(20))
     assert writer.stats.pending_rows == 0 and writer.stats.unloaded_rows == 0
@@ -82,7 +82,7 @@ async def test_concurrent_submissions_share_one_journal_write(tmp_path):
     async def body():
         async with trio.open_nursery() as clients:
             for i in range(50):
-                clients.start_soon(writer.store_rows, [row(i)], [False])
+                clients.start_soon(writer.store_rows, [row(i)])
     await run_writer(writer, body)
     assert writer.stats.journaled_rows == 50
     assert writer.stats.groups < 50  # group commit: many requests per write + sync
@@ -92,23 +92,32 @@ async def test_loaded_within_interval_while_running(tmp_path, clock):
     writer = make_writer(tmp_path, load_interval_ms=500)
 
     async def body():
-        await writer.store_rows([row(1)], [False])
+        await writer.store_rows([row(1)])
         assert writer.stats.loaded_rows == 0
         await trio.sleep(0.6)
         assert writer.stats.loaded_rows == 1
     await run_writer(writer, body)
 
 
-async def test_client_message_ids_are_deduplicated(tmp_path):
+async def test_a_failed_journal_write_forgets_its_dedup_keys(tmp_path):
+    """Rows refused by the journal were never stored: their client ids must not make a
+    retry look like a duplicate."""
     writer = make_writer(tmp_path)
+    writer.dedup.admit("default\x1fok", 0)
+    writer.dedup.admit("default\x1flost", 0)
 
     async def body():
-        await writer.store_rows([row(1, "same"), row(2, "other")], [True, True])
-        await writer.store_rows([row(3, "same")], [True])  # a retry: answered, not stored
-        await writer.store_rows([row(4, "m4")], [False])  # server-made ids are not tracked
+        await writer.store_rows([row(1, "ok")], ["default\x1fok"])
+
+        def broken(payloads):
+            raise JournalError("disk full")
+        writer.journal.append = broken
+        with pytest.raises(ApiError) as refused:
+            await writer.store_rows([row(2, "lost")], ["default\x1flost"])
+        assert refused.value.status == 503
     await run_writer(writer, body)
-    assert stored(tmp_path) == ["m4", "other", "same"]
-    assert writer.stats.duplicates == 1
+    assert not writer.dedup.admit("default\x1fok", 1)  # stored: still a duplicate
+    assert writer.dedup.admit("default\x1flost", 1)  # forgotten: a retry is stored
 
 
 async def test_backpressure_answers_503_after_waiting(tmp_path, clock):
@@ -116,10 +125,10 @@ async def test_backpressure_answers_503_after_waiting(tmp_path, clock):
                          load_interval_ms=60_000, backpressure_wait_ms=200, retry_after_s=3)
 
     async def body():
-        await writer.store_rows([row(1), row(2)], [False, False])
+        await writer.store_rows([row(1), row(2)])
         start = trio.current_time()
         with pytest.raises(ApiError) as info:
-            await writer.store_rows([row(3)], [False])
+            await writer.store_rows([row(3)])
         assert info.value.status == 503 and info.value.code == "overloaded"
         assert (b"retry-after", b"3") in info.value.headers
         assert trio.current_time() - start == pytest.approx(0.2)
@@ -133,8 +142,8 @@ async def test_backpressure_waiter_proceeds_when_room_appears(tmp_path, clock):
                          load_interval_ms=100, backpressure_wait_ms=5_000)
 
     async def body():
-        await writer.store_rows([row(1), row(2)], [False, False])
-        await writer.store_rows([row(3)], [False])  # waits for the interval load, then goes
+        await writer.store_rows([row(1), row(2)])
+        await writer.store_rows([row(3)])  # waits for the interval load, then goes
     await run_writer(writer, body)
     assert stored(tmp_path) == ["m1", "m2", "m3"]
 
@@ -143,7 +152,7 @@ async def test_closed_writer_refuses_new_rows(tmp_path):
     writer = make_writer(tmp_path)
     writer.close()
     with pytest.raises(ApiError) as info:
-        await writer.store_rows([row(1)], [False])
+        await writer.store_rows([row(1)])
     assert info.value.status == 503
 
 
@@ -204,7 +213,7 @@ async def test_failed_load_keeps_rows_and_reports_unhealthy(tmp_path, clock,
     monkeypatch.setattr(writer.store, "load", flaky)
 
     async def body():
-        await writer.store_rows([row(1)], [False])
+        await writer.store_rows([row(1)])
         await trio.sleep(0.05)
         assert not writer.healthy
         await trio.sleep(3)  # retried every second

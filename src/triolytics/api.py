@@ -10,6 +10,7 @@ Rules:
 from __future__ import annotations
 
 import hmac
+import math
 from collections.abc import Callable
 from time import time_ns
 
@@ -19,6 +20,8 @@ import trio
 from triolytics.capture import TYPES, RequestMeta
 from triolytics.collector import Collector
 from triolytics.errors import ApiError
+from triolytics.identity import Identities
+from triolytics.ratelimit import RateLimit
 from triolytics.store import QueryError, QueryResult
 from triolytics.web import Handler, Request, Response, Routes
 from triolytics.writer import Writer
@@ -41,13 +44,22 @@ class QueryBody(msgspec.Struct, forbid_unknown_fields=True):
     max_rows: int | None = None
 
 
+class Created(msgspec.Struct):
+    analytics_id: str
+    metadata: dict[str, str]
+
+
 class Api:
     def __init__(self, collector: Collector, writer: Writer, admin_token: str,
-                 clock: Callable[[], int] = time_ns) -> None:
-        self.max_query_rows = collector.config.max_query_rows
+                 identities: Identities, clock: Callable[[], int] = time_ns) -> None:
+        config = collector.config
+        self.max_query_rows = config.max_query_rows
         self.collector = collector
         self.writer = writer
         self.admin_token = admin_token.encode()
+        self.identities = identities
+        self.region = config.analytics_region
+        self.create_limit = RateLimit(config.create_rate_per_min, config.create_burst)
         self.clock = clock  # wall clock, ns since epoch
 
     def routes(self) -> Routes:
@@ -55,6 +67,8 @@ class Api:
             b"/v1/capture": {b"POST": self.capture},
             b"/v1/batch": {b"POST": self.batch},
             b"/v1/b": {b"POST": self.batch},
+            b"/create": {b"POST": self.create},
+            b"/analytics": {b"GET": self.upgrade_required},
             b"/healthz": {b"GET": self.healthz, b"HEAD": self.healthz},
             b"/readyz": {b"GET": self.readyz, b"HEAD": self.readyz},
             b"/admin/keys": {b"GET": self.list_keys, b"POST": self.create_key},
@@ -73,23 +87,47 @@ class Api:
         return RequestMeta(self.clock() // 1000, req.client_ip,
                            ua.decode("latin-1") if ua else None)
 
-    async def _store(self, accepted) -> Response:
-        await self.writer.store_rows(accepted.rows, accepted.client_ids)
-        return Response(accepted.status, accepted.body)
-
+    # Each handler waits for room in the writer *before* building its rows (sessions and
+    # dedup are touched then), and submits them with no await in between.
     async def capture(self, req: Request) -> Response:
+        writer = self.writer
+        if writer.closing or not writer.has_room(1):
+            await writer.wait_room()
         accepted = self.collector.capture(None, req.headers, req.body, self._meta(req))
-        await self.writer.store_rows(accepted.rows, accepted.client_ids)  # (hot path)
+        await writer.wait_durable(writer.submit(accepted.rows, accepted.keys))  # (hot path)
         return Response(accepted.status, accepted.body)
 
     async def batch(self, req: Request) -> Response:
-        return await self._store(self.collector.batch(req.headers, req.body, self._meta(req)))
+        await self.writer.wait_room()
+        accepted = self.collector.batch(req.headers, req.body, self._meta(req))
+        await self.writer.wait_durable(self.writer.submit(accepted.rows, accepted.keys))
+        return Response(accepted.status, accepted.body)
 
     def _typed(self, kind: str) -> Handler:
         async def handler(req: Request) -> Response:
-            return await self._store(self.collector.capture(kind, req.headers, req.body,
-                                                            self._meta(req)))
+            await self.writer.wait_room()
+            accepted = self.collector.capture(kind, req.headers, req.body, self._meta(req))
+            await self.writer.wait_durable(self.writer.submit(accepted.rows, accepted.keys))
+            return Response(accepted.status, accepted.body)
         return handler
+
+    # --- the real-time API's identities (the WebSocket itself is ws_server.py)
+    async def create(self, req: Request) -> Response:
+        """`POST /create`: a new analytics_id, recorded in DuckDB."""
+        wait = self.create_limit.take(req.client_ip, trio.current_time())
+        if wait > 0:
+            raise ApiError("rate_limited", "too many POST /create calls from this address",
+                           headers=((b"retry-after", b"%d" % max(1, math.ceil(wait))),))
+        analytics_id = self.identities.issue()
+        await self.writer.run_store(self.writer.store.record_analytics_ids,
+                                    [(analytics_id, self.clock() // 1000, req.client_ip)])
+        return Response(200, msgspec.json.encode(Created(analytics_id,
+                                                         {"region": self.region})))
+
+    async def upgrade_required(self, req: Request) -> Response:
+        raise ApiError("upgrade_required", "/analytics is a WebSocket: connect with "
+                       "ws://host:port/analytics?analytics_id=...",
+                       headers=((b"upgrade", b"websocket"),))
 
     # --- health
     async def healthz(self, req: Request) -> Response:

@@ -6,12 +6,16 @@
        ├─ writer            journal (+ Syncer thread) and DuckDB loads; exits last
        └─ service           (cancel scope)
           └─ listener
-             ├─ timers      the sweeper: idle and request timeouts of all connections
+             ├─ timers      the sweeper: idle and request timeouts of all connections;
+             │              the session reaper: sleeps until the earliest session
+             │              deadline, stores session_end rows (runs until drained)
              ├─ acceptors   one per listening socket; cancelled first on shutdown
              └─ handlers    one task per connection; get `shutdown_grace_s` to finish
+                            (a WebSocket connection: its task reads, an acker answers)
 
 Start-up (before listening): open the store, replay the journal's unloaded suffix,
-register write keys, write `<data_dir>/server.json` so the CLI can find us.
+resume the sessions open in storage, register write keys, write
+`<data_dir>/server.json` so the CLI can find us.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import secrets
 import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from time import time_ns
 
@@ -32,13 +37,18 @@ import msgspec
 import trio
 
 from triolytics.api import Api
+from triolytics.capture import new_id
 from triolytics.collector import Collector
 from triolytics.config import Config
 from triolytics.dedup import Dedup
 from triolytics.http_server import HttpServer
+from triolytics.identity import Identities
 from triolytics.journal import Journal
+from triolytics.reaper import reap_sessions
+from triolytics.sessions import Session, Sessions
 from triolytics.store import Store
 from triolytics.writer import Writer
+from triolytics.ws_server import RealtimeServer
 
 log = logging.getLogger("triolytics")
 ACCEPT_RETRY_S = 0.1  # after EMFILE/ENFILE/ENOBUFS, wait this long before accepting again
@@ -51,19 +61,27 @@ class Bound(msgspec.Struct):
     port: int
 
 
-def _admin_token(data: Path) -> str:
-    path = data / "admin.token"
+def _secret_file(path: Path) -> str:
+    """A secret kept in the data directory, readable by its owner only; made once."""
     if path.exists():
         return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
+    secret = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+        f.write(secret + "\n")
+    return secret
 
 
-def prepare(config: Config) -> tuple[Writer, dict[str, str], str]:
-    """Blocking start-up work (run in a thread): store, replay, keys, admin token."""
+class Prepared(msgspec.Struct):
+    writer: Writer
+    keys: dict[str, str]  # write key -> project
+    admin_token: str
+    identities: Identities
+    sessions: Sessions
+
+
+def prepare(config: Config) -> Prepared:
+    """Blocking start-up work (run in a thread): store, replay, sessions, keys, secrets."""
     data = Path(config.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     store = Store(data / "events.duckdb", threads=config.duckdb_threads)
@@ -85,21 +103,33 @@ def prepare(config: Config) -> tuple[Writer, dict[str, str], str]:
         keys = store.active_keys()
         print(f"\n  Created project 'default' with write key:  {key}\n"
               f"  Send events with the header  x-write-key: {key}\n", flush=True)
-    return writer, keys, _admin_token(data)
+    sessions = Sessions(config.session_timeout_s * 1_000_000, new_id)
+    sessions.restore([Session((project, channel, anonymous_id or user_id), session_id,
+                              started, anonymous_id, user_id, last_seen, events)
+                      for project, channel, anonymous_id, user_id, session_id, started,
+                      last_seen, events in store.open_sessions()])
+    if len(sessions):
+        log.info("resumed %d open sessions", len(sessions))
+    identities = Identities(_secret_file(data / "analytics.secret").encode(),
+                            config.analytics_shard)
+    return Prepared(writer, keys, _secret_file(data / "admin.token"), identities, sessions)
 
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
                 stop: trio.Event | None = None, handle_signals: bool = False,
                 clock: Callable[[], int] = time_ns) -> None:
     """Run the server until `stop` is set (or SIGINT/SIGTERM, with handle_signals)."""
-    writer, keys, token = await trio.to_thread.run_sync(prepare, config)
+    ready = await trio.to_thread.run_sync(prepare, config)
+    writer, sessions = ready.writer, ready.sessions
     # Long-lived start-up objects never need collecting: freeze them, and collect the
     # young generation less often (each request allocates many short-lived objects).
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
-    api = Api(Collector(config, keys), writer, token, clock)
-    http = HttpServer(config, api.routes())
+    collector = Collector(config, ready.keys, sessions, writer.dedup)
+    api = Api(collector, writer, ready.admin_token, ready.identities, clock)
+    realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
+    http = HttpServer(config, api.routes(), upgrades={b"/analytics": realtime.upgrade})
     stop = stop if stop is not None else trio.Event()
     service = trio.CancelScope()  # a second signal cancels in-flight requests at once
     signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if handle_signals \
@@ -113,7 +143,10 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
             try:
                 with service:
                     async with trio.open_nursery() as nursery:
-                        bound = await nursery.start(_listen, config, http, stop)
+                        reaper = partial(reap_sessions, sessions, writer,
+                                         config.session_end_chunk_rows, clock)
+                        bound = await nursery.start(_listen, config, http, realtime, reaper,
+                                                    stop)
                         task_status.started(bound)
             finally:
                 writer.close()
@@ -130,8 +163,8 @@ async def _run_writer(writer: Writer, done: trio.Event) -> None:
         done.set()
 
 
-async def _listen(config: Config, http: HttpServer, stop: trio.Event, *,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _listen(config: Config, http: HttpServer, realtime: RealtimeServer, reaper,
+                  stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     sockname = listeners[0].socket.getsockname()
     bound = Bound(sockname[0], sockname[1])
@@ -141,13 +174,16 @@ async def _listen(config: Config, http: HttpServer, stop: trio.Event, *,
     limiter = trio.CapacityLimiter(config.max_connections)
     async with trio.open_nursery() as timers:
         timers.start_soon(http.sweep)
-        await _serve_until(listeners, http, limiter, stop, config, bound, task_status)
+        timers.start_soon(reaper)
+        await _serve_until(listeners, http, realtime, limiter, stop, config, bound,
+                           task_status)
         timers.cancel_scope.cancel()
     (Path(config.data_dir) / "server.json").unlink(missing_ok=True)
 
 
-async def _serve_until(listeners, http: HttpServer, limiter: trio.CapacityLimiter,
-                       stop: trio.Event, config: Config, bound: Bound, task_status) -> None:
+async def _serve_until(listeners, http: HttpServer, realtime: RealtimeServer,
+                       limiter: trio.CapacityLimiter, stop: trio.Event, config: Config,
+                       bound: Bound, task_status) -> None:
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptors:
             for listener in listeners:
@@ -160,6 +196,7 @@ async def _serve_until(listeners, http: HttpServer, limiter: trio.CapacityLimite
         log.info("draining %d connections (grace %.0fs)", http.connections.count,
                  config.shutdown_grace_s)
         http.connections.drain()
+        realtime.drain()
         handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s
 
 

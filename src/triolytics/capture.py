@@ -21,6 +21,7 @@ import msgspec
 
 from triolytics.errors import ApiError
 from triolytics.rows import Row
+from triolytics.sessions import Intake
 
 TYPES = frozenset({"track", "page", "identify", "screen", "group", "alias"})
 Id = str | int  # Segment SDKs send numeric user ids too; stored as text
@@ -249,14 +250,18 @@ def _need(value: object, kind: str, field: str) -> None:
         raise ApiError("invalid_event", f"{field} is required for {kind}", field=f"$.{field}")
 
 
-def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnricher, *,
-           kind: str | None = None, sent_at: datetime | None = None,
-           integrations: msgspec.Raw = NO_JSON, make_id: bool = True) -> Row:
+def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnricher,
+           intake: Intake | None = None, *, kind: str | None = None,
+           sent_at: datetime | None = None, integrations: msgspec.Raw = NO_JSON,
+           make_id: bool = True) -> Row | None:
     """Validate one decoded event and normalize it into a stored row.
 
-    Field paths in errors are relative to the event (`$.userId`); a batch prefixes them.
-    Without `make_id`, an event the client gave no `messageId` keeps `None` and DuckDB
-    makes its UUID at load (for batches, whose answer names no ids: far cheaper there).
+    With an `intake`, the valid event is admitted there: None if its `messageId` is a
+    repeat, else the row gets its session and is appended to `intake.rows` (after the
+    session's start row, if it opens one). Field paths in errors are relative to the
+    event (`$.userId`); a batch prefixes them. Without `make_id`, an event the client gave
+    no `messageId` keeps `None` and DuckDB makes its UUID at load (for batches, whose
+    answer names no ids: far cheaper there).
     This runs once per stored event: keep it free of needless calls and formatting.
     """
     kind = kind or ev.type
@@ -295,13 +300,24 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
         original = to_micros(client_time)
         # Segment's skew correction: the device clock's error is sentAt - receivedAt.
         timestamp = original if sent_us is None else received - (sent_us - original)
-    return _new_row(Row, (
-        ev.messageId or (new_id() if make_id else None), project, "http", kind, ev.event,
-        ev.name,
-        anonymous_id, user_id, group_id, previous_id, None,
-        timestamp, original, sent_us, received,
-        _object(ev.properties, "$.properties") if ev.properties else None,
-        _object(ev.traits, "$.traits") if ev.traits else None,
-        enrich(ev.context, "$.context"),
-        _object(integrations, "$.integrations") if integrations else None,
+    # Every check is done before the intake: an admitted event is always stored.
+    properties = _object(ev.properties, "$.properties") if ev.properties else None
+    traits = _object(ev.traits, "$.traits") if ev.traits else None
+    context = enrich(ev.context, "$.context")
+    integrations = _object(integrations, "$.integrations") if integrations else None
+    message_id = ev.messageId
+    session_id = None
+    if intake is not None:
+        if message_id and not intake.fresh(project, message_id):
+            return None
+        session_id = intake.session(
+            (project, "http", anonymous_id if anonymous_id is not None else user_id),
+            anonymous_id, user_id)
+    row = _new_row(Row, (
+        message_id or (new_id() if make_id else None), project, "http", kind, ev.event,
+        ev.name, anonymous_id, user_id, group_id, previous_id, session_id,
+        timestamp, original, sent_us, received, properties, traits, context, integrations,
     ))
+    if intake is not None:
+        intake.rows.append(row)
+    return row

@@ -24,23 +24,30 @@ from triolytics.capture import (
     decode_batch,
     decode_event,
     enricher_for,
+    new_id,
     to_row,
 )
 from triolytics.config import Config
+from triolytics.dedup import Dedup
 from triolytics.errors import ApiError, ErrorBody
 from triolytics.rows import Row
+from triolytics.sessions import SESSION_TYPES, Intake, Sessions
 
 JSON_TYPES = frozenset({b"", b"application/json", b"text/plain"})
 _ENCODE = msgspec.json.Encoder()
 
 
 class Accepted(msgspec.Struct):
-    """Rows to store; send `status`/`body` once they are durable."""
+    """Rows to store (session starts included); send `status`/`body` once durable."""
 
     rows: list[Row]
-    client_ids: list[bool]  # rows[i].message_id came from the client (deduplicate it)
+    keys: list[str]  # dedup keys admitted for them (forgotten if the journal fails)
     status: int
     body: bytes
+
+    def events(self) -> list[Row]:
+        """The request's own events, without the sessions' rows."""
+        return [r for r in self.rows if r.type not in SESSION_TYPES]
 
 
 class Rejected(msgspec.Struct):
@@ -120,9 +127,16 @@ def _gunzip(body: bytes, limit: int) -> bytes:
 
 
 class Collector:
-    def __init__(self, config: Config, keys: dict[str, str]) -> None:
+    def __init__(self, config: Config, keys: dict[str, str], sessions: Sessions | None = None,
+                 dedup: Dedup | None = None) -> None:
         self.config = config
         self.keys = keys
+        if sessions is None:  # (both are shared with the rest of the server when given)
+            sessions = Sessions(config.session_timeout_s * 1_000_000, new_id)
+        if dedup is None:
+            dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
+        self.sessions = sessions
+        self.dedup = dedup
 
     def project(self, key: str | None) -> str:
         if not key:
@@ -150,11 +164,12 @@ class Collector:
         ev = decode_event(body)
         if not key:
             project = self.project(ev.writeKey)
-        row = to_row(ev, project, meta, enricher_for(meta), kind=kind)
-        quoted = _ENCODE.encode(row.message_id)
+        intake = Intake(self.dedup, self.sessions, meta.received_at)
+        row = to_row(ev, project, meta, enricher_for(meta), intake, kind=kind)
+        quoted = _ENCODE.encode(row.message_id if row is not None else ev.messageId)
         if kind is None:  # {"ok":true,"id":"..."}
-            return Accepted([row], [bool(ev.messageId)], 201, b'{"ok":true,"id":%b}' % quoted)
-        return Accepted([row], [bool(ev.messageId)], 200, b'{"success":true,"id":%b}' % quoted)
+            return Accepted(intake.rows, intake.keys, 201, b'{"ok":true,"id":%b}' % quoted)
+        return Accepted(intake.rows, intake.keys, 200, b'{"success":true,"id":%b}' % quoted)
 
     def batch(self, headers: dict[bytes, bytes], body: bytes, meta: RequestMeta) -> Accepted:
         """`POST /v1/batch`: `{"batch": [...], "context"?, "sentAt"?, "writeKey"?}`."""
@@ -177,24 +192,21 @@ class Collector:
             key = envelope.writeKey or next((e.writeKey for e in decoded if e.writeKey), None)
             project = self.project(key)
         enrich = enricher_for(meta, envelope.context)
-        rows: list[Row] = []
-        client: list[bool] = []
+        intake = Intake(self.dedup, self.sessions, meta.received_at)
         sent_at, integrations = envelope.sentAt, envelope.integrations
         for i, ev in events:
             try:
-                rows.append(to_row(ev, project, meta, enrich, sent_at=sent_at,
-                                   integrations=integrations, make_id=False))
+                to_row(ev, project, meta, enrich, intake, sent_at=sent_at,
+                       integrations=integrations, make_id=False)
             except ApiError as exc:  # its field path is relative to the event
                 field = f"$.batch[{i}]" + (exc.field or "$")[1:]
                 rejected.append(Rejected(i, exc.code, exc.message, field))
-                continue
-            client.append(bool(ev.messageId))
-        rejected.sort(key=lambda r: r.index)
-        if not rows:
+        if len(rejected) == len(items):
             error = ApiError("invalid_event", "no event in the batch is valid", field="$.batch")
-            raise BatchRejected(error, rejected)
-        reply = SegmentReply(True, stored=len(rows), rejected=rejected or None)
-        return Accepted(rows, client, 200, _ENCODE.encode(reply))
+            raise BatchRejected(error, sorted(rejected, key=lambda r: r.index))
+        rejected.sort(key=lambda r: r.index)
+        reply = SegmentReply(True, stored=len(items) - len(rejected), rejected=rejected or None)
+        return Accepted(intake.rows, intake.keys, 200, _ENCODE.encode(reply))
 
     def _decode_each(self, items: list[msgspec.Raw],
                      rejected: list[Rejected]) -> list[tuple[int, WireEvent]]:

@@ -59,13 +59,35 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedup_window_s: int = 86_400  # a repeated messageId within this window is not stored again
     dedup_max_ids: int = 1_000_000  # remembered ids (memory); the oldest are forgotten first
     max_query_rows: int = 10_000  # rows one /admin/query (or `triolytics query`) returns
+    # --- the real-time API: POST /create and the WebSocket at /analytics
+    analytics_shard: int = 0  # the <shard> of issued analytics_ids
+    analytics_region: str = "global"  # metadata.region in POST /create's answer
+    realtime_project: str = "default"  # the project WebSocket events are stored under
+    create_rate_per_min: float = 60.0  # POST /create calls per client IP per minute...
+    create_burst: int = 20  # ...after a burst of this many (429 + Retry-After past it)
+    ws_origins: list[str] = []  # Origins allowed to open the WebSocket; empty: any
+    ws_max_message_bytes: int = 1 * MiB  # one message (batch); larger closes with 1009
+    ws_max_batch_events: int = 2_500  # events in one message
+    ws_max_in_flight: int = 32  # batches per connection waiting for the journal (memory)
+    ws_message_queue: int = 4  # messages trio-websocket reads ahead per connection (memory)
+    ws_receive_buffer_bytes: int = 64 * KiB  # bytes per socket read
+    ws_ping_interval_s: float = 30.0  # the server pings a connection this often...
+    ws_pong_timeout_s: float = 15.0  # ...and drops it without a pong within this
+    ws_idle_timeout_s: float = 600.0  # a connection without a message for this is closed
+    # --- sessions (both APIs)
+    session_timeout_s: int = 1800  # a session ends after this long without an event
+    session_end_chunk_rows: int = 2000  # session_end rows per reaper step (loop latency)
 
     def __post_init__(self) -> None:
         positive = ("max_connections", "journal_segment_bytes", "load_batch_rows",
                     "load_interval_ms", "duckdb_threads", "max_pending_rows", "max_unloaded_rows",
                     "max_unloaded_bytes", "max_event_bytes", "max_request_bytes",
                     "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
-                    "fsync_interval_ms", "dedup_max_ids", "max_query_rows")
+                    "fsync_interval_ms", "dedup_max_ids", "max_query_rows", "session_timeout_s",
+                    "session_end_chunk_rows", "ws_max_message_bytes", "ws_max_batch_events",
+                    "ws_max_in_flight", "ws_message_queue", "ws_receive_buffer_bytes",
+                    "ws_ping_interval_s", "ws_pong_timeout_s", "ws_idle_timeout_s",
+                    "create_burst")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -74,7 +96,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 FIELDS = Config.__struct_fields__
-_LIST_FIELDS = {"write_keys", "cors_origins", "trusted_proxies"}
+_LIST_FIELDS = {"write_keys", "cors_origins", "trusted_proxies", "ws_origins"}
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

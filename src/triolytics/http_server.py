@@ -68,6 +68,17 @@ def header_dict(headers: h11._headers.Headers) -> dict[bytes, bytes]:
     return {name: value for _, name, value in full}
 
 
+def raw_head(request: h11.Request) -> bytes:
+    """The request head's bytes again (header names as sent), for a protocol that takes
+    the connection over and parses the head itself."""
+    items = getattr(request.headers, "_full_items", None)
+    pairs = [(raw, value) for raw, _, value in items] if items is not None else \
+        list(request.headers)
+    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in pairs]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 class _Conn:
     """What the sweeper and `drain()` need to know about one connection."""
 
@@ -127,7 +138,7 @@ class HttpServer:
     def __init__(self, config: Config, routes: Routes, upgrades: dict | None = None) -> None:
         self.config = config
         self.routes = routes
-        self.upgrades = upgrades or {}  # path -> async fn(stream, conn, request)
+        self.upgrades = upgrades or {}  # path -> async fn(stream, raw bytes read, request)
         self.cors = Cors(config.cors_origins)
         self.trusted = parse_networks(config.trusted_proxies)
         self.date = DateHeader()
@@ -229,7 +240,8 @@ class HttpServer:
             if upgrade is not None:
                 request = Request(method, path, query, headers, b"",
                                   client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted))
-                await upgrade(stream, conn, request)
+                c.phase = HANDLING  # the upgraded connection keeps its own timeouts
+                await upgrade(stream, raw_head(event) + conn.trailing_data[0], request)
                 return False
             if method == b"OPTIONS":
                 response = self._options(Request(method, path, query, headers, b"", peer))

@@ -71,6 +71,8 @@ class Store:
         c.execute("CREATE TABLE IF NOT EXISTS journal_mark (id INTEGER PRIMARY KEY, "
                   "segment BIGINT NOT NULL, byte_offset BIGINT NOT NULL)")
         c.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        c.execute("CREATE TABLE IF NOT EXISTS analytics_ids (analytics_id VARCHAR PRIMARY KEY, "
+                  "issued_at TIMESTAMPTZ NOT NULL, ip VARCHAR)")
         c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
 
     # --- events
@@ -99,6 +101,21 @@ class Store:
             "  SELECT project, message_id, received_at FROM events"
             "  WHERE received_at >= make_timestamptz(?) ORDER BY received_at DESC LIMIT ?"
             ") ORDER BY t", [since_us, limit]).fetchall()
+
+    def open_sessions(self) -> list[tuple]:
+        """Sessions with a start and no end: (project, channel, anonymous_id, user_id,
+        session_id, started µs, last event µs, events), for resuming after a restart."""
+        return self.conn.execute(
+            "WITH open AS ("
+            "  SELECT session_id, project, channel, anonymous_id, user_id,"
+            "         epoch_us(received_at) AS started FROM events"
+            "  WHERE type = 'session_start' AND session_id NOT IN"
+            "    (SELECT session_id FROM events WHERE type = 'session_end'))"
+            "SELECT o.project, o.channel, o.anonymous_id, o.user_id, o.session_id, o.started,"
+            "       epoch_us(max(e.received_at)), count(*) - 1"
+            " FROM open o JOIN events e ON e.session_id = o.session_id"
+            " WHERE e.received_at >= (SELECT make_timestamptz(min(started)) FROM open)"
+            " GROUP BY ALL").fetchall()
 
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -133,6 +150,12 @@ class Store:
             "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
             "RETURNING key", [datetime.now(UTC), key]).fetchall()
         return bool(got)
+
+    # --- analytics ids (the real-time API's identities)
+    def record_analytics_ids(self, issued: list[tuple[str, int, str]]) -> None:
+        """(analytics_id, issued µs, client ip) of ids handed out by `POST /create`."""
+        self.conn.executemany("INSERT OR IGNORE INTO analytics_ids "
+                              "VALUES (?, make_timestamptz(?), ?)", issued)
 
     # --- reading
     def cursor(self) -> duckdb.DuckDBPyConnection:

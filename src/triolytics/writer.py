@@ -1,8 +1,10 @@
 """The writer task: owns the journal and the DuckDB store; acks follow durability.
 
 Rules:
-- Handlers call `await writer.store_rows(rows, client_ids)`; it returns once the rows are
-  in the journal under the fsync policy, or raises `ApiError` (503) and stores nothing.
+- Handlers `await writer.wait_room()`, build their rows (dedup and sessions: `Intake`),
+  `submit` them and `await wait_durable(group)`: it returns once the rows are in the
+  journal under the fsync policy, or raises `ApiError` (503) and stores nothing.
+  No await between `wait_room` and `submit`, so nothing refuses rows once built.
 - Group commit: everything submitted since the writer last ran goes out in one `write`
   (on the event loop: a page-cache write of one group is a few µs). With fsync
   `always`, the `Syncer` thread fdatasyncs behind the writer and the group is answered
@@ -26,7 +28,7 @@ from time import time_ns
 import trio
 
 from triolytics.config import Config
-from triolytics.dedup import Dedup, dedup_key
+from triolytics.dedup import Dedup
 from triolytics.errors import ApiError, overloaded
 from triolytics.journal import HEADER, Journal, JournalError, Position, Syncer
 from triolytics.rows import Row, decode_rows, encode_rows
@@ -126,37 +128,49 @@ class Writer:
         return ApiError("unavailable", message,
                         headers=((b"retry-after", str(self.config.retry_after_s).encode()),))
 
-    async def store_rows(self, rows: list[Row], client_ids: list[bool]) -> None:
-        """Return once `rows` are journaled (durable per policy); else raise ApiError."""
-        if self._closing:
-            raise self._refusal("server is shutting down")
-        if not self.has_room(len(rows)):
-            await self._wait_room(len(rows))
+    def submit(self, rows: list[Row], keys: list[str] | None = None) -> _Group:
+        """Queue `rows` for the next journal write; `await wait_durable(group)` for the
+        ack. Call right after `wait_room` (or a true `has_room`), with no await between.
+        `keys` are the dedup keys admitted for the rows: forgotten again if the journal
+        write fails, so a retry is stored."""
         group = self._group
-        if any(client_ids):
-            rows = self._dedup(rows, client_ids, time_ns() // 1000, group)
         if rows:
             group.batches.append(rows)
             group.rows += len(rows)
             self.stats.pending_rows += len(rows)
+        if keys:
+            group.keys.extend(keys)
         group.waiters += 1
         self._wakeup.set()
+        return group
+
+    async def wait_durable(self, group: _Group) -> None:
+        """Return once `group` is journaled under the fsync policy; else raise ApiError."""
         await group.done.wait()
         if group.error is not None:
             raise self._refusal(f"could not journal the events: {group.error}")
 
-    def _dedup(self, rows: list[Row], client_ids: list[bool], now: int,
-               group: _Group) -> list[Row]:
-        kept = []
-        for row, client in zip(rows, client_ids, strict=True):
-            if client:
-                key = dedup_key(row.project, row.message_id)
-                if not self.dedup.admit(key, now):
-                    self.stats.duplicates += 1
-                    continue
-                group.keys.append(key)
-            kept.append(row)
-        return kept
+    async def store_rows(self, rows: list[Row], keys: list[str] | None = None) -> None:
+        """`wait_room`, `submit`, `wait_durable`: return once `rows` are durable."""
+        await self.wait_room(len(rows))
+        await self.wait_durable(self.submit(rows, keys))
+
+    async def wait_room(self, rows: int = 1, *, give_up: bool = True) -> None:
+        """Return when the writer takes `rows` more; raise ApiError (503) if it is closing,
+        or (`give_up`) still full after `backpressure_wait_ms`. The pending bound is
+        checked before the caller builds its rows, so one request may pass it by its own
+        size: the bound is `max_pending_rows` + one request."""
+        if self._closing:
+            raise self._refusal("server is shutting down")
+        if self.has_room(rows):
+            return
+        if give_up:
+            await self._wait_room(rows)
+        else:
+            while not self.has_room(rows):
+                await self._room.wait()
+        if self._closing:
+            raise self._refusal("server is shutting down")
 
     async def _wait_room(self, rows: int) -> None:
         with trio.move_on_after(self.config.backpressure_wait_ms / 1000):
@@ -208,6 +222,7 @@ class Writer:
         """Stop intake; `run` drains and returns."""
         self._closing = True
         self._wakeup.set()
+        self._room_changed()  # waiters for room learn that we are closing
 
     async def _write_loop(self) -> None:
         while True:

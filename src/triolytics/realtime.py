@@ -1,0 +1,142 @@
+"""The real-time API's batches, sans I/O: one WebSocket message in, rows (or a refusal) out.
+
+Rules:
+- A message is `{"events": [{"type", "ts"?, "payload"?, "id"?}], "seq"?}`, decoded once
+  into `WireFrame`. A batch is stored all or nothing: the first invalid event refuses it,
+  with the JSON path of the field at fault.
+- A refusal is a `FrameError`: its `seq` (when the message had a readable one) says the
+  client asked for answers, and `close_code` is what to close with when it did not.
+- Every event of a connection shares the key `analytics_id`, so its session is touched
+  once per batch; ids (`id`) are deduplicated per event before that, like `messageId`.
+- Time comes in as `now` (µs); nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from triolytics.capture import BAD_JSON, _object, decode_error
+from triolytics.config import Config
+from triolytics.errors import ApiError
+from triolytics.rows import Row
+from triolytics.sessions import SESSION_TYPES, Intake
+
+MAX_TYPE_CHARS = 200
+MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: DuckDB's range, with room
+_new_row = tuple.__new__
+CLOSE_INVALID, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR = 1007, 1008, 1009, 1011
+
+
+class WireRtEvent(msgspec.Struct, gc=False):
+    type: str
+    ts: int | None = None
+    payload: msgspec.Raw = msgspec.Raw()
+    id: str | None = None
+
+
+class WireFrame(msgspec.Struct):
+    events: list[WireRtEvent]
+    seq: int | None = None
+
+
+class WireSeq(msgspec.Struct):
+    """What a refused message may still tell: whether it asked for an answer."""
+
+    seq: int | None = None
+
+
+FRAME_DECODER = msgspec.json.Decoder(WireFrame)
+SEQ_DECODER = msgspec.json.Decoder(WireSeq)
+
+
+class FrameError(Exception):
+    """A refused batch: answer `{"type": "error", "seq": ...}` if `seq` is not None,
+    else close the connection with `close_code`."""
+
+    def __init__(self, error: ApiError, seq: int | None, close_code: int) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.seq = seq
+        self.close_code = close_code
+
+
+class Batch(msgspec.Struct):
+    rows: list[Row]  # session rows included
+    keys: list[str]  # dedup keys admitted
+    seq: int | None
+    events: int  # events of the batch (stored now, or earlier under the same id)
+    session_id: str | None  # None: every event was a repeat, and its session ended
+
+
+def _seq_of(data: bytes | str) -> int | None:
+    try:
+        seq = SEQ_DECODER.decode(data).seq
+    except (*BAD_JSON, msgspec.ValidationError):
+        return None
+    return seq if seq is not None and seq >= 0 else None
+
+
+def decode_frame(data: bytes | str, max_events: int) -> WireFrame:
+    try:
+        frame = FRAME_DECODER.decode(data)
+    except BAD_JSON as exc:
+        raise FrameError(decode_error(exc, ""), _seq_of(data), CLOSE_INVALID) from None
+    if frame.seq is not None and frame.seq < 0:
+        raise FrameError(ApiError("bad_request", "seq must be >= 0", field="$.seq"), None,
+                         CLOSE_INVALID)
+    n = len(frame.events)
+    if n == 0:
+        raise FrameError(ApiError("invalid_event", "events is empty", field="$.events"),
+                         frame.seq, CLOSE_INVALID)
+    if n > max_events:
+        raise FrameError(ApiError("payload_too_large", f"{n} events in one message; at most "
+                                  f"{max_events} (ws_max_batch_events)", field="$.events"),
+                         frame.seq, CLOSE_POLICY)
+    return frame
+
+
+class Realtime:
+    """Turns one connection's messages into rows: `batch(data, intake)`."""
+
+    def __init__(self, config: Config, project: str, analytics_id: str, context: str) -> None:
+        self.max_events = config.ws_max_batch_events
+        self.project = project
+        self.analytics_id = analytics_id
+        self.context = context  # {"ip": ..., "userAgent": ...} of the connection
+        self.key = (project, "ws", analytics_id)
+
+    def batch(self, data: bytes | str, intake: Intake) -> Batch:
+        frame = decode_frame(data, self.max_events)
+        try:
+            values = [self._values(i, ev, intake.now) for i, ev in enumerate(frame.events)]
+        except ApiError as exc:
+            raise FrameError(exc, frame.seq, CLOSE_INVALID) from None
+        project, aid, ctx, now = self.project, self.analytics_id, self.context, intake.now
+        fresh = [v for v in values if v[0] is None or intake.fresh(project, v[0])]
+        # A batch stored before (a resend) touches nothing: it names the live session.
+        session_id = intake.session(self.key, aid, None, len(fresh)) if fresh else \
+            intake.sessions.current(self.key)
+        intake.rows.extend([_new_row(Row, (
+            message_id, project, "ws", kind, None, None, aid, None, None, None, session_id,
+            ts, original, None, now, payload, None, ctx, None))
+            for message_id, kind, ts, original, payload in fresh])
+        return Batch(intake.rows, intake.keys, frame.seq, len(values), session_id)
+
+    @staticmethod
+    def _values(i: int, ev: WireRtEvent, now: int) -> tuple:
+        """(id, type, timestamp µs, original µs, payload) of a valid event."""
+        kind = ev.type
+        if not kind or len(kind) > MAX_TYPE_CHARS or kind in SESSION_TYPES:
+            message = (f"type {kind!r} is reserved for the server" if kind in SESSION_TYPES
+                       else f"type must be 1-{MAX_TYPE_CHARS} characters")
+            raise ApiError("invalid_event", message, field=f"$.events[{i}].type")
+        ts = ev.ts
+        if ts is None:
+            stamp, original = now, None
+        elif 0 <= ts <= MAX_TS_MS:
+            stamp = original = ts * 1000
+        else:
+            raise ApiError("invalid_event", "ts must be epoch milliseconds (0 to year 9999)",
+                           field=f"$.events[{i}].ts")
+        payload = _object(ev.payload, f"$.events[{i}].payload") if ev.payload else None
+        return ev.id or None, kind, stamp, original, payload

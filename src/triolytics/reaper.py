@@ -1,0 +1,56 @@
+"""The session reaper: sleeps until the earliest session deadline, then stores the
+`session_end` rows of the sessions that timed out.
+
+Rules:
+- Deadlines are wall-clock µs from the injected clock (sessions outlive the process);
+  the reaper sleeps on trio's clock for the difference, so `autojump_clock` drives tests
+  whose wall clock is derived from `trio.current_time()`.
+- Work per step is bounded (`session_end_chunk_rows` heap pops) and each step's rows go
+  to the writer as one list, so 100,000 sessions ending at once never stall the loop.
+- Ended sessions are removed from memory before their rows are durable: if the process
+  dies in between, they are still open in storage and end again at the next start.
+  A refusal by the writer (busy) is retried; shutting down ends the reaper.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from time import time_ns
+
+import trio
+
+from triolytics.errors import ApiError
+from triolytics.sessions import Sessions
+from triolytics.writer import Writer
+
+log = logging.getLogger("triolytics.sessions")
+RETRY_S = 1.0  # after the writer refused session_end rows
+MIN_SLEEP_S = 0.001
+
+
+async def reap_sessions(sessions: Sessions, writer: Writer, chunk: int,
+                        clock: Callable[[], int] = time_ns, *,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    task_status.started()
+    while True:
+        now = clock() // 1000
+        deadline = sessions.next_deadline()
+        if deadline is None or deadline > now:
+            wait_us = sessions.timeout if deadline is None else deadline - now
+            await trio.sleep(max(wait_us / 1e6, MIN_SLEEP_S))
+            continue
+        rows = sessions.expire(now, chunk)
+        if not rows:
+            await trio.lowlevel.checkpoint()
+            continue
+        while True:
+            try:
+                await writer.store_rows(rows)
+                break
+            except ApiError as exc:
+                if writer.closing:
+                    return  # the sessions are still open in storage: they end next start
+                log.warning("could not store %d session_end rows (%s); retrying",
+                            len(rows), exc.message)
+                await trio.sleep(RETRY_S)

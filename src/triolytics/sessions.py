@@ -1,0 +1,163 @@
+"""Server-side sessions for both APIs: live sessions and one timer heap (pure).
+
+Rules:
+- A session belongs to a key `(project, channel, id)`: the `analytics_id` on the
+  WebSocket, `anonymousId` (else `userId`) over HTTP. Connections and requests with the
+  same key share its session.
+- Times are wall-clock µs passed in (the events' receive time); nothing here reads a clock.
+- An event costs O(1): `touch` updates `last_seen` and `count`. Each live session has one
+  heap entry, pushed with the deadline it had then; `expire(now)` pops due entries and
+  re-pushes those active since (lazy invalidation, as trio's own deadline heap does).
+  Only deadlines that pop cost O(log n).
+- Opening a session appends its `session_start` row to the caller's row list, just
+  before the event that opened it; ending one makes its `session_end` row, stamped at
+  last activity + timeout. Both are ordinary rows: the journal makes them durable.
+"""
+
+from __future__ import annotations
+
+import heapq
+from itertools import count
+
+import msgspec
+
+from triolytics.dedup import Dedup, dedup_key
+from triolytics.rows import Row
+
+Key = tuple[str, str, str]  # (project, channel, id)
+SESSION_TYPES = frozenset({"session_start", "session_end"})  # the rows made here
+_new_row = tuple.__new__
+_ENCODE = msgspec.json.Encoder()
+
+
+class Session:
+    __slots__ = ("key", "id", "started", "last_seen", "count", "anonymous_id", "user_id")
+
+    def __init__(self, key: Key, session_id: str, started: int, anonymous_id: str | None,
+                 user_id: str | None, last_seen: int | None = None, events: int = 0) -> None:
+        self.key = key
+        self.id = session_id
+        self.started = started  # µs: receive time of its first event
+        self.last_seen = started if last_seen is None else last_seen
+        self.count = events
+        self.anonymous_id = anonymous_id
+        self.user_id = user_id
+
+
+class SessionEnd(msgspec.Struct):
+    """The `properties` of a `session_end` row."""
+
+    duration_ms: int  # first event to last event
+    event_count: int
+
+
+class Sessions:
+    def __init__(self, timeout_us: int, new_id) -> None:
+        self.timeout = timeout_us
+        self.new_id = new_id  # () -> str, a fresh session id
+        self.live: dict[Key, Session] = {}
+        self._heap: list[tuple[int, int, Session]] = []  # (deadline, tie-break, session)
+        self._ties = count()
+        self.opened = 0
+        self.ended = 0
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def touch(self, key: Key, anonymous_id: str | None, user_id: str | None, now: int,
+              rows: list[Row], events: int = 1) -> str:
+        """The session id for `events` events of `key` received at `now`. Opening a
+        session (or replacing one that timed out but was not reaped yet) appends its
+        `session_end`/`session_start` rows to `rows`."""
+        s = self.live.get(key)
+        if s is not None:
+            if now - s.last_seen < self.timeout:
+                if now > s.last_seen:
+                    s.last_seen = now
+                s.count += events
+                return s.id
+            rows.append(self._end(s, now))
+        s = Session(key, self.new_id(), now, anonymous_id, user_id, events=events)
+        self.live[key] = s
+        self.opened += 1
+        self._push(s)
+        rows.append(_new_row(Row, (
+            self.new_id(), key[0], key[1], "session_start", None, None, anonymous_id,
+            user_id, None, None, s.id, now, None, None, now, None, None, None, None)))
+        return s.id
+
+    def current(self, key: Key) -> str | None:
+        """The live session id of `key`, touching nothing."""
+        s = self.live.get(key)
+        return s.id if s is not None else None
+
+    def _push(self, s: Session) -> None:
+        heapq.heappush(self._heap, (s.last_seen + self.timeout, next(self._ties), s))
+
+    def next_deadline(self) -> int | None:
+        """When the earliest entry pops (it may be re-pushed then); None when empty."""
+        return self._heap[0][0] if self._heap else None
+
+    def expire(self, now: int, limit: int) -> list[Row]:
+        """`session_end` rows of the sessions idle for the timeout at `now`, looking at
+        no more than `limit` due heap entries (call again while `next_deadline() <= now`)."""
+        heap, live = self._heap, self.live
+        ended: list[Row] = []
+        while heap and heap[0][0] <= now and limit > 0:
+            limit -= 1
+            _, _, s = heapq.heappop(heap)
+            if live.get(s.key) is not s:
+                continue  # replaced (or ended) since it was pushed
+            if s.last_seen + self.timeout > now:
+                self._push(s)  # active since: its deadline moved on
+                continue
+            ended.append(self._end(s, now))
+        return ended
+
+    def _end(self, s: Session, now: int) -> Row:
+        """Its `session_end` row: event time last activity + timeout, received `now`."""
+        del self.live[s.key]
+        self.ended += 1
+        end = s.last_seen + self.timeout
+        props = _ENCODE.encode(SessionEnd((s.last_seen - s.started) // 1000, s.count))
+        return _new_row(Row, (
+            self.new_id(), s.key[0], s.key[1], "session_end", None, None, s.anonymous_id,
+            s.user_id, None, None, s.id, end, None, None, now, props.decode(), None, None,
+            None))
+
+    def restore(self, sessions: list[Session]) -> None:
+        """Sessions found open in storage at start-up (expired ones end at the next
+        `expire`)."""
+        for s in sessions:
+            self.live[s.key] = s
+            self._push(s)
+
+
+class Intake:
+    """One request's (or WebSocket frame's) admission: a repeated client id is dropped
+    before it can touch a session; the rows to store collect in order, session starts
+    included. Nothing may refuse the rows after this (the caller waited for room first),
+    except a journal failure, which forgets `keys` again."""
+
+    __slots__ = ("rows", "keys", "now", "duplicates", "dedup", "sessions")
+
+    def __init__(self, dedup: Dedup, sessions: Sessions, now: int) -> None:
+        self.rows: list[Row] = []
+        self.keys: list[str] = []  # dedup keys admitted here
+        self.now = now  # µs, receive time
+        self.duplicates = 0
+        self.dedup = dedup
+        self.sessions = sessions
+
+    def fresh(self, project: str, message_id: str) -> bool:
+        """False if `message_id` was stored recently (the event is answered as stored)."""
+        key = dedup_key(project, message_id)
+        if not self.dedup.admit(key, self.now):
+            self.duplicates += 1
+            return False
+        self.keys.append(key)
+        return True
+
+    def session(self, key: Key, anonymous_id: str | None, user_id: str | None,
+                events: int = 1) -> str:
+        return self.sessions.touch(key, anonymous_id, user_id, self.now, self.rows, events)

@@ -1,0 +1,364 @@
+"""The real-time API on loopback (port 0): `POST /create`, the WebSocket, sessions.
+
+Level three of the test ladder: `serve` runs in a nursery, trio-websocket clients talk
+to it, and once `serve` has returned the DuckDB file is read. Session time is driven by
+a mock clock: the server's wall clock is derived from `trio.current_time()`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import duckdb
+import h11
+import pytest
+import trio
+import trio_websocket
+from trio.testing import MockClock
+
+from triolytics.app import serve
+from triolytics.config import Config
+
+BASE_NS = 1_706_859_000_000 * 1_000_000  # 2024-02-02T07:30:00Z, the document's first ts
+DOC_PAYLOAD = """{
+  "events": [
+    {
+      "type": "screen_view",
+      "ts": 1706859000000,
+      "payload": { "screen_name": "Home" }
+    },
+    {
+      "type": "button_click",
+      "ts": 1706859005000,
+      "payload": { "btn_id": "play_music" }
+    }
+  ]
+}"""
+ID_FORMAT = re.compile(r"0\.[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+@pytest.fixture
+def clock():
+    """Virtual time that jumps only after 20 ms of real idleness (real sockets, and the
+    journal's sync thread, finish their real work before the clock races on)."""
+    return MockClock(autojump_threshold=0.02)
+
+
+def wall_clock(offset_s: float = 0.0):
+    return lambda: BASE_NS + int((trio.current_time() + offset_s) * 1e9)
+
+
+class Server:
+    def __init__(self, port: int, data_dir: Path) -> None:
+        self.port = port
+        self.data_dir = data_dir
+
+    def ws_url(self, analytics_id: str | None) -> str:
+        query = f"?analytics_id={analytics_id}" if analytics_id is not None else ""
+        return f"ws://127.0.0.1:{self.port}/analytics{query}"
+
+    async def http(self, method: bytes, target: bytes, headers=(), body: bytes = b""):
+        """One request on a fresh connection: (status, headers dict, body)."""
+        conn = h11.Connection(h11.CLIENT)
+        head = [(b"host", b"x"), (b"content-length", b"%d" % len(body)), *headers]
+        data = conn.send(h11.Request(method=method, target=target, headers=head))
+        data += conn.send(h11.Data(data=body)) if body else b""
+        data += conn.send(h11.EndOfMessage())
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        async with stream:
+            await stream.send_all(data)
+            status, got, out = 0, {}, b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif type(event) is h11.Response:
+                    status, got = event.status_code, dict(event.headers)
+                elif type(event) is h11.Data:
+                    out += event.data
+                else:
+                    return status, got, out
+
+    async def create(self) -> str:
+        status, _, body = await self.http(b"POST", b"/create")  # no headers, no body
+        assert status == 200, body
+        return json.loads(body)["analytics_id"]
+
+    async def stats(self) -> dict:
+        token = (self.data_dir / "admin.token").read_text().strip().encode()
+        status, _, body = await self.http(b"GET", b"/admin/stats",
+                                          [(b"authorization", b"Bearer " + token)])
+        assert status == 200
+        return json.loads(body)
+
+    async def wait_journaled(self, rows: int) -> None:
+        while (await self.stats())["journaled_rows"] < rows:
+            await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running(data_dir: Path, offset_s: float = 0.0, **overrides):
+    config = Config(host="127.0.0.1", port=0, data_dir=str(data_dir), **overrides)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(partial(serve, config, stop=stop,
+                                            clock=wall_clock(offset_s)))
+        try:
+            yield Server(bound.port, data_dir)
+        finally:
+            stop.set()
+
+
+def stored(data_dir: Path) -> list[dict]:
+    con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
+    try:
+        cur = con.execute(
+            "SELECT type, channel, anonymous_id, session_id, epoch_ms(timestamp) AS ts, "
+            "epoch_ms(original_timestamp) AS original, properties::VARCHAR AS properties, "
+            "context::VARCHAR AS context, message_id FROM events "
+            "ORDER BY received_at, (type = 'session_start') DESC, timestamp")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        con.close()
+
+
+def ws(server: Server, analytics_id: str | None, **kw):
+    return trio_websocket.open_websocket_url(server.ws_url(analytics_id), **kw)
+
+
+async def ack(conn) -> dict:
+    with trio.fail_after(10):
+        return json.loads(await conn.get_message())
+
+
+# --- the document's flow, verbatim
+
+
+async def test_document_flow_create_connect_send(tmp_path):
+    async with running(tmp_path) as server:
+        status, headers, body = await server.http(b"POST", b"/create")
+        created = json.loads(body)
+        assert status == 200
+        assert ID_FORMAT.fullmatch(created["analytics_id"]), created
+        assert created["metadata"] == {"region": "global"}
+        async with ws(server, created["analytics_id"]) as conn:
+            await conn.send_message(DOC_PAYLOAD)
+            with trio.move_on_after(0.3) as quiet:  # it only sends: nothing comes back
+                await conn.get_message()
+            assert quiet.cancelled_caught
+        await server.wait_journaled(3)
+    rows = stored(tmp_path)
+    assert [r["type"] for r in rows] == ["session_start", "screen_view", "button_click"]
+    session = rows[0]["session_id"]
+    assert session and all(r["session_id"] == session for r in rows)
+    assert all(r["anonymous_id"] == created["analytics_id"] for r in rows)
+    assert [r["ts"] for r in rows[1:]] == [1706859000000, 1706859005000]
+    assert [json.loads(r["properties"]) for r in rows[1:]] == [
+        {"screen_name": "Home"}, {"btn_id": "play_music"}]
+    assert json.loads(rows[1]["context"])["ip"] == "127.0.0.1"
+    assert {r["channel"] for r in rows} == {"ws"}
+    with duckdb.connect(str(tmp_path / "events.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT analytics_id FROM analytics_ids").fetchall() == [
+            (created["analytics_id"],)]
+
+
+async def test_ts_defaults_to_receive_time(tmp_path, clock):
+    async with running(tmp_path) as server:
+        aid = await server.create()
+        await trio.sleep(5)
+        async with ws(server, aid) as conn:
+            await conn.send_message('{"events":[{"type":"tick"}],"seq":1}')
+            assert (await ack(conn))["type"] == "ack"
+            now_ms = wall_clock()() // 1_000_000
+    (start, tick) = stored(tmp_path)
+    assert tick["original"] is None
+    assert abs(tick["ts"] - now_ms) < 1000
+
+
+# --- acknowledgements and refusals (opt-in, with seq)
+
+
+async def test_acks_come_in_order_and_a_bad_batch_is_refused_alone(tmp_path):
+    async with running(tmp_path) as server:
+        aid = await server.create()
+        async with ws(server, aid) as conn:
+            for seq in range(5):  # pipelined: no waiting between batches
+                events = [{"type": "e", "payload": {"seq": seq, "i": i}} for i in range(3)]
+                await conn.send_message(json.dumps({"events": events, "seq": seq}))
+            await conn.send_message(b'{"events":[{"type":"ok"},{"type":7}],"seq":5}')
+            await conn.send_message('{"events":[{"type":"after"}],"seq":6}')
+            answers = [await ack(conn) for _ in range(7)]
+    assert [a["seq"] for a in answers] == list(range(7))
+    assert [a["type"] for a in answers] == ["ack"] * 5 + ["error", "ack"]
+    assert all(a["stored"] == 3 for a in answers[:5])
+    assert len({a["session_id"] for a in answers if a["type"] == "ack"}) == 1
+    assert answers[5]["code"] == "invalid_event"
+    assert answers[5]["field"] == "$.events[1].type"
+    types = [r["type"] for r in stored(tmp_path)]
+    assert types.count("e") == 15 and types.count("after") == 1 and "ok" not in types
+
+
+async def test_event_ids_are_stored_once_across_reconnects(tmp_path):
+    async with running(tmp_path) as server:
+        aid = await server.create()
+        batch = json.dumps({"events": [{"type": "e", "id": "ev-1"}, {"type": "e", "id": "ev-2"}],
+                            "seq": 1})
+        async with ws(server, aid) as conn:
+            await conn.send_message(batch)
+            first = await ack(conn)
+        async with ws(server, aid) as conn:  # a resend after a reconnect
+            await conn.send_message(batch)
+            again = await ack(conn)
+    assert first["stored"] == again["stored"] == 2
+    assert first["session_id"] == again["session_id"]
+    ids = [r["message_id"] for r in stored(tmp_path) if r["type"] == "e"]
+    assert sorted(ids) == ["ev-1", "ev-2"]
+
+
+# --- refusals at the handshake, as plain HTTP
+
+
+async def test_handshake_refusals_are_http_answers(tmp_path):
+    async with running(tmp_path, ws_origins=["https://app.example"]) as server:
+        aid = await server.create()
+        cases = {
+            None: 400,
+            "not-an-id": 400,
+            "0.00000000-0000-4000-8000-000000000000": 403,
+            "1" + aid[1:]: 403,  # another shard's
+        }
+        for analytics_id, status in cases.items():
+            with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+                async with ws(server, analytics_id):
+                    pass
+            assert refused.value.status_code == status, analytics_id
+            assert json.loads(refused.value.body)["error"]["code"] in {
+                "bad_request", "unknown_analytics_id"}
+        with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+            async with ws(server, aid, extra_headers=[(b"origin", b"https://evil.example")]):
+                pass
+        assert refused.value.status_code == 403
+        async with ws(server, aid, extra_headers=[(b"origin", b"https://app.example")]):
+            pass
+        status, headers, _ = await server.http(b"GET", ("/analytics?analytics_id=" + aid).encode())
+        assert status == 426 and headers[b"upgrade"] == b"websocket"
+
+
+# --- protocol faults close the connection
+
+
+@pytest.mark.parametrize("message, code", [
+    (b"\xff not json", 1007),
+    ('{"events": [{"type": "x"}], "seq": "one"}', 1007),
+    ('{"events": [{"type": "session_start"}]}', 1007),  # refused, and no seq to say so
+    (json.dumps({"events": [{"type": "x"}] * 11}), 1008),
+    ('{"events": [{"type": "' + "x" * 3000 + '"}]}', 1009),
+])
+async def test_protocol_faults_close_with_their_code(tmp_path, message, code):
+    async with running(tmp_path, ws_max_batch_events=10, ws_max_message_bytes=2048) as server:
+        aid = await server.create()
+        async with ws(server, aid) as conn:
+            await conn.send_message(message)
+            with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await conn.get_message()
+    assert closed.value.reason.code == code
+    assert [r["type"] for r in stored(tmp_path)] == []
+
+
+# --- sessions
+
+
+async def test_sessions_expire_resume_and_are_shared(tmp_path, clock):
+    async with running(tmp_path, session_timeout_s=60) as server:
+        aid = await server.create()
+        async with ws(server, aid) as a, ws(server, aid) as b:  # two connections, one key
+            await a.send_message('{"events":[{"type":"a1"}],"seq":1}')
+            first = (await ack(a))["session_id"]
+            await trio.sleep(30)
+            await b.send_message('{"events":[{"type":"b1"}],"seq":1}')
+            assert (await ack(b))["session_id"] == first
+        await trio.sleep(50)  # 50 s after the last event: still alive
+        async with ws(server, aid) as c:  # a reconnect resumes it
+            await c.send_message('{"events":[{"type":"c1"},{"type":"c2"}],"seq":1}')
+            assert (await ack(c))["session_id"] == first
+            last_event = wall_clock()() // 1_000_000
+        await trio.sleep(61)  # now it times out
+        await server.wait_journaled(6)
+        async with ws(server, aid) as d:
+            await d.send_message('{"events":[{"type":"d1"}],"seq":1}')
+            second = (await ack(d))["session_id"]
+        assert second != first
+    rows = stored(tmp_path)
+    assert [r["type"] for r in rows] == ["session_start", "a1", "b1", "c1", "c2",
+                                          "session_end", "session_start", "d1"]
+    end = rows[5]
+    assert end["session_id"] == first
+    assert abs(end["ts"] - (last_event + 60_000)) < 50  # last activity + timeout
+    assert json.loads(end["properties"])["event_count"] == 4
+    assert 80_000 - 50 <= json.loads(end["properties"])["duration_ms"] <= 80_000 + 50
+
+
+async def test_http_events_are_sessionized_by_anonymous_id(tmp_path, clock):
+    async with running(tmp_path, write_keys=["wk_1"], session_timeout_s=60) as server:
+        def capture(anon: str):
+            body = json.dumps({"type": "track", "event": "E", "anonymousId": anon}).encode()
+            return server.http(b"POST", b"/v1/capture", [(b"x-write-key", b"wk_1")], body)
+        for anon in ("a", "b", "a"):
+            status, _, _ = await capture(anon)
+            assert status == 201
+        await trio.sleep(120)
+        await server.wait_journaled(3 + 2 + 2)
+    rows = stored(tmp_path)
+    by_anon = {}
+    for r in rows:
+        by_anon.setdefault(r["anonymous_id"], []).append((r["type"], r["session_id"]))
+    assert [t for t, _ in by_anon["a"]] == ["session_start", "track", "track", "session_end"]
+    assert len({s for _, s in by_anon["a"]}) == 1
+    assert {s for _, s in by_anon["a"]} != {s for _, s in by_anon["b"]}
+    assert {r["channel"] for r in rows} == {"http"}
+
+
+async def test_sessions_resume_after_a_restart_and_end_late_after_downtime(tmp_path, clock):
+    async with running(tmp_path, session_timeout_s=60) as server:
+        aid, other = await server.create(), await server.create()
+        async with ws(server, aid) as conn, ws(server, other) as conn2:
+            await conn.send_message('{"events":[{"type":"before"}],"seq":1}')
+            first = (await ack(conn))["session_id"]
+            await conn2.send_message('{"events":[{"type":"other"}],"seq":1}')
+            other_session = (await ack(conn2))["session_id"]
+    # A restart 30 s later (the clock restarts at 0: shift the wall clock on).
+    async with running(tmp_path, offset_s=30, session_timeout_s=60) as server:
+        async with ws(server, aid) as conn:
+            await conn.send_message('{"events":[{"type":"after"}],"seq":1}')
+            assert (await ack(conn))["session_id"] == first
+    # A restart after an hour down: both sessions end at start-up, stamped in the past.
+    async with running(tmp_path, offset_s=3600, session_timeout_s=60) as server:
+        await server.wait_journaled(2)
+    rows = stored(tmp_path)
+    ends = {r["session_id"]: r for r in rows if r["type"] == "session_end"}
+    assert set(ends) == {first, other_session}
+    after = next(r for r in rows if r["type"] == "after")
+    assert abs(ends[first]["ts"] - (after["ts"] + 60_000)) < 50
+    assert json.loads(ends[first]["properties"])["event_count"] == 2
+
+
+# --- POST /create
+
+
+async def test_create_is_rate_limited_per_ip_and_speaks_cors(tmp_path, clock):
+    async with running(tmp_path, create_burst=2, create_rate_per_min=6) as server:
+        got = [await server.http(b"POST", b"/create") for _ in range(3)]
+        assert [s for s, _, _ in got] == [200, 200, 429]
+        assert got[2][1][b"retry-after"] == b"10"
+        await trio.sleep(10)
+        status, headers, _ = await server.http(b"POST", b"/create",
+                                               [(b"origin", b"https://app.example")])
+        assert status == 200
+        assert headers[b"access-control-allow-origin"] == b"https://app.example"
+        ids = {json.loads(b)["analytics_id"] for s, _, b in got if s == 200}
+        assert len(ids) == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from itertools import count
 
-import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -244,11 +243,6 @@ def test_a_restored_session_without_last_seen_counts_from_its_start():
     assert s.last_seen == T0 and s.count == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Sessions.restore keeps only the last of two open sessions with the same key; the "
-    "other is never ended (open in storage forever). Two can be open in storage when a "
-    "reaped session's session_end was not durable yet and the key opened a new session "
-    "before a crash or shutdown."))
 def test_two_open_sessions_with_one_key_both_end():
     sessions = make()
     sessions.restore([restored(K, "older", T0, T0 + 10 * S, 2),

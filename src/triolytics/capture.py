@@ -115,11 +115,18 @@ def _absent(raw: msgspec.Raw) -> bool:
 BAD_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
-def decode_error(exc: Exception, prefix: str) -> ApiError:
-    """Map a decoding error to `invalid_json`/`invalid_event` with a JSON path."""
+def decode_error(exc: Exception, prefix: str, data: bytes | str | None = None) -> ApiError:
+    """Map a decoding error to `invalid_json`/`invalid_event` with a JSON path. Given the
+    decoded `data`, invalid UTF-8 is located by its byte offset in it (msgspec reports
+    the offset inside the string value)."""
     if isinstance(exc, UnicodeDecodeError):
-        return ApiError("invalid_json", f"invalid UTF-8 at byte {exc.start}",
-                        field=prefix or "$")
+        where = "in a string"
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            try:
+                bytes(data).decode("utf-8")
+            except UnicodeDecodeError as located:
+                where = f"at byte {located.start}"
+        return ApiError("invalid_json", f"invalid UTF-8 {where}", field=prefix or "$")
     if isinstance(exc, RecursionError):
         return ApiError("invalid_json", "JSON nested too deeply", field=prefix or "$")
     message = str(exc)
@@ -134,7 +141,7 @@ def decode_event(body: bytes | msgspec.Raw, prefix: str = "") -> WireEvent:
     try:
         return EVENT_DECODER.decode(body)
     except BAD_JSON as exc:
-        raise decode_error(exc, prefix) from None
+        raise decode_error(exc, prefix, body) from None
 
 
 def decode_batch(body: bytes, max_event_bytes: int) -> WireBatch | WireBatchEvents:
@@ -148,7 +155,7 @@ def decode_batch(body: bytes, max_event_bytes: int) -> WireBatch | WireBatchEven
     try:
         return BATCH_DECODER.decode(body)
     except BAD_JSON as exc:
-        raise decode_error(exc, "") from None
+        raise decode_error(exc, "", body) from None
 
 
 def _text_of(raw: msgspec.Raw | bytes, field: str) -> str:

@@ -93,6 +93,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
+        if not self.create_rate_per_min > 0:
+            raise ConfigError(f"create_rate_per_min must be positive, got "
+                              f"{self.create_rate_per_min}")
+        if not 0 <= self.analytics_shard <= 999_999_999:  # an id's <shard> has 1-9 digits
+            raise ConfigError(f"analytics_shard must be 0 to 999999999, got "
+                              f"{self.analytics_shard}")
 
 
 FIELDS = Config.__struct_fields__

@@ -135,9 +135,11 @@ UNAVAILABLE = ApiError("unavailable", "server is shutting down; retry",
 
 
 class HttpServer:
-    def __init__(self, config: Config, routes: Routes, upgrades: dict | None = None) -> None:
+    def __init__(self, config: Config, routes: Routes, upgrades: dict | None = None,
+                 bodiless: frozenset[bytes] = frozenset()) -> None:
         self.config = config
         self.routes = routes
+        self.bodiless = bodiless  # paths whose POST without framing has an empty body
         self.upgrades = upgrades or {}  # path -> async fn(stream, raw bytes read, request)
         self.cors = Cors(config.cors_origins)
         self.trusted = parse_networks(config.trusted_proxies)
@@ -249,7 +251,7 @@ class HttpServer:
                 handler = route(self.routes, method, path)
                 if origin is not None and not self.cors.allowed(origin):
                     raise ApiError("forbidden_origin", "origin not allowed")
-                body = await self._body(conn, stream, method, headers)
+                body = await self._body(conn, stream, method, path, headers)
                 if body is None:
                     return False
                 if c.scope.cancel_called:  # timed out or drained as the body arrived:
@@ -293,10 +295,13 @@ class HttpServer:
             return self.cors.preflight(req, list(methods))
         return Response(204, b"", [(b"allow", allowed_methods(methods))], content_type=b"")
 
-    async def _body(self, conn, stream, method: bytes, headers: dict) -> bytes | None:
+    async def _body(self, conn, stream, method: bytes, path: bytes,
+                    headers: dict) -> bytes | None:
         limit = self.config.max_request_bytes
         length = headers.get(b"content-length")
         if length is None and b"transfer-encoding" not in headers and method not in _NO_BODY_OK:
+            if path in self.bodiless:  # `POST /create`: "Headers: None, Body: None"
+                return b""
             raise ApiError("length_required", "send Content-Length or chunked encoding")
         if length is not None and int(length) > limit:
             raise ApiError("payload_too_large",

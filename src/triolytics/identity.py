@@ -17,8 +17,8 @@ import secrets
 
 from triolytics.errors import ApiError
 
-_FORMAT = re.compile(r"(\d{1,9})\.([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-                     r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
+_FORMAT = re.compile(r"(0|[1-9][0-9]{0,8})\.([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                     r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12})", re.ASCII)  # one spelling per id
 
 
 def new_secret() -> bytes:

@@ -80,7 +80,7 @@ def decode_frame(data: bytes | str, max_events: int) -> WireFrame:
     try:
         frame = FRAME_DECODER.decode(data)
     except BAD_JSON as exc:
-        raise FrameError(decode_error(exc, ""), _seq_of(data), CLOSE_INVALID) from None
+        raise FrameError(decode_error(exc, "", data), _seq_of(data), CLOSE_INVALID) from None
     if frame.seq is not None and frame.seq < 0:
         raise FrameError(ApiError("bad_request", "seq must be >= 0", field="$.seq"), None,
                          CLOSE_INVALID)

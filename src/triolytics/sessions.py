@@ -57,6 +57,7 @@ class Sessions:
         self.new_id = new_id  # () -> str, a fresh session id
         self.live: dict[Key, Session] = {}
         self._heap: list[tuple[int, int, Session]] = []  # (deadline, tie-break, session)
+        self._stale: list[Session] = []  # restored, superseded by a newer one of its key
         self._ties = count()
         self.opened = 0
         self.ended = 0
@@ -96,6 +97,8 @@ class Sessions:
 
     def next_deadline(self) -> int | None:
         """When the earliest entry pops (it may be re-pushed then); None when empty."""
+        if self._stale:
+            return self._stale[-1].last_seen + self.timeout
         return self._heap[0][0] if self._heap else None
 
     def expire(self, now: int, limit: int) -> list[Row]:
@@ -103,6 +106,9 @@ class Sessions:
         no more than `limit` due heap entries (call again while `next_deadline() <= now`)."""
         heap, live = self._heap, self.live
         ended: list[Row] = []
+        while self._stale and limit > 0:
+            limit -= 1
+            ended.append(self._end(self._stale.pop(), now))
         while heap and heap[0][0] <= now and limit > 0:
             limit -= 1
             _, _, s = heapq.heappop(heap)
@@ -116,7 +122,8 @@ class Sessions:
 
     def _end(self, s: Session, now: int) -> Row:
         """Its `session_end` row: event time last activity + timeout, received `now`."""
-        del self.live[s.key]
+        if self.live.get(s.key) is s:
+            del self.live[s.key]
         self.ended += 1
         end = s.last_seen + self.timeout
         props = _ENCODE.encode(SessionEnd((s.last_seen - s.started) // 1000, s.count))
@@ -127,8 +134,11 @@ class Sessions:
 
     def restore(self, sessions: list[Session]) -> None:
         """Sessions found open in storage at start-up (expired ones end at the next
-        `expire`)."""
-        for s in sessions:
+        `expire`). Of two open sessions of one key, the older ends at once."""
+        for s in sorted(sessions, key=lambda s: s.last_seen):
+            older = self.live.get(s.key)
+            if older is not None:  # its end was not durable before the newer one began
+                self._stale.append(older)
             self.live[s.key] = s
             self._push(s)
 

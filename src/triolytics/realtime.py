@@ -13,6 +13,8 @@ Rules:
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from triolytics.capture import BAD_JSON, _object, decode_error
@@ -28,8 +30,9 @@ CLOSE_INVALID, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR = 1007, 1008, 1009, 1011
 
 
 class WireRtEvent(msgspec.Struct, gc=False):
-    type: str
-    ts: int | None = None
+    # Lengths and ranges are checked by msgspec, in C, as it decodes.
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TYPE_CHARS)]
+    ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)] | None = None  # epoch ms
     payload: msgspec.Raw = msgspec.Raw()
     id: str | None = None
 
@@ -106,37 +109,44 @@ class Realtime:
         self.key = (project, "ws", analytics_id)
 
     def batch(self, data: bytes | str, intake: Intake) -> Batch:
+        """The batch's rows, admitted to `intake`; FrameError if any event is invalid.
+        Checks run over the whole batch at once; only a refused batch is walked event
+        by event (`_refusal`) to name the field at fault."""
         frame = decode_frame(data, self.max_events)
+        events = frame.events
         try:
-            values = [self._values(i, ev, intake.now) for i, ev in enumerate(frame.events)]
-        except ApiError as exc:
-            raise FrameError(exc, frame.seq, CLOSE_INVALID) from None
+            payloads = [str(e.payload, "utf-8") if e.payload else None for e in events]
+        except UnicodeDecodeError:
+            payloads = None
+        if payloads is None or not SESSION_TYPES.isdisjoint([e.type for e in events]) \
+                or not all(p is None or p[0] == "{" for p in payloads):
+            payloads = self._payloads(frame)  # raises, or all payloads were null
         project, aid, ctx, now = self.project, self.analytics_id, self.context, intake.now
-        fresh = [v for v in values if v[0] is None or intake.fresh(project, v[0])]
+        pairs = zip(events, payloads, strict=True)
+        if any(e.id for e in events):
+            pairs = [(e, p) for e, p in pairs if not e.id or intake.fresh(project, e.id)]
+        pairs = list(pairs)
         # A batch stored before (a resend) touches nothing: it names the live session.
-        session_id = intake.session(self.key, aid, None, len(fresh)) if fresh else \
+        sid = intake.session(self.key, aid, None, len(pairs)) if pairs else \
             intake.sessions.current(self.key)
         intake.rows.extend([_new_row(Row, (
-            message_id, project, "ws", kind, None, None, aid, None, None, None, session_id,
-            ts, original, None, now, payload, None, ctx, None))
-            for message_id, kind, ts, original, payload in fresh])
-        return Batch(intake.rows, intake.keys, frame.seq, len(values), session_id)
+            e.id or None, project, "ws", e.type, None, None, aid, None, None, None, sid,
+            now if e.ts is None else e.ts * 1000, None if e.ts is None else e.ts * 1000,
+            None, now, p, None, ctx, None)) for e, p in pairs])
+        return Batch(intake.rows, intake.keys, frame.seq, len(events), sid)
 
     @staticmethod
-    def _values(i: int, ev: WireRtEvent, now: int) -> tuple:
-        """(id, type, timestamp µs, original µs, payload) of a valid event."""
-        kind = ev.type
-        if not kind or len(kind) > MAX_TYPE_CHARS or kind in SESSION_TYPES:
-            message = (f"type {kind!r} is reserved for the server" if kind in SESSION_TYPES
-                       else f"type must be 1-{MAX_TYPE_CHARS} characters")
-            raise ApiError("invalid_event", message, field=f"$.events[{i}].type")
-        ts = ev.ts
-        if ts is None:
-            stamp, original = now, None
-        elif 0 <= ts <= MAX_TS_MS:
-            stamp = original = ts * 1000
-        else:
-            raise ApiError("invalid_event", "ts must be epoch milliseconds (0 to year 9999)",
-                           field=f"$.events[{i}].ts")
-        payload = _object(ev.payload, f"$.events[{i}].payload") if ev.payload else None
-        return ev.id or None, kind, stamp, original, payload
+    def _payloads(frame: WireFrame) -> list[str | None]:
+        """Each event checked on its own: the first fault raises with its JSON path."""
+        out = []
+        for i, ev in enumerate(frame.events):
+            if ev.type in SESSION_TYPES:
+                raise FrameError(ApiError("invalid_event", f"type {ev.type!r} is reserved "
+                                          "for the server", field=f"$.events[{i}].type"),
+                                 frame.seq, CLOSE_INVALID)
+            try:
+                out.append(_object(ev.payload, f"$.events[{i}].payload") if ev.payload
+                           else None)
+            except ApiError as exc:
+                raise FrameError(exc, frame.seq, CLOSE_INVALID) from None
+        return out

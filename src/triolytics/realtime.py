@@ -129,10 +129,16 @@ class Realtime:
         # A batch stored before (a resend) touches nothing: it names the live session.
         sid = intake.session(self.key, aid, None, len(pairs)) if pairs else \
             intake.sessions.current(self.key)
-        intake.rows.extend([_new_row(Row, (
-            e.id or None, project, "ws", e.type, None, None, aid, None, None, None, sid,
-            now if e.ts is None else e.ts * 1000, None if e.ts is None else e.ts * 1000,
-            None, now, p, None, ctx, None)) for e, p in pairs])
+        append = intake.rows.append
+        for e, p in pairs:  # (the loop runs once per stored event: nothing needless in it)
+            ts = e.ts
+            if ts is None:
+                ts, original = now, None
+            else:
+                ts = original = ts * 1000
+            append(_new_row(Row, (e.id or None, project, "ws", e.type, None, None, aid, None,
+                                  None, None, sid, ts, original, None, now, p, None, ctx,
+                                  None)))
         return Batch(intake.rows, intake.keys, frame.seq, len(events), sid)
 
     @staticmethod

@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from time import time_ns
 from urllib.parse import parse_qs
@@ -28,16 +29,21 @@ from urllib.parse import parse_qs
 import msgspec
 import trio
 import trio_websocket
+from wsproto.events import TextMessage
 
 from triolytics.config import Config
 from triolytics.errors import ApiError
 from triolytics.identity import Identities
-from triolytics.realtime import CLOSE_ERROR, FrameError, Realtime
+from triolytics.realtime import CLOSE_ERROR, Batch, FrameError, Realtime
 from triolytics.sessions import Intake, Sessions
 from triolytics.web import Request
 from triolytics.writer import Writer
 
 log = logging.getLogger("triolytics.ws")
+_FAILED = object()  # the answer of a batch without seq that could not be stored
+# Coalesced answers use trio-websocket's internals (`_send_texts`): only if they are there.
+_COALESCE = {"_wsproto", "_stream_lock", "_stream", "_close_reason"} <= set(
+    trio_websocket.WebSocketConnection.__init__.__code__.co_names)
 CLOSE_TIMEOUT_S = 5.0  # a closing handshake the peer does not finish is cut after this
 CLOSE_IDLE, CLOSE_GOING_AWAY = 1000, 1001
 _ENCODE = msgspec.json.Encoder()
@@ -83,13 +89,21 @@ class Replay(trio.abc.Stream):
 
 
 class _Peer:
-    """One accepted connection, for idle checks and `drain()`."""
+    """One accepted connection: its unanswered batches, idle clock, and `drain()` scope.
 
-    __slots__ = ("reading", "last")
+    `pending` holds (batch, group) in arrival order, at most `ws_max_in_flight`; the
+    reader waits on `lot` when it is full, the acker when it is empty (never both: one
+    parking lot serves). A refused batch is queued as (None, FrameError) to keep order.
+    """
+
+    __slots__ = ("reading", "last", "pending", "lot", "done")
 
     def __init__(self) -> None:
         self.reading = trio.CancelScope()
         self.last = trio.current_time()  # when the last message arrived
+        self.pending: deque = deque()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.done = False  # the reader has stopped: the acker finishes the queue
 
 
 class RealtimeServer:
@@ -136,7 +150,7 @@ class RealtimeServer:
         rt = Realtime(self.config, self.config.realtime_project, analytics_id,
                       _ENCODE.encode(context).decode())
         c = self.config
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:  # trio-websocket's reader, our acker
             try:
                 proposal = await trio_websocket.wrap_server_stream(
                     nursery, Replay(stream, raw_head), c.ws_message_queue,
@@ -146,8 +160,14 @@ class RealtimeServer:
                 return
             peer = _Peer()
             self.peers.add(peer)
+            acked = trio.Event()
+            nursery.start_soon(self._acker, ws, peer, acked)
             try:
-                await self._serve(ws, rt, peer)
+                with peer.reading:
+                    await self._read(ws, rt, peer)
+                peer.done = True
+                peer.lot.unpark_all()
+                await acked.wait()  # every batch read is answered (or the peer is gone)
             finally:
                 self.peers.discard(peer)
                 with trio.move_on_after(CLOSE_TIMEOUT_S) as cs:
@@ -156,17 +176,12 @@ class RealtimeServer:
                 nursery.cancel_scope.cancel()
 
     # --- one connection
-    async def _serve(self, ws, rt: Realtime, peer: _Peer) -> None:
-        send, receive = trio.open_memory_channel(self.config.ws_max_in_flight)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._acker, ws, receive, peer, nursery.cancel_scope)
-            async with send:
-                with peer.reading:
-                    await self._read(ws, rt, peer, send)
-
-    async def _read(self, ws, rt: Realtime, peer: _Peer, send) -> None:
+    async def _read(self, ws, rt: Realtime, peer: _Peer) -> None:
         writer, dedup, sessions = self.writer, self.writer.dedup, self.sessions
+        pending, limit = peer.pending, self.config.ws_max_in_flight
         while True:
+            while len(pending) >= limit:  # TCP backpressure until the oldest is answered
+                await peer.lot.park()
             try:
                 data = await ws.get_message()
             except trio_websocket.ConnectionClosed:
@@ -184,53 +199,59 @@ class RealtimeServer:
                 if exc.seq is None:
                     await _close(ws, exc.close_code, exc.error.message)
                     return
-                try:
-                    await send.send((None, exc))
-                except trio.BrokenResourceError:
-                    return
-                continue
-            try:  # waits while ws_max_in_flight batches are unanswered
-                await send.send((batch, writer.submit(batch.rows, batch.keys)))
-            except trio.BrokenResourceError:
-                return  # the acker closed the connection
+                pending.append((None, exc))
+            else:
+                pending.append((batch, writer.submit(batch.rows, batch.keys)))
+            if len(pending) == 1:
+                peer.lot.unpark_all()  # the acker waits for the first
 
-    async def _acker(self, ws, receive, peer: _Peer, scope: trio.CancelScope) -> None:
-        """Answer batches in order once durable; ping when none came for a while."""
-        async with receive:
-            while True:
-                try:
-                    item = await _next(receive, self.config.ws_ping_interval_s)
-                except trio.EndOfChannel:
-                    return  # the reader is done and every batch is answered
-                ok = await self._answer(ws, *item) if item is not None else \
-                    await self._heartbeat(ws, peer)
-                if not ok:
-                    scope.cancel()
-                    return
-
-    async def _answer(self, ws, batch, group_or_error) -> bool:
-        """Send the answer of one batch; False if the connection must close."""
+    async def _acker(self, ws, peer: _Peer, acked: trio.Event) -> None:
+        """Answer batches in order once durable, every answer ready at once in one write;
+        ping when no batch came for a ping interval."""
+        pending = peer.pending
         try:
-            if batch is None:
-                e = group_or_error.error
-                await ws.send_message(_ENCODE.encode(Refusal(
-                    group_or_error.seq, e.code, e.message, e.field)).decode())
-                return True
-            try:
-                await self.writer.wait_durable(group_or_error)
-            except ApiError as exc:
-                if batch.seq is None:
-                    await _close(ws, CLOSE_ERROR, exc.message)
-                    return False
-                await ws.send_message(_ENCODE.encode(Refusal(
-                    batch.seq, exc.code, exc.message)).decode())
-                return True
-            if batch.seq is not None:
-                await ws.send_message(_ENCODE.encode(Ack(
-                    batch.seq, batch.events, batch.session_id)).decode())
-            return True
-        except trio_websocket.ConnectionClosed:
-            return False
+            while True:
+                if not pending:
+                    if peer.done:
+                        return
+                    with trio.move_on_after(self.config.ws_ping_interval_s) as waited:
+                        await peer.lot.park()
+                    if waited.cancelled_caught and not await self._heartbeat(ws, peer):
+                        break
+                    continue
+                batch, group = pending[0]
+                if batch is not None:
+                    await group.done.wait()
+                answers: list[str] = []
+                while pending and (pending[0][0] is None or pending[0][1].done.is_set()):
+                    answer = self._answer(*pending.popleft())
+                    if answer is _FAILED:
+                        await _close(ws, CLOSE_ERROR, "could not store a batch")
+                        return
+                    if answer is not None:
+                        answers.append(answer)
+                peer.lot.unpark_all()  # room for the reader
+                if answers and not await _send_texts(ws, answers):
+                    break
+            peer.reading.cancel()  # the peer is gone or silent: stop reading too
+        finally:
+            acked.set()
+
+    def _answer(self, batch: Batch | None, group_or_error) -> str | None:
+        """The answer owed for one batch (None: no seq, nothing to say); `_FAILED` if a
+        batch without seq could not be stored (the connection must close)."""
+        if batch is None:
+            e = group_or_error.error
+            return _ENCODE.encode(Refusal(group_or_error.seq, e.code, e.message,
+                                          e.field)).decode()
+        if group_or_error.error is not None:
+            if batch.seq is None:
+                return _FAILED
+            return _ENCODE.encode(Refusal(batch.seq, "unavailable", "could not journal the "
+                                          f"events: {group_or_error.error}")).decode()
+        if batch.seq is None:
+            return None
+        return _ENCODE.encode(Ack(batch.seq, batch.events, batch.session_id)).decode()
 
     async def _heartbeat(self, ws, peer: _Peer) -> bool:
         """No batch for a ping interval: close an idle connection, ping a quiet one.
@@ -249,16 +270,25 @@ class RealtimeServer:
         return False
 
 
-async def _next(receive, timeout: float):
-    """The next queued batch; None if none came within `timeout`. Under load one is
-    usually queued already: no cancel scope then."""
+async def _send_texts(ws, texts: list[str]) -> bool:
+    """Send text messages in one socket write; False if the connection is gone.
+    trio-websocket sends one write per message; when its internals are as expected
+    (0.12), the frames are built by its wsproto connection and written together, under
+    its send lock, as its own `_send` does."""
     try:
-        return receive.receive_nowait()
-    except trio.WouldBlock:
-        pass
-    with trio.move_on_after(timeout):
-        return await receive.receive()
-    return None
+        if len(texts) == 1 or not _COALESCE:
+            for text in texts:
+                await ws.send_message(text)
+            return True
+        if ws._close_reason is not None:
+            return False
+        data = b"".join([ws._wsproto.send(TextMessage(data=text)) for text in texts])
+        async with ws._stream_lock:
+            await ws._stream.send_all(data)
+        return True
+    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
+            trio.ClosedResourceError):
+        return False
 
 
 async def _close(ws, code: int, reason: str) -> None:

@@ -254,6 +254,28 @@ def test_two_open_sessions_with_one_key_both_end():
     assert sorted(r.session_id for r in ended) == ["newer", "older"]
 
 
+def test_of_open_sessions_of_one_key_the_newest_resumes_and_the_older_end_first():
+    sessions, rows = make(), []
+    now = T0 + T + 40 * S  # start-up: "newer" is still live
+    sessions.restore([restored(K, "newer", T0 + T + 20 * S, T0 + T + 30 * S, 1),
+                      restored(K, "oldest", T0, T0 + 5 * S, 4),
+                      restored(K, "older", T0 + 6 * S, T0 + 8 * S, 2),
+                      restored(K2, "other", T0, T0 + T + 35 * S, 1)])
+    assert sessions.current(K) == "newer" and len(sessions) == 2
+    assert sessions.next_deadline() <= now  # the superseded ones are due at once
+    first = sessions.expire(now, 1)  # `limit` counts them too
+    assert len(first) == 1
+    ended = first + sessions.expire(now, ALL)
+    assert sorted(r.session_id for r in ended) == ["older", "oldest"]
+    by_id = {r.session_id: r for r in ended}
+    assert by_id["oldest"].timestamp == T0 + 5 * S + T and by_id["oldest"].received_at == now
+    assert json.loads(by_id["older"].properties) == {"duration_ms": 2000, "event_count": 2}
+    assert sessions.current(K) == "newer" and sessions.ended == 2
+    assert sessions.touch(K, K[2], None, now, rows) == "newer" and rows == []
+    assert sessions.expire(now, ALL) == [] and len(sessions._heap) == len(sessions.live) == 2
+    assert_one_entry_per_live_session(sessions)
+
+
 # --- the heap: one entry per live session, whatever happens
 
 

@@ -129,7 +129,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
     collector = Collector(config, ready.keys, sessions, writer.dedup)
     api = Api(collector, writer, ready.admin_token, ready.identities, clock)
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
-    http = HttpServer(config, api.routes(), upgrades={b"/analytics": realtime.upgrade},
+    http = HttpServer(config, api.routes(), upgrades={b"/analytics": realtime},
                       bodiless=frozenset({b"/create"}))
     stop = stop if stop is not None else trio.Event()
     service = trio.CancelScope()  # a second signal cancels in-flight requests at once

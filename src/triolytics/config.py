@@ -76,7 +76,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ws_idle_timeout_s: float = 600.0  # a connection without a message for this is closed
     # --- sessions (both APIs)
     session_timeout_s: int = 1800  # a session ends after this long without an event
-    session_end_chunk_rows: int = 2000  # session_end rows per reaper step (loop latency)
+    session_end_chunk_rows: int = 500  # session_end rows per reaper step (loop latency)
 
     def __post_init__(self) -> None:
         positive = ("max_connections", "journal_segment_bytes", "load_batch_rows",

@@ -82,7 +82,7 @@ def raw_head(request: h11.Request) -> bytes:
 class _Conn:
     """What the sweeper and `drain()` need to know about one connection."""
 
-    __slots__ = ("scope", "phase", "since", "origin", "why", "head_bytes")
+    __slots__ = ("scope", "phase", "since", "origin", "why", "head_bytes", "upgrade")
 
     def __init__(self, tick: int) -> None:
         self.scope = trio.CancelScope()
@@ -91,6 +91,7 @@ class _Conn:
         self.origin: bytes | None = None  # of the request being received (for a 408)
         self.why: ApiError | None = None  # the answer owed if cancelled mid-request
         self.head_bytes = 0
+        self.upgrade: tuple | None = None  # (handler, its arguments...) once upgraded
 
 
 class Connections:
@@ -140,7 +141,9 @@ class HttpServer:
         self.config = config
         self.routes = routes
         self.bodiless = bodiless  # paths whose POST without framing has an empty body
-        self.upgrades = upgrades or {}  # path -> async fn(stream, raw bytes read, request)
+        # path -> an object with `check(request)` (ApiError to refuse, else a value) and
+        # `async upgrade(stream, bytes read, request, value)`, which owns the connection.
+        self.upgrades = upgrades or {}
         self.cors = Cors(config.cors_origins)
         self.trusted = parse_networks(config.trusted_proxies)
         self.date = DateHeader()
@@ -159,9 +162,10 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         c = _Conn(self.connections.tick)
         self.connections.open.add(c)
+        upgraded = None
         try:
             with c.scope:
-                await self._loop(conn, stream, peer, c)
+                upgraded = await self._loop(conn, stream, peer, c)
             if c.scope.cancelled_caught and c.phase == RECEIVING and c.why is not None:
                 with trio.move_on_after(LINGER_S):
                     await self._send_error(conn, stream, c.why, c.origin)
@@ -169,12 +173,21 @@ class HttpServer:
             pass
         finally:
             self.connections.open.discard(c)
-            if conn.their_state is h11.SEND_BODY:
-                await _linger(stream)
-            await trio.aclose_forcefully(stream)
+            if upgraded is None:
+                if conn.their_state is h11.SEND_BODY:
+                    await _linger(stream)
+                await trio.aclose_forcefully(stream)
+        if upgraded is not None:  # the other protocol owns the connection from here, and
+            del conn, c  # what h11 held is freed (a long-lived WebSocket holds less)
+            try:
+                await upgraded[0](stream, *upgraded[1:])
+            finally:
+                await trio.aclose_forcefully(stream)
 
     async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str,
-                    c: _Conn) -> None:
+                    c: _Conn) -> tuple | None:
+        """Serve requests until the connection must close; an accepted upgrade is
+        returned as (handler, bytes read, request, checked) for `serve` to run."""
         conns = self.connections
         while not conns.draining:
             c.phase = IDLE
@@ -201,7 +214,7 @@ class HttpServer:
                 c.phase = RECEIVING
                 c.since = conns.tick
             if not await self._exchange(conn, stream, peer, event, c):
-                return
+                return c.upgrade
             if conn.our_state is h11.MUST_CLOSE:
                 return
             try:
@@ -242,8 +255,10 @@ class HttpServer:
             if upgrade is not None:
                 request = Request(method, path, query, headers, b"",
                                   client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted))
+                accepted = upgrade.check(request)  # a refusal is answered here, as HTTP
                 c.phase = HANDLING  # the upgraded connection keeps its own timeouts
-                await upgrade(stream, raw_head(event) + conn.trailing_data[0], request)
+                c.upgrade = (upgrade.upgrade, raw_head(event) + conn.trailing_data[0],
+                             request, accepted)
                 return False
             if method == b"OPTIONS":
                 response = self._options(Request(method, path, query, headers, b"", peer))

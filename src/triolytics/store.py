@@ -45,9 +45,16 @@ def new_write_key() -> str:
     return "wk_" + secrets.token_urlsafe(24)
 
 
-def rows_to_arrow(rows: list[Row]) -> pa.RecordBatch:
-    """Rows (tuples) to a columnar batch; pyarrow transposes them in C++."""
-    return pa.RecordBatch.from_struct_array(pa.array(rows, type=_ROW_TYPE))
+ARROW_SLICE_ROWS = 8192  # rows converted per pyarrow call: each call holds the GIL
+
+
+def rows_to_arrow(rows: list[Row]) -> pa.Table:
+    """Rows (tuples) to a columnar table; pyarrow transposes them in C++. In slices:
+    one call over 100,000 rows holds the GIL (and stalls the event loop) for ~100 ms."""
+    return pa.Table.from_batches(
+        [pa.RecordBatch.from_struct_array(pa.array(rows[i:i + ARROW_SLICE_ROWS],
+                                                   type=_ROW_TYPE))
+         for i in range(0, len(rows), ARROW_SLICE_ROWS)], schema=ARROW_SCHEMA)
 
 
 class Store:

@@ -9,7 +9,6 @@ finally a clean SIGTERM stop, then a look at DuckDB.
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import signal
@@ -17,23 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import duckdb
 import pytest
+from seed_examples import load_bench_script
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "crash_loop.py"
-
-
-def _load_crash_loop():
-    spec = importlib.util.spec_from_file_location("crash_loop", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-crash_loop = _load_crash_loop()
+crash_loop = load_bench_script("crash_loop")
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -97,7 +85,7 @@ def test_sigterm_exits_0_and_keeps_every_acknowledged_event(tmp_path):
 def test_crash_loop_script_prints_json(tmp_path):
     """`bench/crash_loop.py N` is a script: one round, JSON on stdout, exit 0."""
     done = subprocess.run(
-        [sys.executable, str(BENCH), "1", "--clients", "2", "--load-s", "0.5",
+        [sys.executable, crash_loop.__file__, "1", "--clients", "2", "--load-s", "0.5",
          "--keep", str(tmp_path)], capture_output=True, timeout=60,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()

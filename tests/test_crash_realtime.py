@@ -12,23 +12,21 @@ crash. A clean SIGTERM stop, then DuckDB: every sent id stored exactly once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
 import duckdb
 import pytest
 import trio
+from seed_examples import load_bench_script
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from triolytics.client import create_analytics_id
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "crash_loop.py"
 BATCH_EVENTS = 20
 IN_FLIGHT = 8  # batches a connection keeps unanswered (the server takes 32)
 ACKED_BEFORE_KILL = 10  # batches each connection has had acked before the kill...
@@ -38,17 +36,9 @@ TIME_LIMIT_S = 15.0  # the whole test, server starts and stops included
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
 
-def _load_crash_loop():
-    if "crash_loop" in sys.modules:  # tests/test_crash.py loaded it already
-        return sys.modules["crash_loop"]
-    spec = importlib.util.spec_from_file_location("crash_loop", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-crash_loop = _load_crash_loop()
+crash_loop = load_bench_script("crash_loop")
 
 
 class Stream:

@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-import duckdb
 import pytest
 import trio
+from test_e2e_realtime import stored  # one reading of the events table
 
 from triolytics.app import serve
 from triolytics.client import BufferFull, ClientError, create_analytics_id, open_client
@@ -47,17 +47,6 @@ async def running(data_dir: Path, port: int = 0, **overrides):
             stop.set()
 
 
-def stored(data_dir: Path) -> list[dict]:
-    con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
-    try:
-        cur = con.execute(
-            "SELECT type, channel, anonymous_id, session_id, message_id, "
-            "epoch_ms(original_timestamp) AS original, properties::VARCHAR AS properties "
-            "FROM events ORDER BY received_at, (type = 'session_start') DESC, timestamp")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-    finally:
-        con.close()
 
 
 def check_one_session(rows: list[dict], analytics_id: str, ids: list[str]) -> str:

@@ -18,26 +18,13 @@ import h11
 import pytest
 import trio
 import trio_websocket
+from seed_examples import DOC_PAYLOAD
 from trio.testing import MockClock
 
 from triolytics.app import serve
 from triolytics.config import Config
 
 BASE_NS = 1_706_859_000_000 * 1_000_000  # 2024-02-02T07:30:00Z, the document's first ts
-DOC_PAYLOAD = """{
-  "events": [
-    {
-      "type": "screen_view",
-      "ts": 1706859000000,
-      "payload": { "screen_name": "Home" }
-    },
-    {
-      "type": "button_click",
-      "ts": 1706859005000,
-      "payload": { "btn_id": "play_music" }
-    }
-  ]
-}"""
 ID_FORMAT = re.compile(r"0\.[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 

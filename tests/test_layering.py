@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-CORE = ("rows", "errors", "config", "capture", "collector", "dedup", "journal", "web")
+CORE = ("rows", "errors", "config", "capture", "collector", "dedup", "journal", "web",
+        "sessions", "realtime", "identity", "ratelimit")
 EDGE = ("trio", "h11", "duckdb", "trio_websocket")
 
 
@@ -24,7 +25,7 @@ def test_core_imports_no_edge_module():
     assert imported_edges(list(CORE)) == []
 
 
-@pytest.mark.parametrize("module", ["journal", "collector", "web"])
+@pytest.mark.parametrize("module", ["journal", "collector", "web", "sessions", "realtime"])
 def test_each_core_module_alone(module):
     assert imported_edges([module]) == []
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from seed_examples import DOC_PAYLOAD
 
 from triolytics.config import Config
 from triolytics.dedup import Dedup, dedup_key
@@ -32,21 +33,6 @@ AID = "0.8d6f1c2e-5b7a-4c39-9e01-3f2a7b6c5d4e"
 CONTEXT = '{"ip":"203.0.113.7","userAgent":"AwaazFM/3.1"}'
 KEY = ("default", "ws", AID)
 SEED = Path(__file__).resolve().parents[2] / "shared/seeds/003_5d7b5c0e6cbefa1c.txt"
-# "Payload Format" of ../shared/seeds/003_5d7b5c0e6cbefa1c.txt, byte for byte.
-DOC_PAYLOAD = """{
-  "events": [
-    {
-      "type": "screen_view",
-      "ts": 1706859000000,
-      "payload": { "screen_name": "Home" }
-    },
-    {
-      "type": "button_click",
-      "ts": 1706859005000,
-      "payload": { "btn_id": "play_music" }
-    }
-  ]
-}"""
 
 
 class Env:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import selectors
-import signal
 import socket
 import sys
 import tempfile
@@ -33,54 +31,34 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ws_stream import (
+import harness
+from harness import (
     HOST,
-    LOAD_CPU,
-    SERVER_CPU,
-    HandshakeError,
+    CpuMeter,
     Server,
-    busy_cpu_seconds,
+    cpu_utils,
+    free_port,
+    log,
+    percentile,
+    pinning,
+    raise_nofile,
+    record_failure,
+    recv_or_why,
+)
+from ws_stream import (
+    HandshakeError,
     check_handshake,
     client_frame,
     create_ids,
-    free_port,
     handshake_request,
-    log,
-    machine,
     open_ws,
-    percentile,
-    pinned,
-    raise_nofile,
+    read_frames,
     server_argv,
 )
 
 TARGET_RSS_PER_CONN_KIB = 16
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 TARGETS = ("triolytics", "probe_trio", "probe_websockets")
-
-
-def read_frames(buf: bytearray) -> list[tuple[int, bytes]]:
-    """Take every complete (unmasked) server frame off the front of buf: (opcode, payload)."""
-    frames, pos, end = [], 0, len(buf)
-    while end - pos >= 2:
-        b1 = buf[pos + 1]
-        length, at = b1 & 0x7F, pos + 2
-        if length == 126:
-            if end - at < 2:
-                break
-            length, at = int.from_bytes(buf[at : at + 2], "big"), at + 2
-        elif length == 127:
-            if end - at < 8:
-                break
-            length, at = int.from_bytes(buf[at : at + 8], "big"), at + 8
-        if b1 & 0x80:
-            at += 4
-        if end - at < length:
-            break
-        frames.append((buf[pos] & 0x0F, bytes(buf[at : at + length])))
-        pos = at + length
-    del buf[:pos]
-    return frames
 
 
 class Pending:
@@ -153,13 +131,9 @@ def open_many(
                     continue
                 sel.modify(p.sock, selectors.EVENT_READ, p)
                 continue
-            try:
-                data = p.sock.recv(4096)
-            except OSError as exc:
-                fail(p, f"recv: {exc}")
-                continue
-            if not data:
-                fail(p, "closed: during the handshake")
+            data, why = recv_or_why(p.sock, 4096, "recv: {exc}", "closed: during the handshake")
+            if why:
+                fail(p, why)
                 continue
             p.buf += data
             end = p.buf.find(b"\r\n\r\n")
@@ -225,17 +199,15 @@ def hold(
             for key, _ in sel.select(min(0.5, max(0.0, until - time.monotonic()))):
                 s = key.fileobj
                 try:
-                    data = s.recv(65536)
+                    data, why = recv_or_why(s, 65536, "recv error {exc.errno}",
+                                            "closed without a close frame", raise_blocking=True)
                 except BlockingIOError:
                     continue
-                except OSError as exc:
-                    close(s, f"recv error {exc.errno}")
-                    continue
-                if not data:
-                    close(s, "closed without a close frame")
+                if why:
+                    close(s, why)
                     continue
                 bufs[s] += data
-                for opcode, payload in read_frames(bufs[s]):
+                for _, opcode, payload, _ in read_frames(bufs[s]):
                     if opcode == 0x9:
                         server_pings += 1
                         s.sendall(client_frame(0xA, payload))
@@ -290,15 +262,13 @@ def measure(target: str, args: argparse.Namespace, tmp: Path) -> dict:
             sock.close()
         time.sleep(args.settle)
         rss_before = server.status_kib("VmRSS")
-        cpu0, busy0, load0 = server.cpu_seconds(), busy_cpu_seconds(), time.process_time()
+        meter, load0 = CpuMeter(server), time.process_time()
         socks, opened = open_many(port, path, n, args.concurrency, sources, args.open_timeout)
-        server_cpu = server.cpu_seconds() - cpu0
-        load_cpu, busy = time.process_time() - load0, busy_cpu_seconds() - busy0
+        server_cpu, busy = meter.stop()
+        load_cpu = time.process_time() - load0
         result.update(opened)
         elapsed = opened["open_elapsed_s"] or float("nan")
-        result["server_cpu_util_while_opening"] = round(server_cpu / elapsed, 3)
-        result["load_cpu_util_while_opening"] = round(load_cpu / elapsed, 3)
-        result["other_cpu_util_while_opening"] = round((busy - server_cpu - load_cpu) / elapsed, 3)
+        result.update(cpu_utils(server_cpu, load_cpu, busy, elapsed, "_while_opening"))
         result["server_cpu_us_per_handshake"] = (
             round(server_cpu / len(socks) * 1e6, 1) if socks else None
         )
@@ -330,18 +300,11 @@ def measure(target: str, args: argparse.Namespace, tmp: Path) -> dict:
             and (args.no_ping or held["answered_ping"] == n)
         )
     except Exception as exc:  # a server that fails is reported, not fatal to the run
-        log(f"{target} FAILED: {exc}")
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        if server.proc is not None:
-            result["server_stderr_tail"] = server.stderr()[-1500:]
+        record_failure(result, target, exc, server)
     finally:
         for s in socks:
             s.close()
-        stop_began = time.monotonic()
-        exit_code = server.stop(args.stop_timeout)
-        result["server_exit_code"] = exit_code
-        result["server_stop_s"] = round(time.monotonic() - stop_began, 3)
-        server.kill()
+        result.update(server.shut_down(args.stop_timeout))
     return result
 
 
@@ -368,20 +331,13 @@ def parse_args() -> argparse.Namespace:
                    help="seconds to wait before reading RSS")
     p.add_argument("--open-timeout", type=float, default=300.0,
                    help="seconds allowed to open them all")
-    p.add_argument("--target-cmd", help="command template replacing `triolytics serve`; "
-                   "fields {python} {host} {port} {data} {fsync}")
-    p.add_argument("--startup-timeout", type=float, default=30.0)
-    p.add_argument("--stop-timeout", type=float, default=60.0)
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    harness.add_server_args(p)
     return p.parse_args()
 
 
 def main() -> int:
     args = parse_args()
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # servers must see SIGINT
-    if pinned(LOAD_CPU):
-        os.sched_setaffinity(0, {LOAD_CPU})  # keep this process and its children off CPU 0
+    harness.prepare_main()
     nofile = raise_nofile(args.nofile)
     if nofile < args.connections + 100:
         log(f"RLIMIT_NOFILE is {nofile}: not enough for {args.connections} connections")
@@ -397,10 +353,8 @@ def main() -> int:
     per = results.get("triolytics", {}).get("rss_per_connection_kib")
     probe_per = results.get("probe_trio", {}).get("rss_per_connection_kib")
     report = {
-        "bench": "connections",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine("triolytics", "trio", "trio-websocket", "wsproto", "websockets",
-                           "msgspec"),
+        **harness.report_head("connections", "triolytics", "trio", "trio-websocket", "wsproto",
+                              "websockets", "msgspec"),
         "config": {
             "connections": args.connections,
             "concurrency": args.concurrency,
@@ -408,7 +362,7 @@ def main() -> int:
             "ping_check": not args.no_ping,
             "per_source": args.per_source,
             "nofile": nofile,
-            "pinning": {"server_cpu": SERVER_CPU, "load_cpu": LOAD_CPU} if pinned(0) else None,
+            "pinning": pinning(),
             "target_cmd": args.target_cmd,
         },
         "results": results,
@@ -426,11 +380,7 @@ def main() -> int:
             ),
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    harness.emit(report, args.out)
     return 1 if failed else 0
 
 

@@ -15,30 +15,37 @@ progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import multiprocessing
-import os
-import platform
 import resource
 import selectors
-import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from array import array
-from concurrent.futures import ProcessPoolExecutor
-from importlib import metadata
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-HOST = "127.0.0.1"
+import harness
+from harness import (
+    HOST,
+    LOAD_CPU,
+    CpuMeter,
+    Server,
+    StartupError,
+    cpu_utils,
+    free_port,
+    in_workers,
+    latency_ms,
+    log,
+    pinned,
+    pinning,
+    ratio,
+    recv_or_why,
+)
+
 WRITE_KEY = "wk_bench"
-SERVER_CPU, LOAD_CPU = 0, 1
 TARGET_SINGLE_VS_PROBE = 0.9
 TARGET_BATCH_EVENTS_PER_S = 150_000
 EVENT = {
@@ -53,123 +60,10 @@ LOADS = {  # name -> (path, body, events per request)
 }
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def pinned(cpu: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > max(SERVER_CPU, LOAD_CPU):
-        return ["taskset", "-c", str(cpu)]
-    return []
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time all CPUs have spent busy since boot (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]  # guest time is in user already
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-# --- servers under test ------------------------------------------------------------------
-
-
-class StartupError(RuntimeError):
-    pass
-
-
-class Server:
-    """One server process: started pinned, polled on /healthz, stopped with SIGINT."""
-
-    def __init__(self, name: str, argv: list[str], port: int, workdir: Path) -> None:
-        self.name, self.argv, self.port, self.workdir = name, argv, port, workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.workdir / "stdout", "wb") as out, open(self.workdir / "stderr", "wb") as err:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise StartupError(
-                    f"{self.name} exited with {self.proc.returncode}\n{self.stderr()}"
-                )
-            if self.healthy():
-                return
-            time.sleep(0.05)
-        raise StartupError(f"{self.name}: no 200 from /healthz in {timeout}s\n{self.stderr()}")
-
-    def healthy(self) -> bool:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    def stderr(self) -> str:
-        text = (self.workdir / "stderr").read_text(errors="replace")
-        return text[-4000:] or "(stderr empty)"
-
-    def cpu_seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float) -> int | None:
-        """SIGINT, wait up to `timeout`; returns the exit code (None if it had to be killed)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log(f"{self.name} did not exit {timeout}s after SIGINT; killing it")
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def server_argv(target: str, args: argparse.Namespace, port: int, data: Path) -> list[str]:
-    if target == "probe":
-        argv = [sys.executable, str(HERE / "probe_h11.py"), "--host", HOST, "--port", str(port)]
-    elif args.target_cmd:
-        fields = {"python": sys.executable, "host": HOST, "port": port, "data": data}
-        argv = shlex.split(args.target_cmd.format(fsync=args.fsync, **fields))
-    else:
-        exe = Path(sys.executable).parent / "triolytics"
-        exe = str(exe) if exe.exists() else (shutil.which("triolytics") or str(exe))
-        argv = [
-            exe,
-            "serve",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--data",
-            str(data),
-            "--write-key",
-            WRITE_KEY,
-            "--fsync",
-            args.fsync,
-        ]
-    return pinned(SERVER_CPU) + argv
+    probe = ["probe_h11.py"] if target == "probe" else None
+    extra = ["--write-key", WRITE_KEY]
+    return harness.server_argv(port, data, args.fsync, args.target_cmd, probe=probe, extra=extra)
 
 
 def count_stored(db: Path) -> dict:
@@ -286,8 +180,7 @@ def parse_response(buf: bytearray) -> tuple[int, int, bool] | None:
 
 def drive(port: int, request: bytes, conns: int, duration: float, start_at: float) -> dict:
     """Worker process: `conns` keep-alive connections, one request in flight on each."""
-    if pinned(LOAD_CPU):
-        os.sched_setaffinity(0, {LOAD_CPU})
+    harness.pin_to_load_cpu()
     sel = selectors.DefaultSelector()
     stats = {"ok": 0, "non_2xx": 0, "socket_errors": 0, "unanswered": 0}
     latencies = array("d")
@@ -317,10 +210,7 @@ def drive(port: int, request: bytes, conns: int, duration: float, start_at: floa
     while buffers and time.perf_counter() < deadline + 10:  # 10 s to drain in-flight requests
         for key, _ in sel.select(0.5):
             sock, buf = key.fileobj, buffers[key.fileobj]
-            try:
-                data = sock.recv(262144)
-            except OSError:
-                data = b""
+            data, _ = recv_or_why(sock, 262144, "", "")
             if not data:  # server closed with our request unanswered
                 stats["socket_errors"] += 1
                 stats["unanswered"] += 1
@@ -363,27 +253,17 @@ def run_builtin(port: int, load: str, conns: int, duration: float, procs: int) -
     procs = max(1, min(procs, conns))
     shares = [conns // procs + (i < conns % procs) for i in range(procs)]
     start_at = time.time() + 1.0
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(procs, mp_context=ctx) as pool:
-        futures = [pool.submit(drive, port, request, n, duration, start_at) for n in shares]
-        parts = [f.result(timeout=duration + 60) for f in futures]
-    latencies = sorted(x for p in parts for x in p["latencies"])
+    calls = [(port, request, n, duration, start_at) for n in shares]
+    parts = in_workers(drive, calls, duration + 60)
     total = {k: sum(p[k] for p in parts) for k in ("ok", "non_2xx", "socket_errors", "unanswered")}
     return {
         **total,
         "responses": total["ok"] + total["non_2xx"],
         "elapsed_s": max(p["elapsed_s"] for p in parts),
-        "p50_ms": percentile(latencies, 50) * 1e3,
-        "p99_ms": percentile(latencies, 99) * 1e3,
+        **latency_ms(parts),
         "in_flight_at_stop_max": total["unanswered"],
         "load_cpu_s": sum(p["load_cpu_s"] for p in parts),
     }
-
-
-def percentile(ordered: list[float], p: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
 # --- one measurement: start, load, stop, count -------------------------------------------
@@ -397,15 +277,13 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
     log(f"{target}/{load}: {conns} connections, {args.duration:g}s, {args.tool}")
     try:
         server.start(args.startup_timeout)
-        cpu0, busy0 = server.cpu_seconds(), busy_cpu_seconds()
+        meter = CpuMeter(server)
         if args.tool == "wrk":
             r = run_wrk(port, load, conns, args.duration, run_dir)
         else:
             r = run_builtin(port, load, conns, args.duration, args.gen_procs)
-        server_cpu, busy = server.cpu_seconds() - cpu0, busy_cpu_seconds() - busy0
-        stop_began = time.monotonic()
-        exit_code = server.stop(args.stop_timeout)
-        stop_s = time.monotonic() - stop_began  # includes any final load into DuckDB
+        server_cpu, busy = meter.stop()
+        stopped = server.shut_down(args.stop_timeout)
     finally:
         server.kill()
     per_req = LOADS[load][2]
@@ -419,12 +297,8 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
         "p99_ms": round(r["p99_ms"], 3),
         "non_2xx": r["non_2xx"],
         "socket_errors": r["socket_errors"],
-        "server_cpu_util": round(server_cpu / elapsed, 3),
-        "load_cpu_util": round(r["load_cpu_s"] / elapsed, 3),
-        # CPU used by anything else on the machine meanwhile: near 0 for a clean run
-        "other_cpu_util": round((busy - server_cpu - r["load_cpu_s"]) / elapsed, 3),
-        "server_exit_code": exit_code,
-        "server_stop_s": round(stop_s, 3),
+        **cpu_utils(server_cpu, r["load_cpu_s"], busy, elapsed),
+        **stopped,
     }
     if "timeouts" in r:
         result["timeouts"] = r["timeouts"]
@@ -435,44 +309,10 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
 
 def durability(data: Path, acked: int, in_flight: int) -> dict:
     """Stored vs acknowledged events; requests cut off at the stop may be stored unacked."""
-    counts = count_stored(data / "events.duckdb")
-    stored = counts["stored_events"]
-    out = {"acked_events": acked, **counts}
-    if stored is not None:
-        out["stored_equals_acked"] = stored == acked
-        out["stored_minus_acked"] = stored - acked
-        out["durability_ok"] = 0 <= stored - acked <= in_flight  # nothing acked was lost
-        out["unacked_in_flight_max"] = in_flight
-    return out
+    return harness.durability(count_stored(data / "events.duckdb"), acked, in_flight)
 
 
 # --- report ------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for pkg in ("triolytics", "trio", "h11", "msgspec", "duckdb"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
 
 
 def summarize(results: dict) -> tuple[dict, dict]:
@@ -498,9 +338,7 @@ def summarize(results: dict) -> tuple[dict, dict]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per load (default 10)")
-    p.add_argument("--quick", action="store_true", help="3 s per load")
+    p = harness.load_parser(__doc__)
     p.add_argument("--connections", type=int, default=64, help="connections, single load")
     p.add_argument("--batch-connections", type=int, default=16, help="connections, batch load")
     p.add_argument("--fsync", default="always", help="triolytics --fsync policy")
@@ -508,17 +346,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gen-procs", type=int, default=1, help="built-in generator processes")
     p.add_argument("--targets", default="probe,triolytics", help="comma-separated subset")
     p.add_argument("--loads", default="single,batch", help="comma-separated subset")
-    p.add_argument(
-        "--target-cmd",
-        help="command template replacing `triolytics serve`; "
-        "fields {python} {host} {port} {data} {fsync}",
-    )
-    p.add_argument("--startup-timeout", type=float, default=30.0)
-    p.add_argument("--stop-timeout", type=float, default=60.0)
-    p.add_argument("--out", type=Path, help="also write the JSON here")
-    args = p.parse_args()
-    if args.quick:
-        args.duration = 3.0
+    harness.add_server_args(p)
+    args = harness.parse_load_args(p)
     if args.tool == "auto":
         args.tool = "wrk" if shutil.which("wrk") else "builtin"
     return args
@@ -526,10 +355,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # servers must see SIGINT
-    if pinned(LOAD_CPU):
-        os.sched_setaffinity(0, {LOAD_CPU})  # keep this process and its children off CPU 0
+    harness.prepare_main()
     targets = [t for t in ("probe", "triolytics") if t in args.targets.split(",")]
     loads = [x for x in LOADS if x in args.loads.split(",")]
     results: dict = {t: {} for t in targets}
@@ -543,16 +369,14 @@ def main() -> int:
             return 2
     ratios, targets_met = summarize(results)
     report = {
-        "bench": "http_capture",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        **harness.report_head("http_capture", "triolytics", "trio", "h11", "msgspec", "duckdb"),
         "tool": args.tool,
         "tool_version": wrk_version() if args.tool == "wrk" else "builtin",
         "config": {
             "duration_s": args.duration,
             "fsync": args.fsync,
             "gen_procs": args.gen_procs,
-            "pinning": {"server_cpu": SERVER_CPU, "load_cpu": LOAD_CPU} if pinned(0) else None,
+            "pinning": pinning(),
             "target_cmd": args.target_cmd,
             "non_2xx_counts": "status >= 400" if args.tool == "wrk" else "status not 2xx",
         },
@@ -560,11 +384,7 @@ def main() -> int:
         "ratios": ratios,
         "targets": targets_met,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    harness.emit(report, args.out)
     return 0
 
 

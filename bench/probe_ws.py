@@ -57,6 +57,19 @@ def answer(message: str | bytes, session_id: str) -> str | None:
     return ENCODE.encode(Ack(batch.seq, len(batch.events), session_id)).decode()
 
 
+async def handle(message: str | bytes, session_id: str, send, close) -> bool:
+    """Answer one message with `await send(ack)` when it has a seq; an undecodable one
+    gets `await close(1007, ...)` and False (stop reading)."""
+    try:
+        ack = answer(message, session_id)
+    except msgspec.DecodeError:
+        await close(1007, "invalid batch")
+        return False
+    if ack is not None:
+        await send(ack)
+    return True
+
+
 # --- trio + trio-websocket ---------------------------------------------------------------
 
 
@@ -70,13 +83,8 @@ def serve_trio(host: str, port: int, queue: int, receive_buffer: int) -> None:
         try:
             while True:
                 message = await ws.get_message()
-                try:
-                    ack = answer(message, session_id)
-                except msgspec.DecodeError:
-                    await ws.aclose(1007, "invalid batch")
+                if not await handle(message, session_id, ws.send_message, ws.aclose):
                     return
-                if ack is not None:
-                    await ws.send_message(ack)
         except trio_websocket.ConnectionClosed:
             pass
 
@@ -115,13 +123,8 @@ def serve_websockets(host: str, port: int, queue: int) -> None:
         session_id = str(uuid.uuid4())
         try:
             async for message in ws:
-                try:
-                    ack = answer(message, session_id)
-                except msgspec.DecodeError:
-                    await ws.close(1007, "invalid batch")
+                if not await handle(message, session_id, ws.send, ws.close):
                     return
-                if ack is not None:
-                    await ws.send(ack)
         except ConnectionClosed:
             pass
 

@@ -26,30 +26,36 @@ import collections
 import hashlib
 import http.client
 import json
-import multiprocessing
 import os
-import platform
-import resource
 import selectors
-import shlex
-import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from array import array
-from concurrent.futures import ProcessPoolExecutor
-from importlib import metadata
 from pathlib import Path
 
+import harness
 import msgspec
+from harness import (  # noqa: F401 (bench/sessions.py imports busy_cpu_seconds, machine from here)
+    HOST,
+    CpuMeter,
+    Server,
+    StartupError,
+    busy_cpu_seconds,
+    cpu_utils,
+    free_port,
+    in_workers,
+    latency_ms,
+    log,
+    machine,
+    percentile,
+    pinning,
+    ratio,
+    record_failure,
+    recv_or_why,
+)
 
-HERE = Path(__file__).resolve().parent
-HOST = "127.0.0.1"
-SERVER_CPU, LOAD_CPU = 0, 1
 EVENT_TYPE = "bench_ws"  # the benchmark's event type; session_start rows are not counted
 TARGETS = ("triolytics", "probe_trio", "probe_websockets")
 LOADS = {"frame_1": 1, "frame_20": 20, "frame_100": 100}  # name -> events per frame
@@ -60,172 +66,11 @@ SEQ_WIDTH = 10  # `"seq":` digits, right-padded with spaces so every frame has o
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def pinned(cpu: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > max(SERVER_CPU, LOAD_CPU):
-        return ["taskset", "-c", str(cpu)]
-    return []
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time all CPUs have spent busy since boot (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]  # guest time is in user already
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-# --- servers under test ------------------------------------------------------------------
-
-
-class StartupError(RuntimeError):
-    pass
-
-
-class Server:
-    """One server process: started pinned, waited for, stopped with SIGINT.
-
-    Ready means `GET /healthz` answers 200 (triolytics), or for the probes, which have no
-    such route, that `listening` was printed and the port accepts a TCP connection.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        port: int,
-        workdir: Path,
-        *,
-        healthz: bool,
-        env: dict[str, str] | None = None,
-        nofile: int | None = None,
-    ) -> None:
-        self.name, self.argv, self.port, self.workdir = name, argv, port, workdir
-        self.healthz, self.env, self.nofile = healthz, env, nofile
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        env = None if self.env is None else {**os.environ, **self.env}
-        with open(self.workdir / "stdout", "wb") as out, open(self.workdir / "stderr", "wb") as err:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                preexec_fn=None if self.nofile is None else self._raise_nofile,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise StartupError(
-                    f"{self.name} exited with {self.proc.returncode}\n{self.stderr()}"
-                )
-            if self.ready():
-                return
-            time.sleep(0.05)
-        raise StartupError(f"{self.name}: not ready in {timeout}s\n{self.stderr()}")
-
-    def _raise_nofile(self) -> None:  # runs in the child between fork and exec
-        raise_nofile(self.nofile)
-
-    def ready(self) -> bool:
-        if self.healthz:
-            conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
-            try:
-                conn.request("GET", "/healthz")
-                return conn.getresponse().status == 200
-            except OSError:
-                return False
-            finally:
-                conn.close()
-        if b"listening" not in (self.workdir / "stdout").read_bytes():
-            return False
-        try:
-            socket.create_connection((HOST, self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    def stderr(self) -> str:
-        text = (self.workdir / "stderr").read_text(errors="replace")
-        return text[-4000:] or "(stderr empty)"
-
-    def cpu_seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def status_kib(self, field: str) -> int | None:
-        """A `kB` field of /proc/PID/status (VmRSS, VmHWM, …), in KiB."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def stop(self, timeout: float) -> int | None:
-        """SIGINT, wait up to `timeout`; returns the exit code (None if it had to be killed)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log(f"{self.name} did not exit {timeout}s after SIGINT; killing it")
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def raise_nofile(n: int) -> int:
-    """Raise this process's RLIMIT_NOFILE to n (the hard limit too, when allowed)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < n:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-            return n
-        except (ValueError, OSError):  # not privileged: as far as the hard limit allows
-            n = hard
-    if soft == resource.RLIM_INFINITY or soft < n:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def triolytics_exe() -> str:
-    exe = Path(sys.executable).parent / "triolytics"
-    return str(exe) if exe.exists() else (shutil.which("triolytics") or str(exe))
-
-
 def server_argv(target: str, port: int, data: Path, fsync: str, target_cmd: str | None) -> list:
+    probe = None
     if target.startswith("probe_"):
-        kind = target.removeprefix("probe_")
-        argv = [sys.executable, str(HERE / "probe_ws.py"), "--server", kind]
-        argv += ["--host", HOST, "--port", str(port)]
-    elif target_cmd:
-        fields = {"python": sys.executable, "host": HOST, "port": port, "data": data}
-        argv = shlex.split(target_cmd.format(fsync=fsync, **fields))
-    else:
-        argv = [triolytics_exe(), "serve", "--host", HOST, "--port", str(port)]
-        argv += ["--data", str(data), "--fsync", fsync]
-    return pinned(SERVER_CPU) + argv
+        probe = ["probe_ws.py", "--server", target.removeprefix("probe_")]
+    return harness.server_argv(port, data, fsync, target_cmd, probe=probe)
 
 
 def create_ids(port: int, n: int) -> list[str]:
@@ -245,32 +90,6 @@ def create_ids(port: int, n: int) -> list[str]:
             raise RuntimeError(f"POST /create answered {resp.status}: {body[:300]!r}")
         ids.append(json.loads(body)["analytics_id"])
     return ids
-
-
-def versions(*packages: str) -> dict:
-    out = {}
-    for pkg in packages:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine(*packages: str) -> dict:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": versions(*packages),
-    }
 
 
 # --- the WebSocket client side, by hand --------------------------------------------------
@@ -355,6 +174,31 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return frame_header(opcode, len(payload)) + mask(payload)
 
 
+def read_frames(buf: bytearray) -> list[tuple[int, int, bytes, int]]:
+    """Take every complete server frame off the front of buf: (fin, opcode, payload, masked),
+    fin and masked as their bits (true when set)."""
+    frames, pos, end = [], 0, len(buf)
+    while end - pos >= 2:
+        b0, b1 = buf[pos], buf[pos + 1]
+        length, at = b1 & 0x7F, pos + 2
+        if length == 126:
+            if end - at < 2:
+                break
+            length, at = int.from_bytes(buf[at : at + 2], "big"), at + 2
+        elif length == 127:
+            if end - at < 8:
+                break
+            length, at = int.from_bytes(buf[at : at + 8], "big"), at + 8
+        if b1 & 0x80:
+            at += 4
+        if end - at < length:
+            break
+        frames.append((b0 & 0x80, b0 & 0x0F, bytes(buf[at : at + length]), b1 & 0x80))
+        pos = at + length
+    del buf[:pos]
+    return frames
+
+
 class FrameTemplate:
     """One text frame, masked once; `frame(seq)` masks only the seq digits in place.
 
@@ -420,8 +264,7 @@ def drive(
     ts_ms: int,
 ) -> dict:
     """Worker process: one streaming connection per path, `window` frames in flight on each."""
-    if pinned(LOAD_CPU):
-        os.sched_setaffinity(0, {LOAD_CPU})
+    harness.pin_to_load_cpu()
     template = FrameTemplate(events, ts_ms)
     frame = template.frame
     stats = collections.Counter()
@@ -446,25 +289,10 @@ def drive(
 
     def consume(c: Conn, now: float) -> None:
         """Handle every complete server frame in c.buf."""
-        buf, pos, end = c.buf, 0, len(c.buf)
-        while end - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, at = b1 & 0x7F, pos + 2
-            if length == 126:
-                if end - at < 2:
-                    break
-                length, at = int.from_bytes(buf[at : at + 2], "big"), at + 2
-            elif length == 127:
-                if end - at < 8:
-                    break
-                length, at = int.from_bytes(buf[at : at + 8], "big"), at + 8
-            if b1 & 0x80:
-                at += 4  # a masked server frame is a protocol error; count it, read on
+        for fin, opcode, payload, masked in read_frames(c.buf):
+            if masked:  # a masked server frame is a protocol error; count it, read on
                 problem("server sent a masked frame")
-            if end - at < length:
-                break
-            payload, pos, opcode = bytes(buf[at : at + length]), at + length, b0 & 0x0F
-            if not b0 & 0x80:
+            if not fin:
                 problem(f"fragmented server frame (opcode {opcode}); not expected for acks")
             elif opcode in (0x1, 0x2):
                 reply(c, payload, now)
@@ -474,13 +302,11 @@ def drive(
             elif opcode == 0x8:
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
                 reason = payload[2:].decode(errors="replace")
-                del buf[:pos]
                 drop(c, f"close {code} {reason}".strip())
                 stats["closed_by_server"] += 1
                 if len(problems) < 5:
                     problems.append(f"server closed a connection: {c.closed_with}")
                 return
-        del buf[:pos]
 
     def reply(c: Conn, payload: bytes, now: float) -> None:
         try:
@@ -522,12 +348,7 @@ def drive(
     while live and time.perf_counter() < deadline + drain:
         for key, _ in sel.select(0.5):
             c = key.data
-            try:
-                data = c.sock.recv(262144)
-            except OSError as exc:
-                data, why = b"", f"recv: {exc}"
-            else:
-                why = "closed without a close frame"
+            data, why = recv_or_why(c.sock, 262144, "recv: {exc}", "closed without a close frame")
             now = time.perf_counter()
             if not data:
                 stats["socket_errors"] += 1
@@ -578,35 +399,22 @@ def run_load(port: int, paths: list[str], events: int, args: argparse.Namespace)
     shares = [paths[i::procs] for i in range(procs)]
     start_at = time.time() + 1.0 + len(paths) * 0.01
     ts_ms = int(time.time() * 1000)
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(procs, mp_context=ctx) as pool:
-        futures = [
-            pool.submit(
-                drive, port, share, events, args.window, args.duration, args.drain, start_at,
-                ts_ms,
-            )
-            for share in shares
-        ]
-        parts = [f.result(timeout=args.duration + args.drain + 60) for f in futures]
-    latencies = sorted(x for p in parts for x in p["latencies"])
+    calls = [
+        (port, share, events, args.window, args.duration, args.drain, start_at, ts_ms)
+        for share in shares
+    ]
+    parts = in_workers(drive, calls, args.duration + args.drain + 60)
     counts = ("sent_frames", "acked_frames", "acked_events", "error_replies", "problems",
               "socket_errors", "closed_by_server", "unanswered_frames", "pings")
     return {
         **{k: sum(p.get(k, 0) for p in parts) for k in counts},
         "elapsed_s": max(p["elapsed_s"] for p in parts),
-        "p50_ms": percentile(latencies, 50) * 1e3,
-        "p99_ms": percentile(latencies, 99) * 1e3,
+        **latency_ms(parts),
         "load_cpu_s": sum(p["load_cpu_s"] for p in parts),
         "sessions": sum(p["sessions"] for p in parts),
         "problems_first": [x for p in parts for x in p["problems_first"]][:5],
         "frame_bytes": parts[0]["frame_bytes"],
     }
-
-
-def percentile(ordered: list[float], p: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
 # --- optional: the same load through triolytics.client -----------------------------------
@@ -712,16 +520,8 @@ def count_stored(db: Path) -> dict:
 
 def durability(data: Path, acked: int, in_flight: int) -> dict:
     """Stored vs acknowledged events; frames cut off at the stop may be stored unacked."""
-    counts = count_stored(data / "events.duckdb")
-    stored = counts["stored_events"]
-    out = {"acked_events": acked, **counts}
-    if stored is not None:
-        out["stored_equals_acked"] = stored == acked
-        out["stored_minus_acked"] = stored - acked
-        out["durability_ok"] = 0 <= stored - acked <= in_flight  # nothing acked was lost
-        out["unacked_in_flight_max"] = in_flight
-    else:
-        out["durability_ok"] = False
+    out = harness.durability(count_stored(data / "events.duckdb"), acked, in_flight)
+    out.setdefault("durability_ok", False)  # nothing stored to compare
     return out
 
 
@@ -745,26 +545,17 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
         else:
             ids = ["probe"]
         paths = [f"/analytics?analytics_id={ids[i % len(ids)]}" for i in range(args.connections)]
-        cpu0, busy0 = server.cpu_seconds(), busy_cpu_seconds()
+        meter = CpuMeter(server)
         if client:
             r = run_client_load(port, ids, events, args)
         else:
             r = run_load(port, paths, events, args)
-        server_cpu, busy = server.cpu_seconds() - cpu0, busy_cpu_seconds() - busy0
+        server_cpu, busy = meter.stop()
     except Exception as exc:  # a server that fails is reported, not fatal to the run
-        log(f"{target}/{load} FAILED: {exc}")
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, (StartupError, HandshakeError, RuntimeError, OSError)):
-            result["traceback"] = traceback.format_exc()[-2000:]
-        if server.proc is not None:
-            result["server_stderr_tail"] = server.stderr()[-1500:]
+        expected = (StartupError, HandshakeError, RuntimeError, OSError)
+        record_failure(result, f"{target}/{load}", exc, server, not isinstance(exc, expected))
     finally:
-        stop_began = time.monotonic()
-        exit_code = server.stop(args.stop_timeout)
-        stop_s = time.monotonic() - stop_began  # includes any final load into DuckDB
-        server.kill()
-    result["server_exit_code"] = exit_code
-    result["server_stop_s"] = round(stop_s, 3)
+        result.update(server.shut_down(args.stop_timeout))
     if r is None:
         return result
     elapsed = r["elapsed_s"] or float("nan")
@@ -784,10 +575,7 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
         "problems": r["problems"],
         "sessions_seen": r["sessions"],
         "frame_bytes": r["frame_bytes"],
-        "server_cpu_util": round(server_cpu / elapsed, 3),
-        "load_cpu_util": round(r["load_cpu_s"] / elapsed, 3),
-        # CPU used by anything else on the machine meanwhile: near 0 for a clean run
-        "other_cpu_util": round((busy - server_cpu - r["load_cpu_s"]) / elapsed, 3),
+        **cpu_utils(server_cpu, r["load_cpu_s"], busy, elapsed),
     })
     if r["load_cpu_s"] > 0:  # what the generator could drive if it had CPU 1 to itself
         result["load_ceiling_events_per_s_est"] = round(r["acked_events"] / r["load_cpu_s"])
@@ -801,10 +589,6 @@ def measure(target: str, load: str, args: argparse.Namespace, tmp: Path) -> dict
 
 
 # --- report ------------------------------------------------------------------------------
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
 
 
 def summarize(results: dict) -> tuple[dict, dict]:
@@ -834,9 +618,7 @@ def summarize(results: dict) -> tuple[dict, dict]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per load (default 10)")
-    p.add_argument("--quick", action="store_true", help="3 s per load")
+    p = harness.load_parser(__doc__)
     p.add_argument("--connections", type=int, default=16, help="connections (default 16)")
     p.add_argument("--window", type=int, default=8, help="frames in flight per connection")
     p.add_argument("--ids", type=int, default=16,
@@ -848,28 +630,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loads", default=",".join(LOADS), help="comma-separated subset")
     p.add_argument("--client", action="store_true",
                    help="drive triolytics through triolytics.client instead of raw sockets")
-    p.add_argument(
-        "--target-cmd",
-        help="command template replacing `triolytics serve`; "
-        "fields {python} {host} {port} {data} {fsync}",
-    )
     p.add_argument("--drain", type=float, default=10.0,
                    help="seconds to wait for the acks in flight after a load")
-    p.add_argument("--startup-timeout", type=float, default=30.0)
-    p.add_argument("--stop-timeout", type=float, default=60.0)
-    p.add_argument("--out", type=Path, help="also write the JSON here")
-    args = p.parse_args()
-    if args.quick:
-        args.duration = 3.0
-    return args
+    harness.add_server_args(p)
+    return harness.parse_load_args(p)
 
 
 def main() -> int:
     args = parse_args()
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # servers must see SIGINT
-    if pinned(LOAD_CPU):
-        os.sched_setaffinity(0, {LOAD_CPU})  # keep this process and its children off CPU 0
+    harness.prepare_main()
     targets = [t for t in TARGETS if t in args.targets.split(",")]
     loads = [x for x in LOADS if x in args.loads.split(",")]
     results: dict = {t: {} for t in targets}
@@ -880,10 +649,8 @@ def main() -> int:
     ratios, targets_met = summarize(results)
     failed = [f"{t}/{x}" for t in results for x, r in results[t].items() if "error" in r]
     report = {
-        "bench": "ws_stream",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine("triolytics", "trio", "trio-websocket", "wsproto", "websockets",
-                           "msgspec", "duckdb"),
+        **harness.report_head("ws_stream", "triolytics", "trio", "trio-websocket", "wsproto",
+                              "websockets", "msgspec", "duckdb"),
         "tool": "builtin raw-socket generator"
         + (" (triolytics: triolytics.client)" if args.client else ""),
         "config": {
@@ -893,7 +660,7 @@ def main() -> int:
             "analytics_ids": args.ids,
             "fsync": args.fsync,
             "gen_procs": args.gen_procs,
-            "pinning": {"server_cpu": SERVER_CPU, "load_cpu": LOAD_CPU} if pinned(0) else None,
+            "pinning": pinning(),
             "target_cmd": args.target_cmd,
             "event_type": EVENT_TYPE,
         },
@@ -902,11 +669,7 @@ def main() -> int:
         "ratios": ratios,
         "targets": targets_met,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    harness.emit(report, args.out)
     return 1 if failed else 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,7 @@ from trio.testing import MockClock
 
 from triolytics.app import serve
 from triolytics.config import Config
+from triolytics.store import Store
 
 BASE_NS = 1_706_859_000_000 * 1_000_000  # 2024-02-02T07:30:00Z, the document's first ts
 ID_FORMAT = re.compile(r"0\.[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -40,9 +42,10 @@ def wall_clock(offset_s: float = 0.0):
 
 
 class Server:
-    def __init__(self, port: int, data_dir: Path) -> None:
+    def __init__(self, port: int, data_dir: Path, stop: trio.Event) -> None:
         self.port = port
         self.data_dir = data_dir
+        self.stop = stop
 
     def ws_url(self, analytics_id: str | None) -> str:
         query = f"?analytics_id={analytics_id}" if analytics_id is not None else ""
@@ -95,7 +98,7 @@ async def running(data_dir: Path, offset_s: float = 0.0, **overrides):
         bound = await nursery.start(partial(serve, config, stop=stop,
                                             clock=wall_clock(offset_s)))
         try:
-            yield Server(bound.port, data_dir)
+            yield Server(bound.port, data_dir, stop)
         finally:
             stop.set()
 
@@ -349,3 +352,88 @@ async def test_create_is_rate_limited_per_ip_and_speaks_cors(tmp_path, clock):
         assert headers[b"access-control-allow-origin"] == b"https://app.example"
         ids = {json.loads(b)["analytics_id"] for s, _, b in got if s == 200}
         assert len(ids) == 2
+
+
+# --- bounds and timeouts
+
+
+async def test_a_full_writer_stops_reading_and_nothing_is_refused(tmp_path, monkeypatch):
+    """While DuckDB loads are held, the unloaded backlog fills: the server stops reading
+    the socket (no 503 for a WebSocket, no error), then catches up once loads resume."""
+    gate = threading.Event()
+    real_load = Store.load
+
+    def held_load(self, rows, position):
+        gate.wait(30)
+        return real_load(self, rows, position)
+
+    monkeypatch.setattr(Store, "load", held_load)
+    async with running(tmp_path, max_unloaded_rows=50, load_batch_rows=10) as server:
+        aid = await server.create()
+        try:
+            async with ws(server, aid) as conn:
+                for seq in range(20):
+                    events = [{"type": "e", "id": f"{seq}-{i}"} for i in range(10)]
+                    await conn.send_message(json.dumps({"events": events, "seq": seq}))
+                answered = []
+                with trio.move_on_after(1.0):
+                    while True:
+                        answered.append(await ack(conn))
+                assert len(answered) < 20  # the backlog bound held the rest back
+                stats = await server.stats()
+                # Bounded: what was journaled before the bound was seen, not all 200.
+                assert stats["unloaded_rows"] + stats["pending_rows"] < 200, stats
+                gate.set()
+                while len(answered) < 20:
+                    answered.append(await ack(conn))
+        finally:
+            gate.set()
+    assert [a["type"] for a in answered] == ["ack"] * 20
+    assert [a["seq"] for a in answered] == list(range(20))
+    assert sum(r["type"] == "e" for r in stored(tmp_path)) == 200
+
+
+async def test_idle_connection_is_closed_and_a_silent_peer_is_dropped(tmp_path, clock):
+    async with running(tmp_path, ws_ping_interval_s=10, ws_pong_timeout_s=5,
+                       ws_idle_timeout_s=30) as server:
+        aid = await server.create()
+        start = trio.current_time()
+        async with ws(server, aid) as conn:  # answers pings (trio-websocket does)
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await conn.get_message()
+        assert closed.value.reason.code == 1000
+        assert 30 <= trio.current_time() - start < 45  # idle timeout, checked per ping
+        # A peer that completed the handshake, then went silent (answers no ping).
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(
+            f"GET /analytics?analytics_id={aid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        start = trio.current_time()
+        got = b""
+        with trio.fail_after(60):
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 101 ")
+        assert 15 <= trio.current_time() - start < 20  # ping interval + pong timeout
+        await stream.aclose()
+
+
+async def test_shutdown_answers_what_it_read_then_closes_1001(tmp_path):
+    stop_at = trio.Event()
+    async with running(tmp_path) as server:
+        aid = await server.create()
+        async with ws(server, aid) as conn:
+            for seq in range(5):
+                await conn.send_message(json.dumps({"events": [{"type": "e"}], "seq": seq}))
+            first = await ack(conn)
+            stop_at.set()
+            server.stop.set()  # SIGINT, as far as serve is concerned
+            answers = [first]
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    answers.append(await ack(conn))
+    assert closed.value.reason.code == 1001
+    assert [a["seq"] for a in answers] == list(range(len(answers)))
+    stored_events = sum(r["type"] == "e" for r in stored(tmp_path))
+    assert stored_events >= len(answers)  # every acked batch is stored

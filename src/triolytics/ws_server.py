@@ -95,7 +95,7 @@ class _Peer:
     parking lot serves). A refused batch is queued as (None, FrameError) to keep order.
     """
 
-    __slots__ = ("reading", "last", "pending", "lot", "done")
+    __slots__ = ("reading", "last", "pending", "lot", "done", "dead")
 
     def __init__(self) -> None:
         self.reading = trio.CancelScope()
@@ -103,6 +103,7 @@ class _Peer:
         self.pending: list = []  # (a list: 56 bytes empty, where a deque takes 600)
         self.lot = trio.lowlevel.ParkingLot()
         self.done = False  # the reader has stopped: the acker finishes the queue
+        self.dead = False  # the peer missed a pong: no closing handshake to wait for
 
 
 class RealtimeServer:
@@ -171,10 +172,11 @@ class RealtimeServer:
                 await acked.wait()  # every batch read is answered (or the peer is gone)
             finally:
                 self.peers.discard(peer)
-                with trio.move_on_after(CLOSE_TIMEOUT_S) as cs:
-                    cs.shield = True
-                    await ws.aclose(CLOSE_GOING_AWAY if self.draining else CLOSE_IDLE)
-                nursery.cancel_scope.cancel()
+                if not peer.dead:
+                    with trio.move_on_after(CLOSE_TIMEOUT_S) as cs:
+                        cs.shield = True
+                        await ws.aclose(CLOSE_GOING_AWAY if self.draining else CLOSE_IDLE)
+                nursery.cancel_scope.cancel()  # (the HTTP server closes the socket)
 
     # --- one connection
     async def _read(self, ws, rt: Realtime, peer: _Peer) -> None:
@@ -268,6 +270,7 @@ class RealtimeServer:
             except trio_websocket.ConnectionClosed:
                 return False
         log.info("dropping a WebSocket peer that did not answer a ping")
+        peer.dead = True
         return False
 
 

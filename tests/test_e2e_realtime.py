@@ -368,7 +368,8 @@ async def test_a_full_writer_stops_reading_and_nothing_is_refused(tmp_path, monk
         return real_load(self, rows, position)
 
     monkeypatch.setattr(Store, "load", held_load)
-    async with running(tmp_path, max_unloaded_rows=50, load_batch_rows=10) as server:
+    async with running(tmp_path, max_unloaded_rows=50, max_pending_rows=20,
+                       load_batch_rows=10) as server:
         aid = await server.create()
         try:
             async with ws(server, aid) as conn:

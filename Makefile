@@ -8,7 +8,7 @@ PORT   ?= 3000
 DATA   ?= ./data
 ARGS   ?=
 
-.PHONY: run test lint bench bench-tools clean
+.PHONY: run test lint bench bench-realtime bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench-tools:
 
 bench: $(STAMP) bench-tools
 	$(BIN)/python bench/http_capture.py
+
+bench-realtime: $(STAMP)
+	$(BIN)/python bench/ws_stream.py
+	$(BIN)/python bench/connections.py
+	$(BIN)/python bench/sessions.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

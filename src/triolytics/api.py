@@ -18,7 +18,7 @@ import msgspec
 import trio
 
 from triolytics.capture import TYPES, RequestMeta
-from triolytics.collector import Collector
+from triolytics.collector import Accepted, Collector
 from triolytics.errors import ApiError
 from triolytics.identity import Identities
 from triolytics.ratelimit import RateLimit
@@ -87,28 +87,28 @@ class Api:
         return RequestMeta(self.clock() // 1000, req.client_ip,
                            ua.decode("latin-1") if ua else None)
 
-    # Each handler waits for room in the writer *before* building its rows (sessions and
-    # dedup are touched then), and submits them with no await in between.
-    async def capture(self, req: Request) -> Response:
+    async def _store(self, build: Callable[..., Accepted], *args) -> Response:
+        """Wait for room in the writer *before* building the rows (sessions and dedup
+        are touched then), submit them with no await in between, answer once durable."""
         writer = self.writer
         if writer.closing or not writer.has_room(1):
             await writer.wait_room()
-        accepted = self.collector.capture(None, req.headers, req.body, self._meta(req))
-        await writer.wait_durable(writer.submit(accepted.rows, accepted.keys))  # (hot path)
+        accepted = build(*args)
+        await writer.wait_durable(writer.submit(accepted.rows, accepted.keys))
         return Response(accepted.status, accepted.body)
 
+    async def capture(self, req: Request) -> Response:  # (the hot path)
+        return await self._store(self.collector.capture, None, req.headers, req.body,
+                                 self._meta(req))
+
     async def batch(self, req: Request) -> Response:
-        await self.writer.wait_room()
-        accepted = self.collector.batch(req.headers, req.body, self._meta(req))
-        await self.writer.wait_durable(self.writer.submit(accepted.rows, accepted.keys))
-        return Response(accepted.status, accepted.body)
+        return await self._store(self.collector.batch, req.headers, req.body,
+                                 self._meta(req))
 
     def _typed(self, kind: str) -> Handler:
         async def handler(req: Request) -> Response:
-            await self.writer.wait_room()
-            accepted = self.collector.capture(kind, req.headers, req.body, self._meta(req))
-            await self.writer.wait_durable(self.writer.submit(accepted.rows, accepted.keys))
-            return Response(accepted.status, accepted.body)
+            return await self._store(self.collector.capture, kind, req.headers, req.body,
+                                     self._meta(req))
         return handler
 
     # --- the real-time API's identities (the WebSocket itself is ws_server.py)

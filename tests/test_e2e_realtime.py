@@ -439,3 +439,26 @@ async def test_shutdown_answers_what_it_read_then_closes_1001(tmp_path):
     assert [a["seq"] for a in answers] == list(range(len(answers)))
     stored_events = sum(r["type"] == "e" for r in stored(tmp_path))
     assert stored_events >= len(answers)  # every acked batch is stored
+
+
+async def test_a_bug_in_one_connection_closes_only_that_connection(tmp_path, monkeypatch):
+    from triolytics.realtime import Realtime
+    real_batch = Realtime.batch
+
+    def batch(self, data, intake):
+        if b"boom" in (data if isinstance(data, bytes) else data.encode()):
+            raise RuntimeError("injected bug")
+        return real_batch(self, data, intake)
+
+    monkeypatch.setattr(Realtime, "batch", batch)
+    async with running(tmp_path) as server:
+        aid = await server.create()
+        async with ws(server, aid) as bad, ws(server, aid) as good:
+            await bad.send_message('{"events":[{"type":"boom"}],"seq":1}')
+            with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed):
+                await bad.get_message()
+            await good.send_message('{"events":[{"type":"fine"}],"seq":1}')
+            assert (await ack(good))["type"] == "ack"
+        status, _, _ = await server.http(b"GET", b"/healthz")
+        assert status == 200
+    assert [r["type"] for r in stored(tmp_path)] == ["session_start", "fine"]

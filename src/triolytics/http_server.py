@@ -79,6 +79,33 @@ def raw_head(request: h11.Request) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+class Replay(trio.abc.Stream):
+    """A stream that first returns bytes already read from it (a request head), for the
+    protocol an upgrade hands the connection to. It lets go of them once returned."""
+
+    def __init__(self, stream: trio.abc.Stream, data: bytes) -> None:
+        self.stream = stream
+        self.data = data
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.data:
+            data, self.data = self.data, b""
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class _Conn:
     """What the sweeper and `drain()` need to know about one connection."""
 
@@ -142,7 +169,8 @@ class HttpServer:
         self.routes = routes
         self.bodiless = bodiless  # paths whose POST without framing has an empty body
         # path -> an object with `check(request)` (ApiError to refuse, else a value) and
-        # `async upgrade(stream, bytes read, request, value)`, which owns the connection.
+        # `async upgrade(stream, value)`, which owns the connection; the stream replays
+        # the bytes h11 read (the request head) first.
         self.upgrades = upgrades or {}
         self.cors = Cors(config.cors_origins)
         self.trusted = parse_networks(config.trusted_proxies)
@@ -178,16 +206,17 @@ class HttpServer:
                     await _linger(stream)
                 await trio.aclose_forcefully(stream)
         if upgraded is not None:  # the other protocol owns the connection from here, and
-            del conn, c  # what h11 held is freed (a long-lived WebSocket holds less)
+            handler, replay, checked = upgraded[0], Replay(stream, upgraded[1]), upgraded[2]
+            del conn, c, upgraded  # what h11 held is freed (a long-lived WebSocket holds less)
             try:
-                await upgraded[0](stream, *upgraded[1:])
+                await handler(replay, checked)
             finally:
                 await trio.aclose_forcefully(stream)
 
     async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str,
                     c: _Conn) -> tuple | None:
         """Serve requests until the connection must close; an accepted upgrade is
-        returned as (handler, bytes read, request, checked) for `serve` to run."""
+        returned as (handler, bytes read, checked) for `serve` to run."""
         conns = self.connections
         while not conns.draining:
             c.phase = IDLE
@@ -258,7 +287,7 @@ class HttpServer:
                 accepted = upgrade.check(request)  # a refusal is answered here, as HTTP
                 c.phase = HANDLING  # the upgraded connection keeps its own timeouts
                 c.upgrade = (upgrade.upgrade, raw_head(event) + conn.trailing_data[0],
-                             request, accepted)
+                             accepted)
                 return False
             if method == b"OPTIONS":
                 response = self._options(Request(method, path, query, headers, b"", peer))

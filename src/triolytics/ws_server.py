@@ -2,10 +2,10 @@
 per connection.
 
 Rules:
-- The HTTP server calls `upgrade` with the h11 request it parsed. A refusal (400, 403,
-  503) is an `ApiError` raised before anything is sent, so h11 answers it as plain HTTP:
-  no client is accepted and then closed. Accepted connections get the request's bytes
-  replayed to trio-websocket (`Replay`), which does the handshake and the framing.
+- The HTTP server calls `check` with the request h11 parsed. A refusal (400, 403, 503)
+  is an `ApiError`, so h11 answers it as plain HTTP: no client is accepted and then
+  closed. Then `upgrade` owns the connection: the request's bytes are replayed to
+  trio-websocket, which does the handshake and the framing.
 - Each connection runs two tasks of ours: the reader (this connection's task) reads,
   validates and submits batches to the writer without waiting for the journal; the
   acker answers them in order as they become durable, and pings the peer when no batch
@@ -61,32 +61,6 @@ class Refusal(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True)
     field: str | None = None
 
 
-class Replay(trio.abc.Stream):
-    """A stream that first returns bytes already read from it (the request head)."""
-
-    def __init__(self, stream: trio.abc.Stream, data: bytes) -> None:
-        self.stream = stream
-        self.data = data
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.data:
-            data, self.data = self.data, b""
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 class _Peer:
     """One accepted connection: its unanswered batches, idle clock, and `drain()` scope.
 
@@ -125,8 +99,9 @@ class RealtimeServer:
             peer.reading.cancel()
 
     # --- the handshake, on the HTTP connection's task
-    def check(self, request: Request) -> str:
-        """The connection's analytics_id, or ApiError (answered as plain HTTP)."""
+    def check(self, request: Request) -> Realtime:
+        """What the connection needs from its request (its analytics_id, the client's
+        address and user agent), or ApiError (answered as plain HTTP)."""
         h = request.headers
         if request.method != b"GET" or h.get(b"upgrade", b"").lower() != b"websocket" \
                 or b"sec-websocket-key" not in h:
@@ -139,29 +114,35 @@ class RealtimeServer:
         if self.origins and origin is not None and origin.rstrip(b"/") not in self.origins:
             raise ApiError("forbidden_origin", "origin not allowed (ws_origins)")
         ids = parse_qs(request.query.decode("latin-1")).get("analytics_id")
-        return self.identities.check(ids[-1] if ids else None)
-
-    async def upgrade(self, stream: trio.abc.Stream, raw_head: bytes, request: Request,
-                      analytics_id: str) -> None:
-        """Own an upgraded connection whose request passed `check`."""
+        analytics_id = self.identities.check(ids[-1] if ids else None)
         ua = request.headers.get(b"user-agent")
         context = {"ip": request.client_ip}
         if ua:
             context["userAgent"] = ua.decode("latin-1")
-        rt = Realtime(self.config, self.config.realtime_project, analytics_id,
-                      _ENCODE.encode(context).decode())
+        return Realtime(self.config, self.config.realtime_project, analytics_id,
+                        _ENCODE.encode(context).decode())
+
+    async def upgrade(self, stream: trio.abc.Stream, rt: Realtime) -> None:
+        """Own an upgraded connection whose request passed `check`; `stream` replays
+        the request's bytes first."""
+        try:
+            await self._session(stream, rt)
+        except Exception:  # a bug here must cost this connection only, never the server
+            log.exception("WebSocket connection failed; closing it")
+
+    async def _session(self, stream: trio.abc.Stream, rt: Realtime) -> None:
         c = self.config
         async with trio.open_nursery() as nursery:  # trio-websocket's reader, our acker
             try:
                 proposal = await trio_websocket.wrap_server_stream(
-                    nursery, Replay(stream, raw_head), c.ws_message_queue,
+                    nursery, stream, c.ws_message_queue,
                     c.ws_max_message_bytes, c.ws_receive_buffer_bytes)
                 ws = await proposal.accept()
             except trio_websocket.ConnectionClosed:
                 return
             peer = _Peer()
             self.peers.add(peer)
-            del proposal, raw_head, request  # (held for the connection's life otherwise)
+            del proposal  # (held for the connection's life otherwise)
             acked = trio.Event()
             nursery.start_soon(self._acker, ws, peer, acked)
             try:

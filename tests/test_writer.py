@@ -205,11 +205,11 @@ async def test_failed_load_keeps_rows_and_reports_unhealthy(tmp_path, clock,
     real_load = writer.store.load
     failures = []
 
-    def flaky(rows, position):
+    def flaky(rows, position, columns=None):
         if len(failures) < 2:
             failures.append(1)
             raise OSError("disk full")
-        real_load(rows, position)
+        real_load(rows, position, columns)
     monkeypatch.setattr(writer.store, "load", flaky)
 
     async def body():

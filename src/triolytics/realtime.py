@@ -20,12 +20,11 @@ import msgspec
 from triolytics.capture import BAD_JSON, _object, decode_error
 from triolytics.config import Config
 from triolytics.errors import ApiError
-from triolytics.rows import Row
+from triolytics.rows import Row, RtColumns
 from triolytics.sessions import SESSION_TYPES, Intake
 
 MAX_TYPE_CHARS = 200
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: DuckDB's range, with room
-_new_row = tuple.__new__
 CLOSE_INVALID, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR = 1007, 1008, 1009, 1011
 
 
@@ -64,11 +63,17 @@ class FrameError(Exception):
 
 
 class Batch(msgspec.Struct):
-    rows: list[Row]  # session rows included
+    system_rows: list[Row]  # the session rows it caused (stored before its events)
     keys: list[str]  # dedup keys admitted
     seq: int | None
     events: int  # events of the batch (stored now, or earlier under the same id)
     session_id: str | None  # None: every event was a repeat, and its session ended
+    columns: RtColumns | None  # the events to store; None if all were repeats
+
+    @property
+    def rows(self) -> list[Row]:
+        """Every row the batch stores, in order, as `Row`s (for inspection)."""
+        return self.system_rows + (self.columns.rows() if self.columns is not None else [])
 
 
 def _seq_of(data: bytes | str) -> int | None:
@@ -121,25 +126,24 @@ class Realtime:
         if payloads is None or not SESSION_TYPES.isdisjoint([e.type for e in events]) \
                 or not all(p is None or p[0] == "{" for p in payloads):
             payloads = self._payloads(frame)  # raises, or all payloads were null
-        project, aid, ctx, now = self.project, self.analytics_id, self.context, intake.now
-        pairs = zip(events, payloads, strict=True)
-        if any(e.id for e in events):
-            pairs = [(e, p) for e, p in pairs if not e.id or intake.fresh(project, e.id)]
-        pairs = list(pairs)
+        project, aid, now = self.project, self.analytics_id, intake.now
+        if any(e.id for e in events):  # (opt-in ids: the common batch has none)
+            kept = [i for i, e in enumerate(events) if not e.id or intake.fresh(project, e.id)]
+            if len(kept) < len(events):
+                events = [events[i] for i in kept]
+                payloads = [payloads[i] for i in kept]
         # A batch stored before (a resend) touches nothing: it names the live session.
-        sid = intake.session(self.key, aid, None, len(pairs)) if pairs else \
+        sid = intake.session(self.key, aid, None, len(events)) if events else \
             intake.sessions.current(self.key)
-        append = intake.rows.append
-        for e, p in pairs:  # (the loop runs once per stored event: nothing needless in it)
-            ts = e.ts
-            if ts is None:
-                ts, original = now, None
-            else:
-                ts = original = ts * 1000
-            append(_new_row(Row, (e.id or None, project, "ws", e.type, None, None, aid, None,
-                                  None, None, sid, ts, original, None, now, p, None, ctx,
-                                  None)))
-        return Batch(intake.rows, intake.keys, frame.seq, len(events), sid)
+        columns = None
+        if events:
+            originals = [e.ts for e in events]
+            columns = RtColumns(
+                project, aid, sid, now, self.context, [e.id or None for e in events],
+                [e.type for e in events],
+                [now if ts is None else ts * 1000 for ts in originals],
+                [None if ts is None else ts * 1000 for ts in originals], payloads)
+        return Batch(intake.rows, intake.keys, frame.seq, len(frame.events), sid, columns)
 
     @staticmethod
     def _payloads(frame: WireFrame) -> list[str | None]:

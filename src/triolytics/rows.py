@@ -66,8 +66,39 @@ COLUMNS: dict[str, str] = {
 
 assert tuple(COLUMNS) == Row._fields, "COLUMNS must follow Row's field order"
 
+class RtColumns(msgspec.Struct, array_like=True, gc=False):
+    """The events of one WebSocket batch, by column: what the batch shares, once, and
+    what varies per event, as lists. The same rows as `Row`s would be (`rows()`), at a
+    fraction of the cost to build, journal and turn into Arrow columns."""
+
+    project: str
+    analytics_id: str  # the anonymous_id column
+    session_id: str | None
+    received_at: int
+    context: str
+    message_ids: list[str | None]
+    types: list[str]
+    timestamps: list[int]
+    originals: list[int | None]
+    properties: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+    def rows(self) -> list[Row]:
+        p, a, s, r, c = (self.project, self.analytics_id, self.session_id, self.received_at,
+                         self.context)
+        return [Row(i, p, "ws", t, None, None, a, None, None, None, s, ts, o, None, r, pr,
+                    None, c, None)
+                for i, t, ts, o, pr in zip(self.message_ids, self.types, self.timestamps,
+                                           self.originals, self.properties, strict=True)]
+
+
+Part = list[Row] | RtColumns  # what one journal record holds
 ROWS_CODEC = msgspec.msgpack.Encoder()
 ROWS_DECODER = msgspec.msgpack.Decoder(list[Row])
+COLUMNS_DECODER = msgspec.msgpack.Decoder(RtColumns)
+COLUMNS_TAG = b"C"  # before a columnar record (a row record starts with an array header)
 
 
 def encode_rows(rows: list[Row]) -> bytes:
@@ -76,4 +107,16 @@ def encode_rows(rows: list[Row]) -> bytes:
 
 
 def decode_rows(payload: bytes) -> list[Row]:
+    return ROWS_DECODER.decode(payload)
+
+
+def encode_part(part: Part) -> bytes:
+    if type(part) is RtColumns:
+        return COLUMNS_TAG + ROWS_CODEC.encode(part)
+    return ROWS_CODEC.encode(part)
+
+
+def decode_part(payload: bytes) -> Part:
+    if payload[:1] == COLUMNS_TAG:
+        return COLUMNS_DECODER.decode(memoryview(payload)[1:])
     return ROWS_DECODER.decode(payload)

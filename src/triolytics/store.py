@@ -19,7 +19,7 @@ import msgspec
 import pyarrow as pa
 
 from triolytics.journal import Position
-from triolytics.rows import COLUMNS, Row
+from triolytics.rows import COLUMNS, Row, RtColumns
 
 SCHEMA_VERSION = "1"
 _ARROW_TYPES = {
@@ -57,6 +57,40 @@ def rows_to_arrow(rows: list[Row]) -> pa.Table:
          for i in range(0, len(rows), ARROW_SLICE_ROWS)], schema=ARROW_SCHEMA)
 
 
+_STRING = pa.string()
+_MICROS = pa.timestamp("us", tz="UTC")
+
+
+def columns_to_arrow(parts: list[RtColumns]) -> pa.Table:
+    """WebSocket batches to one columnar table: the lists are joined (C-speed list
+    operations) and each column converted once, whatever the number of batches."""
+    ids: list = []
+    types: list = []
+    stamps: list = []
+    originals: list = []
+    props: list = []
+    shared: list[list] = [[], [], [], [], []]  # project, analytics id, session, received, ctx
+    for p in parts:
+        n = len(p.types)
+        ids += p.message_ids
+        types += p.types
+        stamps += p.timestamps
+        originals += p.originals
+        props += p.properties
+        for column, value in zip(shared, (p.project, p.analytics_id, p.session_id,
+                                          p.received_at, p.context), strict=True):
+            column += [value] * n
+    n = len(types)
+    project, analytics_id, session, received, context = shared
+    nulls = pa.nulls(n, _STRING)
+    arrays = [pa.array(ids, _STRING), pa.array(project, _STRING), pa.array(["ws"] * n, _STRING),
+              pa.array(types, _STRING), nulls, nulls, pa.array(analytics_id, _STRING), nulls,
+              nulls, nulls, pa.array(session, _STRING), pa.array(stamps, _MICROS),
+              pa.array(originals, _MICROS), pa.nulls(n, _MICROS), pa.array(received, _MICROS),
+              pa.array(props, _STRING), nulls, pa.array(context, _STRING), nulls]
+    return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
+
+
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
         self.path = str(path)
@@ -83,13 +117,18 @@ class Store:
         c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
 
     # --- events
-    def load(self, rows: list[Row], position: Position) -> None:
-        """Insert rows and move the journal mark to `position`, atomically."""
+    def load(self, rows: list[Row], position: Position,
+             columns: list[RtColumns] | None = None) -> None:
+        """Insert rows (and WebSocket batches by column) and move the journal mark to
+        `position`, atomically."""
         c = self.conn
         c.execute("BEGIN")
         try:
             if rows:
                 batch = rows_to_arrow(rows)  # noqa: F841 (read by name in the SQL below)
+                c.execute(f"INSERT INTO events SELECT {_SELECT} FROM batch")
+            if columns:
+                batch = columns_to_arrow(columns)  # noqa: F841
                 c.execute(f"INSERT INTO events SELECT {_SELECT} FROM batch")
             c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
             c.execute("COMMIT")

@@ -31,7 +31,7 @@ from triolytics.config import Config
 from triolytics.dedup import Dedup
 from triolytics.errors import ApiError, overloaded
 from triolytics.journal import HEADER, Journal, JournalError, Position, Syncer
-from triolytics.rows import Row, decode_rows, encode_rows
+from triolytics.rows import Part, Row, RtColumns, decode_part, encode_part
 from triolytics.store import Store
 
 log = logging.getLogger("triolytics.writer")
@@ -44,7 +44,7 @@ class _Group:
     __slots__ = ("batches", "rows", "waiters", "done", "error", "keys", "end", "size")
 
     def __init__(self) -> None:
-        self.batches: list[list[Row]] = []
+        self.batches: list[Part] = []
         self.rows = 0
         self.waiters = 0
         self.keys: list[str] = []  # dedup keys admitted for this group
@@ -52,6 +52,24 @@ class _Group:
         self.error: Exception | None = None
         self.end = Position(0, 0)  # journal position just past this group
         self.size = 0  # journal bytes
+
+
+class _Load:
+    """Journaled parts gathered for one DuckDB load: rows, and WebSocket batches by column."""
+
+    __slots__ = ("rows", "columns", "count")
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.columns: list[RtColumns] = []
+        self.count = 0
+
+    def add(self, part: Part) -> None:
+        if type(part) is RtColumns:
+            self.columns.append(part)
+        else:
+            self.rows.extend(part)  # one copy per row, here, for the whole load
+        self.count += len(part)
 
 
 class WriterStats:
@@ -96,19 +114,19 @@ class Writer:
         self.journal.open()
         self._loaded = self.store.loaded_position()
         self.journal.skip_past(self._loaded)
-        batch: list[Row] = []
+        batch = _Load()
         end = self._loaded
         replayed = 0
         for payload, position in self.journal.records(self._loaded):
-            batch.extend(decode_rows(payload))
+            batch.add(decode_part(payload))
             end = position
-            if len(batch) >= self.config.load_batch_rows:
-                self.store.load(batch, end)
-                replayed += len(batch)
-                batch = []
-        if end != self._loaded or batch:
-            self.store.load(batch, end)
-            replayed += len(batch)
+            if batch.count >= self.config.load_batch_rows:
+                self.store.load(batch.rows, end, batch.columns)
+                replayed += batch.count
+                batch = _Load()
+        if end != self._loaded or batch.count:
+            self.store.load(batch.rows, end, batch.columns)
+            replayed += batch.count
         self._loaded = end
         self.journal.release(end)
         now = time_ns() // 1000
@@ -128,7 +146,8 @@ class Writer:
         return ApiError("unavailable", message,
                         headers=((b"retry-after", str(self.config.retry_after_s).encode()),))
 
-    def submit(self, rows: list[Row], keys: list[str] | None = None) -> _Group:
+    def submit(self, rows: list[Row], keys: list[str] | None = None,
+               columns: RtColumns | None = None) -> _Group:
         """Queue `rows` for the next journal write; `await wait_durable(group)` for the
         ack. Call right after `wait_room` (or a true `has_room`), with no await between.
         `keys` are the dedup keys admitted for the rows: forgotten again if the journal
@@ -138,6 +157,10 @@ class Writer:
             group.batches.append(rows)
             group.rows += len(rows)
             self.stats.pending_rows += len(rows)
+        if columns is not None:  # (after `rows`: a session's start comes before its events)
+            group.batches.append(columns)
+            group.rows += len(columns)
+            self.stats.pending_rows += len(columns)
         if keys:
             group.keys.extend(keys)
         group.waiters += 1
@@ -239,7 +262,7 @@ class Writer:
     def _write(self, group: _Group) -> None:
         self.stats.groups += 1
         try:
-            payloads = [encode_rows(b) for b in group.batches]
+            payloads = [encode_part(b) for b in group.batches]
             group.end = self.journal.append(payloads)
             group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
         except JournalError as exc:
@@ -313,36 +336,36 @@ class Writer:
 
     async def _load_some(self) -> bool:
         """Load the oldest journaled groups; False if DuckDB refused them (kept for retry)."""
-        rows: list[Row] = []
+        load = _Load()
         end = self._loaded
         size = 0
-        while self._unloaded and len(rows) < self.config.load_batch_rows:
+        while self._unloaded and load.count < self.config.load_batch_rows:
             batches, end, nbytes = self._unloaded.popleft()
-            for batch in batches:  # one copy per row, here, for the whole load
-                rows.extend(batch)
+            for batch in batches:
+                load.add(batch)
             size += nbytes
         try:
-            await self.run_store(self._load, rows, end)
+            await self.run_store(self._load, load, end)
         except Exception as exc:  # DuckDB failed: keep the rows, retry, report unready
-            log.error("DuckDB load of %d rows failed: %s", len(rows), exc)
+            log.error("DuckDB load of %d rows failed: %s", load.count, exc)
             self.stats.load_errors += 1
             self.healthy = False
-            self._unloaded.appendleft(([rows], end, size))
+            self._unloaded.appendleft(([load.rows, *load.columns], end, size))
             if not self._drained:
                 await trio.sleep(LOAD_RETRY_S)
             return False
         self.healthy = True
         self._loaded = end
-        self.stats.unloaded_rows -= len(rows)
+        self.stats.unloaded_rows -= load.count
         self.stats.unloaded_bytes -= size
-        self.stats.loaded_rows += len(rows)
+        self.stats.loaded_rows += load.count
         self.stats.loads += 1
         self._oldest_unloaded = trio.current_time()
         self._room_changed()
         return True
 
-    def _load(self, rows: list[Row], end: Position) -> None:
-        self.store.load(rows, end)
+    def _load(self, load: _Load, end: Position) -> None:
+        self.store.load(load.rows, end, load.columns)
         self.journal.release(end)
 
     def _close_files(self) -> None:

@@ -185,7 +185,8 @@ class RealtimeServer:
                     return
                 pending.append((None, exc))
             else:
-                pending.append((batch, writer.submit(batch.rows, batch.keys)))
+                pending.append((batch, writer.submit(batch.system_rows, batch.keys,
+                                                     batch.columns)))
             if len(pending) == 1:
                 peer.lot.unpark_all()  # the acker waits for the first
 

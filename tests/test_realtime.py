@@ -43,12 +43,12 @@ class Env:
         self.dedup = Dedup(86_400 * S, 10_000)
         self.sessions = Sessions(1800 * S, lambda: f"sid-{next(ids)}")
         self.touches: list[int] = []
-        touch = self.sessions.touch
+        touch = self.sessions.touch_session
 
         def counting_touch(key, anonymous_id, user_id, now, rows, events=1):
             self.touches.append(events)
             return touch(key, anonymous_id, user_id, now, rows, events)
-        self.sessions.touch = counting_touch
+        self.sessions.touch_session = counting_touch
         self.rt = Realtime(Config(ws_max_batch_events=max_events), "default", AID, CONTEXT)
 
     def batch(self, data, now: int = NOW):

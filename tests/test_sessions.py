@@ -382,3 +382,12 @@ def test_intake_session_uses_its_receive_time_and_collects_rows_in_order():
     sid = intake.session(K, K[2], None, events=3)
     assert sessions.live[K].last_seen == T0 + 5 * S and sessions.live[K].count == 3
     assert intake.rows[0].received_at == T0 + 5 * S and intake.rows[0].session_id == sid
+
+
+def test_an_intake_reuses_the_previous_events_session_only_for_the_same_key():
+    sessions = make()
+    intake = Intake(Dedup(3600 * S, 100), sessions, T0)
+    got = [intake.session(k, k[2], None) for k in (K, K, K2, K, K)]
+    assert got[0] == got[1] == got[3] == got[4] != got[2]
+    assert sessions.live[K].count == 4 and sessions.live[K2].count == 1
+    assert [r.type for r in intake.rows] == ["session_start", "session_start"]

@@ -67,7 +67,12 @@ class Sessions:
 
     def touch(self, key: Key, anonymous_id: str | None, user_id: str | None, now: int,
               rows: list[Row], events: int = 1) -> str:
-        """The session id for `events` events of `key` received at `now`. Opening a
+        """The session id for `events` events of `key` received at `now` (see below)."""
+        return self.touch_session(key, anonymous_id, user_id, now, rows, events).id
+
+    def touch_session(self, key: Key, anonymous_id: str | None, user_id: str | None,
+                      now: int, rows: list[Row], events: int = 1) -> Session:
+        """The session of `key` for `events` events received at `now`. Opening a
         session (or replacing one that timed out but was not reaped yet) appends its
         `session_end`/`session_start` rows to `rows`."""
         s = self.live.get(key)
@@ -76,7 +81,7 @@ class Sessions:
                 if now > s.last_seen:
                     s.last_seen = now
                 s.count += events
-                return s.id
+                return s
             rows.append(self._end(s, now))
         s = Session(key, self.new_id(), now, anonymous_id, user_id, events=events)
         self.live[key] = s
@@ -85,7 +90,7 @@ class Sessions:
         rows.append(_new_row(Row, (
             self.new_id(), key[0], key[1], "session_start", None, None, anonymous_id,
             user_id, None, None, s.id, now, None, None, now, None, None, None, None)))
-        return s.id
+        return s
 
     def current(self, key: Key) -> str | None:
         """The live session id of `key`, touching nothing."""
@@ -149,7 +154,7 @@ class Intake:
     included. Nothing may refuse the rows after this (the caller waited for room first),
     except a journal failure, which forgets `keys` again."""
 
-    __slots__ = ("rows", "keys", "now", "duplicates", "dedup", "sessions")
+    __slots__ = ("rows", "keys", "now", "duplicates", "dedup", "sessions", "_last")
 
     def __init__(self, dedup: Dedup, sessions: Sessions, now: int) -> None:
         self.rows: list[Row] = []
@@ -158,6 +163,7 @@ class Intake:
         self.duplicates = 0
         self.dedup = dedup
         self.sessions = sessions
+        self._last: Session | None = None  # the session the previous event touched
 
     def fresh(self, project: str, message_id: str) -> bool:
         """False if `message_id` was stored recently (the event is answered as stored)."""
@@ -170,4 +176,13 @@ class Intake:
 
     def session(self, key: Key, anonymous_id: str | None, user_id: str | None,
                 events: int = 1) -> str:
-        return self.sessions.touch(key, anonymous_id, user_id, self.now, self.rows, events)
+        """The session id for `events` more events of `key`. A batch's events mostly
+        share one key: the previous event's session is reused without a lookup (same
+        receive time, so still live)."""
+        last = self._last
+        if last is not None and last.key == key:
+            last.count += events
+            return last.id
+        self._last = s = self.sessions.touch_session(key, anonymous_id, user_id, self.now,
+                                                     self.rows, events)
+        return s.id

@@ -462,3 +462,33 @@ async def test_a_bug_in_one_connection_closes_only_that_connection(tmp_path, mon
         status, _, _ = await server.http(b"GET", b"/healthz")
         assert status == 200
     assert [r["type"] for r in stored(tmp_path)] == ["session_start", "fine"]
+
+
+@pytest.mark.parametrize("with_seq", [True, False])
+async def test_a_journal_failure_is_an_error_reply_or_1011(tmp_path, monkeypatch, with_seq):
+    from triolytics.journal import Journal, JournalError
+
+    def broken(self, payloads):
+        raise JournalError("disk full (injected)")
+
+    async with running(tmp_path) as server:
+        aid = await server.create()
+        async with ws(server, aid) as conn:
+            monkeypatch.setattr(Journal, "append", broken)
+            for seq in range(40):  # more than ws_max_in_flight: the reader must not hang
+                message = {"events": [{"type": "e"}]} | ({"seq": seq} if with_seq else {})
+                try:
+                    await conn.send_message(json.dumps(message))
+                except trio_websocket.ConnectionClosed:
+                    break
+            if with_seq:
+                answers = [await ack(conn) for _ in range(40)]
+                assert {a["type"] for a in answers} == {"error"}
+                assert {a["code"] for a in answers} == {"unavailable"}
+            else:
+                with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as c:
+                    while True:
+                        await conn.get_message()
+                assert c.value.reason.code == 1011
+            monkeypatch.undo()
+    assert [r["type"] for r in stored(tmp_path)] == []

@@ -202,7 +202,7 @@ class RealtimeServer:
                     with trio.move_on_after(self.config.ws_ping_interval_s) as waited:
                         await peer.lot.park()
                     if waited.cancelled_caught and not await self._heartbeat(ws, peer):
-                        break
+                        return
                     continue
                 batch, group = pending[0]
                 if batch is not None:
@@ -217,9 +217,10 @@ class RealtimeServer:
                         answers.append(answer)
                 peer.lot.unpark_all()  # room for the reader
                 if answers and not await _send_texts(ws, answers):
-                    break
-            peer.reading.cancel()  # the peer is gone or silent: stop reading too
+                    return
         finally:
+            if not peer.done:  # the peer is gone, silent or refused: stop reading too
+                peer.reading.cancel()
             acked.set()
 
     def _answer(self, batch: Batch | None, group_or_error) -> str | None:

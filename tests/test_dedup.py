@@ -90,3 +90,11 @@ def test_remember_respects_max_ids_keeping_newest():
     assert len(d) == 2
     assert d.admit("a", 4 * S) is True
     assert d.admit("c", 4 * S) is False
+
+
+def test_repeats_are_counted():
+    """/admin/stats reports these as `duplicates` (Writer.statistics)."""
+    d = Dedup(window_us=100, max_ids=10)
+    assert d.admit("k", 0) and not d.admit("k", 50) and not d.admit("k", 60)
+    assert d.admit("k", 200)  # past the window: a new event
+    assert d.repeats == 2

@@ -26,6 +26,9 @@ from triolytics.store import QueryError, QueryResult
 from triolytics.web import Handler, Request, Response, Routes
 from triolytics.writer import Writer
 
+# Paths whose POST has no body by definition: one without framing is empty, not a 411
+# (`POST /create` is documented with "Headers: None, Body: None").
+BODILESS = frozenset({b"/create"})
 SHORT_NAMES = {"t": "track", "p": "page", "i": "identify", "s": "screen", "g": "group",
                "a": "alias"}  # analytics.js posts to /v1/t, /v1/p, ...
 
@@ -187,7 +190,7 @@ class Api:
 
     async def stats(self, req: Request) -> Response:
         self._admin(req)
-        return Response(200, msgspec.json.encode(self.writer.stats.snapshot()))
+        return Response(200, msgspec.json.encode(self.writer.statistics()))
 
 
 def _decode(body: bytes, type_: type):

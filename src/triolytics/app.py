@@ -36,7 +36,7 @@ from time import time_ns
 import msgspec
 import trio
 
-from triolytics.api import Api
+from triolytics.api import BODILESS, Api
 from triolytics.capture import new_id
 from triolytics.collector import Collector
 from triolytics.config import Config
@@ -130,7 +130,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
     api = Api(collector, writer, ready.admin_token, ready.identities, clock)
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
     http = HttpServer(config, api.routes(), upgrades={b"/analytics": realtime},
-                      bodiless=frozenset({b"/create"}))
+                      bodiless=BODILESS)
     stop = stop if stop is not None else trio.Event()
     service = trio.CancelScope()  # a second signal cancels in-flight requests at once
     signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if handle_signals \

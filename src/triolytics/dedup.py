@@ -21,6 +21,7 @@ class Dedup:
         self.window_us = window_us
         self.max_ids = max_ids
         self._seen: OrderedDict[str, int] = OrderedDict()
+        self.repeats = 0  # admissions refused (events answered as stored, not stored again)
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -30,6 +31,7 @@ class Dedup:
         seen = self._seen
         at = seen.get(key)
         if at is not None and now_us - at < self.window_us:
+            self.repeats += 1
             return False
         if at is not None:
             del seen[key]

@@ -25,7 +25,7 @@ from triolytics.sessions import SESSION_TYPES, Intake
 
 MAX_TYPE_CHARS = 200
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: DuckDB's range, with room
-CLOSE_INVALID, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR = 1007, 1008, 1009, 1011
+CLOSE_INVALID, CLOSE_POLICY, CLOSE_ERROR = 1007, 1008, 1011  # (1009: trio-websocket's)
 
 
 class WireRtEvent(msgspec.Struct, gc=False):
@@ -116,7 +116,7 @@ class Realtime:
     def batch(self, data: bytes | str, intake: Intake) -> Batch:
         """The batch's rows, admitted to `intake`; FrameError if any event is invalid.
         Checks run over the whole batch at once; only a refused batch is walked event
-        by event (`_refusal`) to name the field at fault."""
+        by event (`_payloads`) to name the field at fault."""
         frame = decode_frame(data, self.max_events)
         events = frame.events
         try:

@@ -111,12 +111,13 @@ def decode_rows(payload: bytes) -> list[Row]:
 
 
 def encode_part(part: Part) -> bytes:
+    """One journal record's payload: rows, or a tagged columnar batch."""
     if type(part) is RtColumns:
         return COLUMNS_TAG + ROWS_CODEC.encode(part)
-    return ROWS_CODEC.encode(part)
+    return encode_rows(part)
 
 
 def decode_part(payload: bytes) -> Part:
     if payload[:1] == COLUMNS_TAG:
         return COLUMNS_DECODER.decode(memoryview(payload)[1:])
-    return ROWS_DECODER.decode(payload)
+    return decode_rows(payload)

@@ -74,7 +74,7 @@ class _Load:
 
 class WriterStats:
     __slots__ = ("pending_rows", "unloaded_rows", "unloaded_bytes", "journaled_rows",
-                 "loaded_rows", "duplicates", "rejected_busy", "groups", "syncs", "loads",
+                 "loaded_rows", "rejected_busy", "groups", "syncs", "loads",
                  "load_errors")
 
     def __init__(self) -> None:
@@ -153,14 +153,11 @@ class Writer:
         `keys` are the dedup keys admitted for the rows: forgotten again if the journal
         write fails, so a retry is stored."""
         group = self._group
-        if rows:
-            group.batches.append(rows)
-            group.rows += len(rows)
-            self.stats.pending_rows += len(rows)
-        if columns is not None:  # (after `rows`: a session's start comes before its events)
-            group.batches.append(columns)
-            group.rows += len(columns)
-            self.stats.pending_rows += len(columns)
+        for part in (rows, columns):  # (rows first: a session's start before its events)
+            if part:
+                group.batches.append(part)
+                group.rows += len(part)
+                self.stats.pending_rows += len(part)
         if keys:
             group.keys.extend(keys)
         group.waiters += 1
@@ -231,6 +228,10 @@ class Writer:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._syncer.stop)
                 await trio.to_thread.run_sync(self._close_files)
+
+    def statistics(self) -> dict[str, int]:
+        """A snapshot of the counters, with the repeats that deduplication answered."""
+        return {**self.stats.snapshot(), "duplicates": self.dedup.repeats}
 
     @property
     def closing(self) -> bool:

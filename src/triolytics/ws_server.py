@@ -35,7 +35,7 @@ from triolytics.errors import ApiError
 from triolytics.identity import Identities
 from triolytics.realtime import CLOSE_ERROR, Batch, FrameError, Realtime
 from triolytics.sessions import Intake, Sessions
-from triolytics.web import Request
+from triolytics.web import Cors, Request
 from triolytics.writer import Writer
 
 log = logging.getLogger("triolytics.ws")
@@ -88,7 +88,7 @@ class RealtimeServer:
         self.identities = identities
         self.sessions = sessions
         self.clock = clock  # wall clock, ns since epoch
-        self.origins = frozenset(o.rstrip("/").encode() for o in config.ws_origins)
+        self.origins = Cors(config.ws_origins or ["*"])  # no list: any Origin
         self.peers: set[_Peer] = set()
         self.draining = False
 
@@ -111,7 +111,7 @@ class RealtimeServer:
             raise ApiError("unavailable", "server is shutting down; retry",
                            headers=((b"retry-after", b"1"),))
         origin = h.get(b"origin")
-        if self.origins and origin is not None and origin.rstrip(b"/") not in self.origins:
+        if not self.origins.allowed(origin):
             raise ApiError("forbidden_origin", "origin not allowed (ws_origins)")
         ids = parse_qs(request.query.decode("latin-1")).get("analytics_id")
         analytics_id = self.identities.check(ids[-1] if ids else None)
@@ -228,16 +228,15 @@ class RealtimeServer:
         batch without seq could not be stored (the connection must close)."""
         if batch is None:
             e = group_or_error.error
-            return _ENCODE.encode(Refusal(group_or_error.seq, e.code, e.message,
-                                          e.field)).decode()
+            return _text(Refusal(group_or_error.seq, e.code, e.message, e.field))
         if group_or_error.error is not None:
             if batch.seq is None:
                 return _FAILED
-            return _ENCODE.encode(Refusal(batch.seq, "unavailable", "could not journal the "
-                                          f"events: {group_or_error.error}")).decode()
+            return _text(Refusal(batch.seq, "unavailable",
+                                 f"could not journal the events: {group_or_error.error}"))
         if batch.seq is None:
             return None
-        return _ENCODE.encode(Ack(batch.seq, batch.events, batch.session_id)).decode()
+        return _text(Ack(batch.seq, batch.events, batch.session_id))
 
     async def _heartbeat(self, ws, peer: _Peer) -> bool:
         """No batch for a ping interval: close an idle connection, ping a quiet one.
@@ -255,6 +254,10 @@ class RealtimeServer:
         log.info("dropping a WebSocket peer that did not answer a ping")
         peer.dead = True
         return False
+
+
+def _text(message: msgspec.Struct) -> str:
+    return _ENCODE.encode(message).decode()
 
 
 async def _send_texts(ws, texts: list[str]) -> bool:

@@ -10,6 +10,8 @@ beside triolytics, pinned the same way.
 
     --server trio        trio + trio-websocket (wsproto), the stack triolytics is built on
     --server websockets  asyncio + the `websockets` package, a widely used reference
+    --server wsproto     trio + wsproto directly (the frame layer under trio-websocket):
+                         one task per connection, answers to one read sent in one write
 
 Usage: python bench/probe_ws.py --server trio --host 127.0.0.1 --port 3002  (prints `listening`)
 """
@@ -110,6 +112,81 @@ def serve_trio(host: str, port: int, queue: int, receive_buffer: int) -> None:
     trio.run(serve)
 
 
+# --- trio + wsproto, no trio-websocket ------------------------------------------------
+
+
+def serve_wsproto(host: str, port: int, receive_buffer: int) -> None:
+    import trio
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (
+        AcceptConnection,
+        CloseConnection,
+        Message,
+        Ping,
+        Request,
+        TextMessage,
+    )
+
+    async def handler(stream: trio.SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        session_id = str(uuid.uuid4())
+        parts: list = []
+        size = 0
+        try:
+            while data := await stream.receive_some(receive_buffer):
+                ws.receive_data(data)
+                out = []
+                for event in ws.events():
+                    if isinstance(event, Message):
+                        size += len(event.data)
+                        if size > MAX_MESSAGE_SIZE:
+                            out.append(ws.send(CloseConnection(1009, "too big")))
+                            await stream.send_all(b"".join(out))
+                            return
+                        if not event.message_finished:
+                            parts.append(event.data)
+                            continue
+                        message = event.data
+                        if parts:
+                            parts.append(message)
+                            message = ("" if isinstance(event, TextMessage) else b"").join(parts)
+                            parts.clear()
+                        size = 0
+                        try:
+                            ack = answer(message, session_id)
+                        except msgspec.DecodeError:
+                            out.append(ws.send(CloseConnection(1007, "invalid batch")))
+                            await stream.send_all(b"".join(out))
+                            return
+                        if ack is not None:
+                            out.append(ws.send(TextMessage(ack)))
+                    elif isinstance(event, Request):
+                        out.append(ws.send(AcceptConnection()))
+                    elif isinstance(event, Ping):
+                        out.append(ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        out.append(ws.send(event.response()))
+                        await stream.send_all(b"".join(out))
+                        return
+                if out:
+                    await stream.send_all(b"".join(out))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async def serve() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: trio.serve_tcp(
+                    handler, port, host=host, task_status=task_status))
+                print("listening", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+    trio.run(serve)
+
+
 # --- asyncio + websockets ----------------------------------------------------------------
 
 
@@ -150,7 +227,7 @@ def serve_websockets(host: str, port: int, queue: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", choices=["trio", "websockets"], default="trio")
+    parser.add_argument("--server", choices=["trio", "websockets", "wsproto"], default="trio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3002)
     parser.add_argument("--message-queue-size", type=int, default=MESSAGE_QUEUE_SIZE,
@@ -160,6 +237,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.server == "trio":
         serve_trio(args.host, args.port, args.message_queue_size, args.receive_buffer_size)
+    elif args.server == "wsproto":
+        serve_wsproto(args.host, args.port, args.receive_buffer_size)
     else:
         serve_websockets(args.host, args.port, args.message_queue_size)
 

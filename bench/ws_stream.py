@@ -8,6 +8,7 @@ from CPU 1:
   triolytics        `triolytics serve --fsync always`, one analytics_id per connection
                     from `POST /create`
   probe_trio        bench/probe_ws.py --server trio (trio-websocket + msgspec, stores nothing)
+  probe_wsproto     bench/probe_ws.py --server wsproto (trio + wsproto without trio-websocket)
   probe_websockets  bench/probe_ws.py --server websockets (asyncio websockets, stores nothing)
 The load generator is raw sockets and a selector: it does the handshake by hand, sends
 pre-built masked frames (only the seq digits change) and parses the server's frames for
@@ -57,7 +58,7 @@ from harness import (  # noqa: F401 (bench/sessions.py imports busy_cpu_seconds,
 )
 
 EVENT_TYPE = "bench_ws"  # the benchmark's event type; session_start rows are not counted
-TARGETS = ("triolytics", "probe_trio", "probe_websockets")
+TARGETS = ("triolytics", "probe_trio", "probe_wsproto", "probe_websockets")
 LOADS = {"frame_1": 1, "frame_20": 20, "frame_100": 100}  # name -> events per frame
 TARGET_EVENTS_PER_S = {"frame_20": 150_000, "frame_100": 200_000}  # triolytics, stored
 MASK_KEY = b"\x37\xfa\x21\x3d"  # fixed client mask key (RFC 6455 example)
@@ -599,7 +600,7 @@ def summarize(results: dict) -> tuple[dict, dict]:
         load: {
             f"triolytics_vs_{probe}": ratio(get("triolytics", load, "events_per_s"),
                                             get(probe, load, "events_per_s"))
-            for probe in ("probe_trio", "probe_websockets")
+            for probe in TARGETS[1:]
         }
         for load in LOADS
         if any(load in r for r in results.values())

@@ -10,7 +10,7 @@ import pytest
 
 CORE = ("rows", "errors", "config", "capture", "collector", "dedup", "journal", "web",
         "sessions", "realtime", "identity", "ratelimit")
-EDGE = ("trio", "h11", "duckdb", "trio_websocket")
+EDGE = ("trio", "h11", "duckdb", "trio_websocket", "wsproto")
 
 
 def imported_edges(modules: list[str]) -> list[str]:

@@ -69,7 +69,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ws_max_message_bytes: int = 1 * MiB  # one message (batch); larger closes with 1009
     ws_max_batch_events: int = 2_500  # events in one message
     ws_max_in_flight: int = 32  # batches per connection waiting for the journal (memory)
-    ws_message_queue: int = 4  # messages trio-websocket reads ahead per connection (memory)
     ws_receive_buffer_bytes: int = 64 * KiB  # bytes per socket read
     ws_ping_interval_s: float = 30.0  # the server pings a connection this often...
     ws_pong_timeout_s: float = 15.0  # ...and drops it without a pong within this
@@ -85,7 +84,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
                     "fsync_interval_ms", "dedup_max_ids", "max_query_rows", "session_timeout_s",
                     "session_end_chunk_rows", "ws_max_message_bytes", "ws_max_batch_events",
-                    "ws_max_in_flight", "ws_message_queue", "ws_receive_buffer_bytes",
+                    "ws_max_in_flight", "ws_receive_buffer_bytes",
                     "ws_ping_interval_s", "ws_pong_timeout_s", "ws_idle_timeout_s",
                     "create_burst")
         for name in positive:

@@ -68,44 +68,6 @@ def header_dict(headers: h11._headers.Headers) -> dict[bytes, bytes]:
     return {name: value for _, name, value in full}
 
 
-def raw_head(request: h11.Request) -> bytes:
-    """The request head's bytes again (header names as sent), for a protocol that takes
-    the connection over and parses the head itself."""
-    items = getattr(request.headers, "_full_items", None)
-    pairs = [(raw, value) for raw, _, value in items] if items is not None else \
-        list(request.headers)
-    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
-    lines += [name + b": " + value for name, value in pairs]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-class Replay(trio.abc.Stream):
-    """A stream that first returns bytes already read from it (a request head), for the
-    protocol an upgrade hands the connection to. It lets go of them once returned."""
-
-    def __init__(self, stream: trio.abc.Stream, data: bytes) -> None:
-        self.stream = stream
-        self.data = data
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.data:
-            data, self.data = self.data, b""
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 class _Conn:
     """What the sweeper and `drain()` need to know about one connection."""
 
@@ -118,7 +80,7 @@ class _Conn:
         self.origin: bytes | None = None  # of the request being received (for a 408)
         self.why: ApiError | None = None  # the answer owed if cancelled mid-request
         self.head_bytes = 0
-        self.upgrade: tuple | None = None  # (handler, its arguments...) once upgraded
+        self.upgrade: tuple | None = None  # (handler, trailing, checked) once upgraded
 
 
 class Connections:
@@ -169,8 +131,8 @@ class HttpServer:
         self.routes = routes
         self.bodiless = bodiless  # paths whose POST without framing has an empty body
         # path -> an object with `check(request)` (ApiError to refuse, else a value) and
-        # `async upgrade(stream, value)`, which owns the connection; the stream replays
-        # the bytes h11 read (the request head) first.
+        # `async upgrade(stream, value, trailing)`, which owns the connection and answers
+        # the request itself; `trailing` is what the client sent after the request head.
         self.upgrades = upgrades or {}
         self.cors = Cors(config.cors_origins)
         self.trusted = parse_networks(config.trusted_proxies)
@@ -206,17 +168,17 @@ class HttpServer:
                     await _linger(stream)
                 await trio.aclose_forcefully(stream)
         if upgraded is not None:  # the other protocol owns the connection from here, and
-            handler, replay, checked = upgraded[0], Replay(stream, upgraded[1]), upgraded[2]
+            handler, trailing, checked = upgraded
             del conn, c, upgraded  # what h11 held is freed (a long-lived WebSocket holds less)
             try:
-                await handler(replay, checked)
+                await handler(stream, checked, trailing)
             finally:
                 await trio.aclose_forcefully(stream)
 
     async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str,
                     c: _Conn) -> tuple | None:
         """Serve requests until the connection must close; an accepted upgrade is
-        returned as (handler, bytes read, checked) for `serve` to run."""
+        returned as (handler, bytes read past the head, checked) for `serve` to run."""
         conns = self.connections
         while not conns.draining:
             c.phase = IDLE
@@ -286,8 +248,7 @@ class HttpServer:
                                   client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted))
                 accepted = upgrade.check(request)  # a refusal is answered here, as HTTP
                 c.phase = HANDLING  # the upgraded connection keeps its own timeouts
-                c.upgrade = (upgrade.upgrade, raw_head(event) + conn.trailing_data[0],
-                             accepted)
+                c.upgrade = (upgrade.upgrade, conn.trailing_data[0], accepted)
                 return False
             if method == b"OPTIONS":
                 response = self._options(Request(method, path, query, headers, b"", peer))

@@ -41,7 +41,8 @@ LOAD_RETRY_S = 1.0  # after a failed DuckDB load
 class _Group:
     """Submissions that share one journal write (and sync)."""
 
-    __slots__ = ("batches", "rows", "waiters", "done", "error", "keys", "end", "size")
+    __slots__ = ("batches", "rows", "waiters", "done", "error", "keys", "end", "size",
+                 "notify")
 
     def __init__(self) -> None:
         self.batches: list[Part] = []
@@ -52,6 +53,7 @@ class _Group:
         self.error: Exception | None = None
         self.end = Position(0, 0)  # journal position just past this group
         self.size = 0  # journal bytes
+        self.notify: list = []  # objects whose `wake()` is called once done
 
 
 class _Load:
@@ -147,11 +149,12 @@ class Writer:
                         headers=((b"retry-after", str(self.config.retry_after_s).encode()),))
 
     def submit(self, rows: list[Row], keys: list[str] | None = None,
-               columns: RtColumns | None = None) -> _Group:
+               columns: RtColumns | None = None, notify=None) -> _Group:
         """Queue `rows` for the next journal write; `await wait_durable(group)` for the
         ack. Call right after `wait_room` (or a true `has_room`), with no await between.
         `keys` are the dedup keys admitted for the rows: forgotten again if the journal
-        write fails, so a retry is stored."""
+        write fails, so a retry is stored. `notify.wake()` is called when the group is
+        done (durable or failed), for a task that cannot wait on `group.done` alone."""
         group = self._group
         for part in (rows, columns):  # (rows first: a session's start before its events)
             if part:
@@ -161,6 +164,8 @@ class Writer:
         if keys:
             group.keys.extend(keys)
         group.waiters += 1
+        if notify is not None and (not group.notify or group.notify[-1] is not notify):
+            group.notify.append(notify)
         self._wakeup.set()
         return group
 
@@ -305,6 +310,8 @@ class Writer:
             if first or self.stats.unloaded_rows >= self.config.load_batch_rows:
                 self._load_wakeup.set()  # start the interval clock, or load now
         group.done.set()
+        for waiter in group.notify:
+            waiter.wake()
         self._room_changed()
 
     async def _sync_loop(self, scope: trio.CancelScope) -> None:

@@ -1,34 +1,42 @@
-"""The WebSocket at `/analytics`: handshake checks, hand-off to trio-websocket, one loop
-per connection.
+"""The WebSocket at `/analytics`: the handshake, then one task per connection on wsproto.
 
 Rules:
-- The HTTP server calls `check` with the request h11 parsed. A refusal (400, 403, 503)
-  is an `ApiError`, so h11 answers it as plain HTTP: no client is accepted and then
-  closed. Then `upgrade` owns the connection: the request's bytes are replayed to
-  trio-websocket, which does the handshake and the framing.
-- Each connection runs two tasks of ours: the reader (this connection's task) reads,
-  validates and submits batches to the writer without waiting for the journal; the
-  acker answers them in order as they become durable, and pings the peer when no batch
-  has come for `ws_ping_interval_s`. At most `ws_max_in_flight` batches wait between
-  them; past that the reader stops reading (TCP backpressure), as it does while the
-  writer has no room.
+- The HTTP server calls `check` with the request h11 parsed. A refusal (400, 403, 426,
+  503) is an `ApiError`, so h11 answers it as plain HTTP: no client is accepted and then
+  closed. `upgrade` then owns the connection: it sends the `101` and runs the connection.
+- Frames are parsed and built by wsproto (the frame layer under trio-websocket), driven
+  by the connection's own task, which reads, validates and submits batches to the writer
+  without waiting for the journal, and answers them in order once durable: the writer
+  calls `_Peer.wake` when a group the connection waits for is done, which interrupts the
+  task's wait. No second task, no message queue: an idle connection is its socket, one
+  task and a wsproto parser (docs/performance.md measures why not trio-websocket).
+- At most `ws_max_in_flight` batches wait for the journal; past that, or while the
+  writer has no room, the task stops reading (TCP backpressure). Frames already read
+  stay in wsproto's buffer meanwhile.
 - A client that sends no `seq` never receives a message; a batch of it that must be
-  refused closes the connection with a close code instead (docs/websocket.md).
-- `drain()` (shutdown) stops every reader; in-flight batches are still answered, then
-  the connection closes with 1001.
+  refused closes the connection with a close code instead (docs/websocket.md). Any close
+  of ours comes after the answers owed for the batches before it.
+- Quiet for `ws_ping_interval_s`: a ping; no pong within `ws_pong_timeout_s`: dropped
+  without a closing handshake. No message for `ws_idle_timeout_s`: closed with 1000.
+- `drain()` (shutdown) stops every connection reading; the batches already read are
+  answered, then the connection closes with 1001.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import logging
+import math
 from collections.abc import Callable
 from time import time_ns
 from urllib.parse import parse_qs
 
 import msgspec
 import trio
-import trio_websocket
-from wsproto.events import TextMessage
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 
 from triolytics.config import Config
 from triolytics.errors import ApiError
@@ -40,11 +48,9 @@ from triolytics.writer import Writer
 
 log = logging.getLogger("triolytics.ws")
 _FAILED = object()  # the answer of a batch without seq that could not be stored
-# Coalesced answers use trio-websocket's internals (`_send_texts`): only if they are there.
-_COALESCE = {"_wsproto", "_stream_lock", "_stream", "_close_reason"} <= set(
-    trio_websocket.WebSocketConnection.__init__.__code__.co_names)
 CLOSE_TIMEOUT_S = 5.0  # a closing handshake the peer does not finish is cut after this
-CLOSE_IDLE, CLOSE_GOING_AWAY = 1000, 1001
+CLOSE_IDLE, CLOSE_GOING_AWAY, CLOSE_TOO_BIG = 1000, 1001, 1009
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 _ENCODE = msgspec.json.Encoder()
 
 
@@ -61,23 +67,62 @@ class Refusal(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True)
     field: str | None = None
 
 
+def accept_key(key: bytes) -> bytes:
+    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key."""
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def _tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",")}
+
+
+def handshake(request: Request) -> bytes:
+    """The 101 answering a valid RFC 6455 opening handshake; ApiError otherwise."""
+    h = request.headers
+    if request.method != b"GET" or b"websocket" not in _tokens(h.get(b"upgrade", b"")) \
+            or b"upgrade" not in _tokens(h.get(b"connection", b"")):
+        raise ApiError("bad_request", "expected a WebSocket upgrade (GET with "
+                       "Connection: Upgrade and Upgrade: websocket)")
+    if h.get(b"sec-websocket-version", b"").strip() != b"13":
+        raise ApiError("upgrade_required", "WebSocket version 13 only",
+                       headers=((b"sec-websocket-version", b"13"),))
+    key = h.get(b"sec-websocket-key", b"").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise ApiError("bad_request", "Sec-WebSocket-Key must be 16 bytes in base64")
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key) + b"\r\n\r\n")
+
+
 class _Peer:
-    """One accepted connection: its unanswered batches, idle clock, and `drain()` scope.
+    """One accepted connection's state, kept small: thousands of them sit idle."""
 
-    `pending` holds (batch, group) in arrival order, at most `ws_max_in_flight`; the
-    reader waits on `lot` when it is full, the acker when it is empty (never both: one
-    parking lot serves). A refused batch is queued as (None, FrameError) to keep order.
-    """
+    __slots__ = ("ws", "pending", "scope", "stop", "close", "sending", "last", "quiet",
+                 "pong_due", "parts", "size", "more")
 
-    __slots__ = ("reading", "last", "pending", "lot", "done", "dead")
-
-    def __init__(self) -> None:
-        self.reading = trio.CancelScope()
-        self.last = trio.current_time()  # when the last message arrived
+    def __init__(self, now: float, stop: bool) -> None:
+        self.ws = Connection(ConnectionType.SERVER)
+        # (batch, group) in arrival order; a refused batch is (None, FrameError).
         self.pending: list = []  # (a list: 56 bytes empty, where a deque takes 600)
-        self.lot = trio.lowlevel.ParkingLot()
-        self.done = False  # the reader has stopped: the acker finishes the queue
-        self.dead = False  # the peer missed a pong: no closing handshake to wait for
+        self.scope: trio.CancelScope | None = None  # the wait in progress, if any
+        self.stop = stop  # read nothing more: answer what is pending, then close
+        self.close: tuple[int, str] | None = None  # (code, reason) to close with
+        self.sending = False  # a send is in progress (a cancel there cuts a frame), or
+        # the peer is gone: no Close frame can follow
+        self.last = now  # when the last message arrived
+        self.quiet = now  # since the last message or ping
+        self.pong_due: float | None = None  # a ping is unanswered until then
+        self.parts: list = []  # an incomplete message's parts so far
+        self.size = 0  # ... and their size
+        self.more = False  # wsproto may hold frames not yet taken
+
+    def wake(self) -> None:
+        """Interrupt the connection's wait: a group it waits for is done, or drain."""
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class RealtimeServer:
@@ -96,132 +141,207 @@ class RealtimeServer:
         """Stop reading every connection; each closes with 1001 once answered."""
         self.draining = True
         for peer in self.peers:
-            peer.reading.cancel()
+            peer.stop = True
+            peer.wake()
 
     # --- the handshake, on the HTTP connection's task
-    def check(self, request: Request) -> Realtime:
+    def check(self, request: Request) -> tuple[Realtime, bytes]:
         """What the connection needs from its request (its analytics_id, the client's
-        address and user agent), or ApiError (answered as plain HTTP)."""
+        address and user agent) and the 101 to send; or ApiError (answered as HTTP)."""
+        response = handshake(request)
         h = request.headers
-        if request.method != b"GET" or h.get(b"upgrade", b"").lower() != b"websocket" \
-                or b"sec-websocket-key" not in h:
-            raise ApiError("bad_request", "expected a WebSocket upgrade (GET with "
-                           "Upgrade: websocket)")
         if self.draining or self.writer.closing:
             raise ApiError("unavailable", "server is shutting down; retry",
                            headers=((b"retry-after", b"1"),))
-        origin = h.get(b"origin")
-        if not self.origins.allowed(origin):
+        if not self.origins.allowed(h.get(b"origin")):
             raise ApiError("forbidden_origin", "origin not allowed (ws_origins)")
         ids = parse_qs(request.query.decode("latin-1")).get("analytics_id")
         analytics_id = self.identities.check(ids[-1] if ids else None)
-        ua = request.headers.get(b"user-agent")
+        ua = h.get(b"user-agent")
         context = {"ip": request.client_ip}
         if ua:
             context["userAgent"] = ua.decode("latin-1")
-        return Realtime(self.config, self.config.realtime_project, analytics_id,
-                        _ENCODE.encode(context).decode())
+        rt = Realtime(self.config, self.config.realtime_project, analytics_id,
+                      _ENCODE.encode(context).decode())
+        return rt, response
 
-    async def upgrade(self, stream: trio.abc.Stream, rt: Realtime) -> None:
-        """Own an upgraded connection whose request passed `check`; `stream` replays
-        the request's bytes first."""
+    async def upgrade(self, stream: trio.abc.Stream, checked: tuple[Realtime, bytes],
+                      trailing: bytes) -> None:
+        """Own a connection whose request passed `check`: send the 101, then serve it.
+        `trailing` holds what the client sent after the request head."""
+        rt, response = checked
+        peer = _Peer(trio.current_time(), self.draining)
+        self.peers.add(peer)
         try:
-            await self._session(stream, rt)
+            await stream.send_all(response)
+            peer.ws.receive_data(trailing)
+            peer.more = True
+            await self._run(stream, rt, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer is gone
         except Exception:  # a bug here must cost this connection only, never the server
             log.exception("WebSocket connection failed; closing it")
-
-    async def _session(self, stream: trio.abc.Stream, rt: Realtime) -> None:
-        c = self.config
-        async with trio.open_nursery() as nursery:  # trio-websocket's reader, our acker
-            try:
-                proposal = await trio_websocket.wrap_server_stream(
-                    nursery, stream, c.ws_message_queue,
-                    c.ws_max_message_bytes, c.ws_receive_buffer_bytes)
-                ws = await proposal.accept()
-            except trio_websocket.ConnectionClosed:
-                return
-            peer = _Peer()
-            self.peers.add(peer)
-            del proposal  # (held for the connection's life otherwise)
-            acked = trio.Event()
-            nursery.start_soon(self._acker, ws, peer, acked)
-            try:
-                with peer.reading:
-                    await self._read(ws, rt, peer)
-                peer.done = True
-                peer.lot.unpark_all()
-                await acked.wait()  # every batch read is answered (or the peer is gone)
-            finally:
-                self.peers.discard(peer)
-                if not peer.dead:
-                    with trio.move_on_after(CLOSE_TIMEOUT_S) as cs:
-                        cs.shield = True
-                        await ws.aclose(CLOSE_GOING_AWAY if self.draining else CLOSE_IDLE)
-                nursery.cancel_scope.cancel()  # (the HTTP server closes the socket)
+        finally:
+            self.peers.discard(peer)
 
     # --- one connection
-    async def _read(self, ws, rt: Realtime, peer: _Peer) -> None:
-        writer, dedup, sessions = self.writer, self.writer.dedup, self.sessions
-        pending, limit = peer.pending, self.config.ws_max_in_flight
-        while True:
-            while len(pending) >= limit:  # TCP backpressure until the oldest is answered
-                await peer.lot.park()
-            try:
-                data = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
-                return
-            peer.last = trio.current_time()
-            if writer.closing or not writer.has_room(1):
-                try:
-                    await writer.wait_room(give_up=False)  # the socket waits meanwhile
-                except ApiError:
-                    return  # closing
-            intake = Intake(dedup, sessions, self.clock() // 1000)
-            try:
-                batch = rt.batch(data, intake)
-            except FrameError as exc:
-                if exc.seq is None:
-                    await _close(ws, exc.close_code, exc.error.message)
-                    return
-                pending.append((None, exc))
-            else:
-                pending.append((batch, writer.submit(batch.system_rows, batch.keys,
-                                                     batch.columns)))
-            if len(pending) == 1:
-                peer.lot.unpark_all()  # the acker waits for the first
-
-    async def _acker(self, ws, peer: _Peer, acked: trio.Event) -> None:
-        """Answer batches in order once durable, every answer ready at once in one write;
-        ping when no batch came for a ping interval."""
-        pending = peer.pending
+    async def _run(self, stream: trio.abc.Stream, rt: Realtime, p: _Peer) -> None:
+        """Read, submit, answer, ping, until the connection ends; close it as owed."""
+        out: list[bytes] = []
         try:
             while True:
-                if not pending:
-                    if peer.done:
-                        return
-                    with trio.move_on_after(self.config.ws_ping_interval_s) as waited:
-                        await peer.lot.park()
-                    if waited.cancelled_caught and not await self._heartbeat(ws, peer):
-                        return
-                    continue
-                batch, group = pending[0]
-                if batch is not None:
-                    await group.done.wait()
-                answers: list[str] = []
-                while pending and (pending[0][0] is None or pending[0][1].done.is_set()):
-                    answer = self._answer(*pending.pop(0))
-                    if answer is _FAILED:
-                        await _close(ws, CLOSE_ERROR, "could not store a batch")
-                        return
-                    if answer is not None:
-                        answers.append(answer)
-                peer.lot.unpark_all()  # room for the reader
-                if answers and not await _send_texts(ws, answers):
+                if p.more and not p.stop and self._may_take(p):
+                    self._take(rt, p, out)
+                self._answers(p, out)
+                if out:  # answers, pongs: one write
+                    data = b"".join(out)
+                    out.clear()
+                    p.sending = True
+                    await stream.send_all(data)
+                    p.sending = False
+                    continue  # more may have become durable meanwhile
+                if p.stop and not p.pending:
+                    break
+                if not await self._wait(stream, p, out):
+                    p.sending = True  # (the peer is gone, or died: no closing handshake)
                     return
         finally:
-            if not peer.done:  # the peer is gone, silent or refused: stop reading too
-                peer.reading.cancel()
-            acked.set()
+            if p.ws.state is ConnectionState.OPEN and not p.sending:
+                close = p.close or (CLOSE_GOING_AWAY, "server shutting down")
+                with trio.move_on_after(CLOSE_TIMEOUT_S) as cs:
+                    cs.shield = True
+                    await self._close(stream, p, *close)
+
+    def _may_take(self, p: _Peer) -> bool:
+        """Room for another batch: in this connection's window and in the writer."""
+        writer = self.writer
+        if writer.closing:
+            p.stop = True
+            return False
+        return len(p.pending) < self.config.ws_max_in_flight and writer.has_room(1)
+
+    async def _wait(self, stream: trio.abc.Stream, p: _Peer, out: list) -> bool:
+        """Wait for bytes (when reading), writer room, a durable batch, drain or a timer.
+        False: the peer closed the connection or missed a pong."""
+        c = self.config
+        if p.pong_due is not None:
+            deadline = p.pong_due
+        elif p.pending or p.stop:
+            deadline = math.inf
+        else:
+            deadline = min(p.quiet + c.ws_ping_interval_s, p.last + c.ws_idle_timeout_s)
+        data = None
+        with trio.CancelScope(deadline=deadline) as scope:
+            p.scope = scope
+            try:
+                if p.stop or len(p.pending) >= c.ws_max_in_flight:
+                    await trio.sleep_forever()  # until wake() or a timer
+                elif not self.writer.has_room(1):
+                    await self.writer.wait_room(give_up=False)
+                elif p.more:
+                    pass  # frames already read, waiting for room that is there now
+                else:
+                    data = await stream.receive_some(c.ws_receive_buffer_bytes)
+            except ApiError:  # the writer is closing
+                p.stop = True
+            finally:
+                p.scope = None
+        if data is not None:
+            if not data:
+                return False  # EOF: the peer is gone
+            p.ws.receive_data(data)
+            p.more = True
+        elif scope.cancelled_caught and trio.current_time() >= deadline:
+            return self._timer(p, out)
+        return True
+
+    def _timer(self, p: _Peer, out: list) -> bool:
+        """A deadline passed: a missed pong (False: drop the peer), the idle timeout, or
+        the next ping."""
+        c, now = self.config, trio.current_time()
+        if p.pong_due is not None:
+            log.info("dropping a WebSocket peer that did not answer a ping")
+            return False
+        if now - p.last >= c.ws_idle_timeout_s:
+            p.stop, p.close = True, (CLOSE_IDLE, "idle timeout")
+        else:
+            out.append(p.ws.send(Ping(b"triolytics")))
+            p.pong_due = now + c.ws_pong_timeout_s
+            p.quiet = now
+        return True
+
+    def _take(self, rt: Realtime, p: _Peer, out: list) -> None:
+        """Handle the frames wsproto holds until none is left or reading must pause."""
+        ws, limit = p.ws, self.config.ws_max_message_bytes
+        p.more = False
+        for event in ws.events():
+            if isinstance(event, Message):
+                data = event.data
+                p.size += len(data) if type(data) is not str or data.isascii() \
+                    else len(data.encode())
+                if p.size > limit:
+                    p.stop, p.close = True, (CLOSE_TOO_BIG, f"message over {limit} bytes "
+                                             "(ws_max_message_bytes)")
+                    return
+                if not event.message_finished:
+                    p.parts.append(data)
+                    continue
+                if p.parts:
+                    p.parts.append(data)
+                    data = data[:0].join(p.parts)
+                    p.parts = []
+                p.size = 0
+                p.last = p.quiet = trio.current_time()
+                self._batch(rt, p, data)
+                if p.stop:
+                    return
+                if not self._may_take(p):
+                    p.more = True  # the rest waits in wsproto's buffer
+                    return
+            elif isinstance(event, Ping):
+                out.append(ws.send(event.response()))
+            elif isinstance(event, Pong):
+                p.pong_due = None
+            elif isinstance(event, CloseConnection):
+                p.stop = True
+                if ws.state is ConnectionState.REMOTE_CLOSING:  # the peer closes: answer
+                    out.append(ws.send(event.response()))
+                    p.pending.clear()  # (stored all the same; no answer can follow a close)
+                else:  # wsproto could not parse a frame (1002; 1007 for bad UTF-8)
+                    p.close = (event.code, event.reason or "")
+                return
+
+    def _batch(self, rt: Realtime, p: _Peer, data: bytes | str) -> None:
+        """Validate one message and submit its rows; a refusal is queued in order."""
+        writer = self.writer
+        intake = Intake(writer.dedup, self.sessions, self.clock() // 1000)
+        try:
+            batch = rt.batch(data, intake)
+        except FrameError as exc:
+            if exc.seq is None:
+                p.stop, p.close = True, (exc.close_code, exc.error.message)
+                return
+            p.pending.append((None, exc))
+            return
+        p.pending.append((batch, writer.submit(batch.system_rows, batch.keys, batch.columns,
+                                               notify=p)))
+
+    def _answers(self, p: _Peer, out: list) -> None:
+        """Move every answer that is ready, in order, into `out` as frames."""
+        pending, ws, done = p.pending, p.ws, 0
+        for batch, group_or_error in pending:
+            if batch is not None and not group_or_error.done.is_set():
+                break
+            done += 1
+            answer = self._answer(batch, group_or_error)
+            if answer is _FAILED:
+                p.stop, p.close = True, (CLOSE_ERROR, "could not store a batch")
+                pending.clear()
+                return
+            if answer is not None:
+                out.append(ws.send(TextMessage(answer)))
+        if done:
+            del pending[:done]
 
     def _answer(self, batch: Batch | None, group_or_error) -> str | None:
         """The answer owed for one batch (None: no seq, nothing to say); `_FAILED` if a
@@ -238,50 +358,23 @@ class RealtimeServer:
             return None
         return _text(Ack(batch.seq, batch.events, batch.session_id))
 
-    async def _heartbeat(self, ws, peer: _Peer) -> bool:
-        """No batch for a ping interval: close an idle connection, ping a quiet one.
-        False if the connection must close."""
-        c = self.config
-        if trio.current_time() - peer.last >= c.ws_idle_timeout_s:
-            await _close(ws, CLOSE_IDLE, "idle timeout")
-            return False
-        with trio.move_on_after(c.ws_pong_timeout_s):
-            try:
-                await ws.ping()
-                return True
-            except trio_websocket.ConnectionClosed:
-                return False
-        log.info("dropping a WebSocket peer that did not answer a ping")
-        peer.dead = True
-        return False
+    async def _close(self, stream: trio.abc.Stream, p: _Peer, code: int, reason: str) -> None:
+        """Send a Close and wait for the peer's (or EOF): the closing handshake."""
+        reason = reason.encode()[:120].decode("utf-8", "ignore")  # a reason fits 123 bytes
+        ws = p.ws
+        try:
+            await stream.send_all(ws.send(CloseConnection(code, reason)))
+            while ws.state is not ConnectionState.CLOSED:
+                data = await stream.receive_some(self.config.ws_receive_buffer_bytes)
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, CloseConnection):
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 def _text(message: msgspec.Struct) -> str:
     return _ENCODE.encode(message).decode()
-
-
-async def _send_texts(ws, texts: list[str]) -> bool:
-    """Send text messages in one socket write; False if the connection is gone.
-    trio-websocket sends one write per message; when its internals are as expected
-    (0.12), the frames are built by its wsproto connection and written together, under
-    its send lock, as its own `_send` does."""
-    try:
-        if len(texts) == 1 or not _COALESCE:
-            for text in texts:
-                await ws.send_message(text)
-            return True
-        if ws._close_reason is not None:
-            return False
-        data = b"".join([ws._wsproto.send(TextMessage(data=text)) for text in texts])
-        async with ws._stream_lock:
-            await ws._stream.send_all(data)
-        return True
-    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
-            trio.ClosedResourceError):
-        return False
-
-
-async def _close(ws, code: int, reason: str) -> None:
-    reason = reason.encode()[:120].decode("utf-8", "ignore")  # a close reason fits 123 bytes
-    with trio.move_on_after(CLOSE_TIMEOUT_S):
-        await ws.aclose(code, reason)

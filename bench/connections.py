@@ -58,7 +58,7 @@ from ws_stream import (
 
 TARGET_RSS_PER_CONN_KIB = 16
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-TARGETS = ("triolytics", "probe_trio", "probe_websockets")
+TARGETS = ("triolytics", "probe_trio", "probe_wsproto", "probe_websockets")
 
 
 class Pending:

@@ -11,8 +11,8 @@ import pytest
 import triolytics.store as store_mod
 from triolytics.dedup import dedup_key
 from triolytics.journal import Position
-from triolytics.rows import Row
-from triolytics.store import Store
+from triolytics.rows import Row, RtColumns
+from triolytics.store import Store, columns_to_arrow, rows_to_arrow
 
 T0 = 1_714_564_800_000_000  # 2024-05-01T12:00:00Z in µs
 
@@ -181,3 +181,16 @@ def test_query_returns_columns_rows_and_truncation(store):
     assert (got.columns, got.rows, got.truncated) == (
         ["message_id", "event"], [["m1", "E1"], ["m2", "E2"]], True)
     assert store.query("SELECT count(*) AS n FROM events", 2).rows == [[3]]
+
+
+def test_columns_become_the_same_table_as_their_rows():
+    parts = [
+        RtColumns("p1", "0.a", "s1", 1_000, '{"ip":"1"}', [None, "id-2"], ["a", "b"],
+                  [5, 6], [None, 6], ['{"x":1}', None]),
+        RtColumns("p2", "0.b", None, 2_000, '{"ip":"2"}', ["id-3"], ["c"], [7], [7], [None]),
+        RtColumns("p1", "0.c", "s3", 3_000, "{}", [None] * 3, ["d", "e", "f"], [8, 9, 10],
+                  [None] * 3, ["{}"] * 3),
+    ]
+    rows = [row for part in parts for row in part.rows()]
+    assert columns_to_arrow(parts).to_pylist() == rows_to_arrow(rows).to_pylist()
+    assert columns_to_arrow(parts[1:2]).num_rows == 1

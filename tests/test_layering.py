@@ -9,7 +9,7 @@ import sys
 import pytest
 
 CORE = ("rows", "errors", "config", "capture", "collector", "dedup", "journal", "web",
-        "sessions", "realtime", "identity", "ratelimit")
+        "sessions", "realtime", "identity", "ratelimit", "ws_frames")
 EDGE = ("trio", "h11", "duckdb", "trio_websocket", "wsproto")
 
 
@@ -25,7 +25,8 @@ def test_core_imports_no_edge_module():
     assert imported_edges(list(CORE)) == []
 
 
-@pytest.mark.parametrize("module", ["journal", "collector", "web", "sessions", "realtime"])
+@pytest.mark.parametrize("module", ["journal", "collector", "web", "sessions", "realtime",
+                                    "ws_frames"])
 def test_each_core_module_alone(module):
     assert imported_edges([module]) == []
 

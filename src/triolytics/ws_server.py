@@ -4,15 +4,15 @@ Rules:
 - The HTTP server calls `check` with the request h11 parsed. A refusal (400, 403, 426,
   503) is an `ApiError`, so h11 answers it as plain HTTP: no client is accepted and then
   closed. `upgrade` then owns the connection: it sends the `101` and runs the connection.
-- Frames are parsed and built by wsproto (the frame layer under trio-websocket), driven
-  by the connection's own task, which reads, validates and submits batches to the writer
-  without waiting for the journal, and answers them in order once durable: the writer
-  calls `_Peer.wake` when a group the connection waits for is done, which interrupts the
-  task's wait. No second task, no message queue: an idle connection is its socket, one
-  task and a wsproto parser (docs/performance.md measures why not trio-websocket).
+- Frames are parsed and built by `ws_frames`, driven by the connection's own task,
+  which reads, validates and submits batches to the writer without waiting for the
+  journal, and answers them in order once durable: the writer calls `_Peer.wake` when a
+  group the connection waits for is done, which interrupts the task's wait. No second
+  task, no message queue: an idle connection is its socket, one task and a frame reader
+  (docs/performance.md measures why not trio-websocket).
 - At most `ws_max_in_flight` batches wait for the journal; past that, or while the
   writer has no room, the task stops reading (TCP backpressure). Frames already read
-  stay in wsproto's buffer meanwhile.
+  stay in the reader's buffer meanwhile.
 - A client that sends no `seq` never receives a message; a batch of it that must be
   refused closes the connection with a close code instead (docs/websocket.md). Any close
   of ours comes after the answers owed for the batches before it.
@@ -35,8 +35,6 @@ from urllib.parse import parse_qs
 
 import msgspec
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 
 from triolytics.config import Config
 from triolytics.errors import ApiError
@@ -45,11 +43,24 @@ from triolytics.realtime import CLOSE_ERROR, Batch, FrameError, Realtime
 from triolytics.sessions import Intake, Sessions
 from triolytics.web import Cors, Request
 from triolytics.writer import Writer
+from triolytics.ws_frames import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    Fault,
+    FrameReader,
+    close_code,
+    close_frame,
+    frame,
+)
 
 log = logging.getLogger("triolytics.ws")
 _FAILED = object()  # the answer of a batch without seq that could not be stored
 CLOSE_TIMEOUT_S = 5.0  # a closing handshake the peer does not finish is cut after this
-CLOSE_IDLE, CLOSE_GOING_AWAY, CLOSE_TOO_BIG = 1000, 1001, 1009
+CLOSE_IDLE, CLOSE_GOING_AWAY = 1000, 1001
+PING_PAYLOAD = b"triolytics"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 _ENCODE = msgspec.json.Encoder()
 
@@ -100,11 +111,12 @@ def handshake(request: Request) -> bytes:
 class _Peer:
     """One accepted connection's state, kept small: thousands of them sit idle."""
 
-    __slots__ = ("ws", "pending", "scope", "stop", "close", "sending", "last", "quiet",
-                 "pong_due", "parts", "size", "more")
+    __slots__ = ("frames", "open", "pending", "scope", "stop", "close", "sending", "last",
+                 "quiet", "pong_due", "more")
 
-    def __init__(self, now: float, stop: bool) -> None:
-        self.ws = Connection(ConnectionType.SERVER)
+    def __init__(self, now: float, stop: bool, max_message_bytes: int) -> None:
+        self.frames = FrameReader(max_message_bytes)
+        self.open = True  # no Close sent yet (ours, or the answer to the peer's)
         # (batch, group) in arrival order; a refused batch is (None, FrameError).
         self.pending: list = []  # (a list: 56 bytes empty, where a deque takes 600)
         self.scope: trio.CancelScope | None = None  # the wait in progress, if any
@@ -115,9 +127,7 @@ class _Peer:
         self.last = now  # when the last message arrived
         self.quiet = now  # since the last message or ping
         self.pong_due: float | None = None  # a ping is unanswered until then
-        self.parts: list = []  # an incomplete message's parts so far
-        self.size = 0  # ... and their size
-        self.more = False  # wsproto may hold frames not yet taken
+        self.more = False  # the frame reader may hold frames not yet taken
 
     def wake(self) -> None:
         """Interrupt the connection's wait: a group it waits for is done, or drain."""
@@ -170,11 +180,11 @@ class RealtimeServer:
         """Own a connection whose request passed `check`: send the 101, then serve it.
         `trailing` holds what the client sent after the request head."""
         rt, response = checked
-        peer = _Peer(trio.current_time(), self.draining)
+        peer = _Peer(trio.current_time(), self.draining, self.config.ws_max_message_bytes)
         self.peers.add(peer)
         try:
             await stream.send_all(response)
-            peer.ws.receive_data(trailing)
+            peer.frames.feed(trailing)
             peer.more = True
             await self._run(stream, rt, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -206,7 +216,7 @@ class RealtimeServer:
                     p.sending = True  # (the peer is gone, or died: no closing handshake)
                     return
         finally:
-            if p.ws.state is ConnectionState.OPEN and not p.sending:
+            if p.open and not p.sending:
                 close = p.close or (CLOSE_GOING_AWAY, "server shutting down")
                 with trio.move_on_after(CLOSE_TIMEOUT_S) as cs:
                     cs.shield = True
@@ -249,7 +259,7 @@ class RealtimeServer:
         if data is not None:
             if not data:
                 return False  # EOF: the peer is gone
-            p.ws.receive_data(data)
+            p.frames.feed(data)
             p.more = True
         elif scope.cancelled_caught and trio.current_time() >= deadline:
             return self._timer(p, out)
@@ -265,51 +275,37 @@ class RealtimeServer:
         if now - p.last >= c.ws_idle_timeout_s:
             p.stop, p.close = True, (CLOSE_IDLE, "idle timeout")
         else:
-            out.append(p.ws.send(Ping(b"triolytics")))
+            out.append(frame(PING, PING_PAYLOAD))
             p.pong_due = now + c.ws_pong_timeout_s
             p.quiet = now
         return True
 
     def _take(self, rt: Realtime, p: _Peer, out: list) -> None:
-        """Handle the frames wsproto holds until none is left or reading must pause."""
-        ws, limit = p.ws, self.config.ws_max_message_bytes
+        """Handle the frames read until none is left or reading must pause."""
+        frames = p.frames
         p.more = False
-        for event in ws.events():
-            if isinstance(event, Message):
-                data = event.data
-                p.size += len(data) if type(data) is not str or data.isascii() \
-                    else len(data.encode())
-                if p.size > limit:
-                    p.stop, p.close = True, (CLOSE_TOO_BIG, f"message over {limit} bytes "
-                                             "(ws_max_message_bytes)")
-                    return
-                if not event.message_finished:
-                    p.parts.append(data)
-                    continue
-                if p.parts:
-                    p.parts.append(data)
-                    data = data[:0].join(p.parts)
-                    p.parts = []
-                p.size = 0
-                p.last = p.quiet = trio.current_time()
-                self._batch(rt, p, data)
-                if p.stop:
-                    return
-                if not self._may_take(p):
-                    p.more = True  # the rest waits in wsproto's buffer
-                    return
-            elif isinstance(event, Ping):
-                out.append(ws.send(event.response()))
-            elif isinstance(event, Pong):
-                p.pong_due = None
-            elif isinstance(event, CloseConnection):
-                p.stop = True
-                if ws.state is ConnectionState.REMOTE_CLOSING:  # the peer closes: answer
-                    out.append(ws.send(event.response()))
+        try:
+            while (got := frames.next()) is not None:
+                opcode, payload = got
+                if opcode == TEXT or opcode == BINARY:
+                    p.last = p.quiet = trio.current_time()
+                    self._batch(rt, p, payload)
+                    if p.stop:
+                        return
+                    if not self._may_take(p):
+                        p.more = True  # the rest waits in the frame reader
+                        return
+                elif opcode == PING:
+                    out.append(frame(PONG, payload))
+                elif opcode == PONG:
+                    p.pong_due = None
+                elif opcode == CLOSE:  # the peer closes: answer, echoing its code
+                    out.append(close_frame(close_code(payload)))
+                    p.stop, p.open = True, False
                     p.pending.clear()  # (stored all the same; no answer can follow a close)
-                else:  # wsproto could not parse a frame (1002; 1007 for bad UTF-8)
-                    p.close = (event.code, event.reason or "")
-                return
+                    return
+        except Fault as fault:
+            p.stop, p.close = True, (fault.code, fault.reason)
 
     def _batch(self, rt: Realtime, p: _Peer, data: bytes | str) -> None:
         """Validate one message and submit its rows; a refusal is queued in order."""
@@ -328,7 +324,7 @@ class RealtimeServer:
 
     def _answers(self, p: _Peer, out: list) -> None:
         """Move every answer that is ready, in order, into `out` as frames."""
-        pending, ws, done = p.pending, p.ws, 0
+        pending, done = p.pending, 0
         for batch, group_or_error in pending:
             if batch is not None and not group_or_error.done.is_set():
                 break
@@ -339,42 +335,38 @@ class RealtimeServer:
                 pending.clear()
                 return
             if answer is not None:
-                out.append(ws.send(TextMessage(answer)))
+                out.append(frame(TEXT, answer))
         if done:
             del pending[:done]
 
-    def _answer(self, batch: Batch | None, group_or_error) -> str | None:
+    def _answer(self, batch: Batch | None, group_or_error) -> bytes | None:
         """The answer owed for one batch (None: no seq, nothing to say); `_FAILED` if a
         batch without seq could not be stored (the connection must close)."""
         if batch is None:
             e = group_or_error.error
-            return _text(Refusal(group_or_error.seq, e.code, e.message, e.field))
+            return _ENCODE.encode(Refusal(group_or_error.seq, e.code, e.message, e.field))
         if group_or_error.error is not None:
             if batch.seq is None:
                 return _FAILED
-            return _text(Refusal(batch.seq, "unavailable",
-                                 f"could not journal the events: {group_or_error.error}"))
+            return _ENCODE.encode(Refusal(batch.seq, "unavailable",
+                                          f"could not journal the events: {group_or_error.error}"))
         if batch.seq is None:
             return None
-        return _text(Ack(batch.seq, batch.events, batch.session_id))
+        return _ENCODE.encode(Ack(batch.seq, batch.events, batch.session_id))
 
     async def _close(self, stream: trio.abc.Stream, p: _Peer, code: int, reason: str) -> None:
         """Send a Close and wait for the peer's (or EOF): the closing handshake."""
-        reason = reason.encode()[:120].decode("utf-8", "ignore")  # a reason fits 123 bytes
-        ws = p.ws
+        p.open = False
+        frames = p.frames
         try:
-            await stream.send_all(ws.send(CloseConnection(code, reason)))
-            while ws.state is not ConnectionState.CLOSED:
+            await stream.send_all(close_frame(code, reason))
+            while True:
+                while (got := frames.next()) is not None:
+                    if got[0] == CLOSE:
+                        return
                 data = await stream.receive_some(self.config.ws_receive_buffer_bytes)
                 if not data:
                     return
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, CloseConnection):
-                        return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                frames.feed(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, Fault):
             pass
-
-
-def _text(message: msgspec.Struct) -> str:
-    return _ENCODE.encode(message).decode()

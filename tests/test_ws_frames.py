@@ -1,0 +1,144 @@
+"""The WebSocket frame layer, pure: frames built by wsproto's client (the reference
+implementation trio-websocket uses) must come out of `FrameReader` as the messages they
+were, however the bytes are split; every protocol fault has its close code."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from triolytics.ws_frames import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    Fault,
+    FrameReader,
+    close_code,
+    close_frame,
+    frame,
+    unmask,
+)
+
+MASK = b"\x11\x22\x33\x44"
+
+
+def masked(first: int, payload: bytes, length: bytes | None = None) -> bytes:
+    """A client frame by hand: first byte as given, MASK bit, length, key, payload."""
+    n = len(payload)
+    if length is None:
+        length = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big")
+    return bytes([first, 0x80 | length[0]]) + length[1:] + MASK + unmask(MASK, payload)
+
+
+def read_all(reader: FrameReader, data: bytes, cuts: list[int]) -> list[tuple[int, bytes]]:
+    out = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        reader.feed(data[lo:hi])
+        while (got := reader.next()) is not None:
+            out.append(got)
+    return out
+
+
+messages = st.lists(st.one_of(
+    st.tuples(st.just("text"), st.text(max_size=300), st.integers(1, 4)),
+    st.tuples(st.just("bytes"), st.binary(max_size=70_000), st.integers(1, 3)),
+    st.tuples(st.just("ping"), st.binary(max_size=125), st.just(1)),
+    st.tuples(st.just("pong"), st.binary(max_size=125), st.just(1)),
+), max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages, st.lists(st.integers(0, 200_000), max_size=6), st.data())
+def test_wsproto_client_frames_come_out_as_sent(items, cuts, data):
+    client = Connection(ConnectionType.CLIENT)
+    wire, expected = b"", []
+    for kind, payload, pieces in items:
+        if kind in ("ping", "pong"):
+            event = Ping(payload) if kind == "ping" else Pong(payload)
+            wire += client.send(event)
+            expected.append((PING if kind == "ping" else PONG, payload))
+            continue
+        step = max(1, len(payload) // pieces)
+        chunks = [payload[i:i + step] for i in range(0, len(payload), step)] or [payload[:0]]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            cls = TextMessage if kind == "text" else BytesMessage
+            wire += client.send(cls(data=chunk, message_finished=last))
+            if not last and data.draw(st.booleans()):  # a control frame between fragments
+                wire += client.send(Ping(b"mid"))
+                expected.append((PING, b"mid"))
+        whole = payload.encode() if kind == "text" else payload
+        expected.append((TEXT if kind == "text" else BINARY, whole))
+    wire += client.send(CloseConnection(1000, "bye"))
+    expected.append((CLOSE, (1000).to_bytes(2, "big") + b"bye"))
+    cuts = sorted({c for c in cuts if 0 < c < len(wire)})
+    assert reorder_pings(read_all(FrameReader(1 << 20), wire, cuts)) == reorder_pings(expected)
+
+
+def reorder_pings(events):
+    """A ping sent between fragments arrives before the message it interrupts: compare
+    the messages in order, and the control frames in order, apart."""
+    return ([e for e in events if e[0] in (TEXT, BINARY, CLOSE)],
+            [e for e in events if e[0] in (PING, PONG)])
+
+
+def test_bytes_fed_one_at_a_time():
+    client = Connection(ConnectionType.CLIENT)
+    wire = client.send(TextMessage("héllo" * 40)) + client.send(BytesMessage(b"\x00" * 70_000))
+    reader = FrameReader(1 << 20)
+    out = read_all(reader, wire, list(range(1, len(wire))))
+    assert out == [(TEXT, ("héllo" * 40).encode()), (BINARY, b"\x00" * 70_000)]
+    assert reader.next() is None
+
+
+@pytest.mark.parametrize("wire, code", [
+    (bytes([0x81, 0x02]) + b"hi", 1002),  # not masked
+    (masked(0xC1, b"x"), 1002),  # RSV1 without permessage-deflate
+    (masked(0x83, b"x"), 1002),  # opcode 3 is reserved
+    (masked(0x89, b"x" * 126), 1002),  # a control frame over 125 bytes
+    (masked(0x09, b"x"), 1002),  # a fragmented control frame
+    (masked(0x80, b"x"), 1002),  # a continuation without a message
+    (masked(0x01, b"a") + masked(0x81, b"b"), 1002),  # a new message inside one
+    (masked(0x81, b"x", bytes([126, 0, 5])), 1002),  # 2 length bytes for 5
+    (masked(0x81, b"\xff\xfe"), 1007),  # text that is not UTF-8
+    (masked(0x01, b"\xc3") + masked(0x80, b"\x28"), 1007),  # ... across fragments
+    (masked(0x88, b"\x03"), 1002),  # a 1-byte close payload
+    (masked(0x88, (1005).to_bytes(2, "big")), 1002),  # a code never sent on the wire
+    (masked(0x88, (1000).to_bytes(2, "big") + b"\xff"), 1007),  # a reason not UTF-8
+])
+def test_faults_have_their_close_codes(wire, code):
+    with pytest.raises(Fault) as fault:
+        read_all(FrameReader(1 << 20), wire, [])
+    assert fault.value.code == code
+
+
+def test_a_message_too_big_is_refused_at_its_header():
+    reader = FrameReader(1000)
+    head = masked(0x82, b"x" * 1001)[:8]  # header, length and mask only
+    reader.feed(head)
+    with pytest.raises(Fault) as fault:
+        reader.next()
+    assert fault.value.code == 1009
+    # fragments count together
+    reader = FrameReader(1000)
+    reader.feed(masked(0x02, b"x" * 600))
+    assert reader.next() is None
+    reader.feed(masked(0x80, b"x" * 401)[:8])
+    with pytest.raises(Fault):
+        reader.next()
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_server_frames_parse_in_wsproto(size):
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(frame(TEXT, b"a" * size) + close_frame(1001, "é" * 100))
+    events = list(client.events())
+    assert isinstance(events[0], TextMessage) and events[0].data == "a" * size
+    assert isinstance(events[1], CloseConnection) and events[1].code == 1001
+    assert len(close_frame(1001, "é" * 100)) <= 127  # a reason cut to fit, whole chars
+    assert close_code(b"") == 1005 and close_frame(1005) == b"\x88\x00"

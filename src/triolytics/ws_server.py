@@ -122,8 +122,7 @@ class _Peer:
         self.scope: trio.CancelScope | None = None  # the wait in progress, if any
         self.stop = stop  # read nothing more: answer what is pending, then close
         self.close: tuple[int, str] | None = None  # (code, reason) to close with
-        self.sending = False  # a send is in progress (a cancel there cuts a frame), or
-        # the peer is gone: no Close frame can follow
+        self.sending = False  # a send is in progress (a cancel there cuts a frame)
         self.last = now  # when the last message arrived
         self.quiet = now  # since the last message or ping
         self.pong_due: float | None = None  # a ping is unanswered until then
@@ -213,7 +212,7 @@ class RealtimeServer:
                 if p.stop and not p.pending:
                     break
                 if not await self._wait(stream, p, out):
-                    p.sending = True  # (the peer is gone, or died: no closing handshake)
+                    p.open = False  # the peer is gone, or died: no closing handshake
                     return
         finally:
             if p.open and not p.sending:

@@ -17,7 +17,8 @@ Rules:
   refused closes the connection with a close code instead (docs/websocket.md). Any close
   of ours comes after the answers owed for the batches before it.
 - Quiet for `ws_ping_interval_s`: a ping; no pong within `ws_pong_timeout_s`: dropped
-  without a closing handshake. No message for `ws_idle_timeout_s`: closed with 1000.
+  without a closing handshake, as is a peer that takes none of our bytes for that long.
+  No message for `ws_idle_timeout_s`: closed with 1000.
 - `drain()` (shutdown) stops every connection reading; the batches already read are
   answered, then the connection closes with 1001.
 """
@@ -206,8 +207,12 @@ class RealtimeServer:
                     data = b"".join(out)
                     out.clear()
                     p.sending = True
-                    await stream.send_all(data)
-                    p.sending = False
+                    with trio.move_on_after(self.config.ws_pong_timeout_s):
+                        await stream.send_all(data)
+                        p.sending = False
+                    if p.sending:  # a peer that takes no bytes for a pong timeout is dead
+                        log.info("dropping a WebSocket peer that stopped reading")
+                        return
                     continue  # more may have become durable meanwhile
                 if p.stop and not p.pending:
                     break

@@ -147,7 +147,7 @@ class Realtime:
             if None in originals:
                 stamps = [now if ts is None else ts * 1000 for ts in originals]
                 originals = [None if ts is None else ts * 1000 for ts in originals]
-            else:
+            else:  # (one list for both columns: nothing changes it once built)
                 stamps = originals = [ts * 1000 for ts in originals]
             columns = RtColumns(project, aid, sid, now, self.context, ids, types, stamps,
                                 originals, payloads)

@@ -73,6 +73,10 @@ class FrameReader:
             self.chunks.append(data)
             self.have += len(data)
 
+    def ready(self) -> bool:
+        """Whether `next()` can advance without more bytes."""
+        return self.have >= self.need
+
     def next(self) -> tuple[int, bytes] | None:
         """The next message or control frame; None until more bytes are fed."""
         while self.have >= self.need:

@@ -113,7 +113,7 @@ class _Peer:
     """One accepted connection's state, kept small: thousands of them sit idle."""
 
     __slots__ = ("frames", "open", "pending", "scope", "stop", "close", "sending", "last",
-                 "quiet", "pong_due", "more")
+                 "quiet", "pong_due")
 
     def __init__(self, now: float, stop: bool, max_message_bytes: int) -> None:
         self.frames = FrameReader(max_message_bytes)
@@ -127,7 +127,6 @@ class _Peer:
         self.last = now  # when the last message arrived
         self.quiet = now  # since the last message or ping
         self.pong_due: float | None = None  # a ping is unanswered until then
-        self.more = False  # the frame reader may hold frames not yet taken
 
     def wake(self) -> None:
         """Interrupt the connection's wait: a group it waits for is done, or drain."""
@@ -185,7 +184,6 @@ class RealtimeServer:
         try:
             await stream.send_all(response)
             peer.frames.feed(trailing)
-            peer.more = True
             await self._run(stream, rt, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer is gone
@@ -200,7 +198,7 @@ class RealtimeServer:
         out: list[bytes] = []
         try:
             while True:
-                if p.more and not p.stop and self._may_take(p):
+                if p.frames.ready() and not p.stop and self._may_take(p):
                     self._take(rt, p, out)
                 self._answers(p, out)
                 if out:  # answers, pongs: one write
@@ -252,7 +250,7 @@ class RealtimeServer:
                     await trio.sleep_forever()  # until wake() or a timer
                 elif not self.writer.has_room(1):
                     await self.writer.wait_room(give_up=False)
-                elif p.more:
+                elif p.frames.ready():
                     pass  # frames already read, waiting for room that is there now
                 else:
                     data = await stream.receive_some(c.ws_receive_buffer_bytes)
@@ -264,7 +262,6 @@ class RealtimeServer:
             if not data:
                 return False  # EOF: the peer is gone
             p.frames.feed(data)
-            p.more = True
         elif scope.cancelled_caught and trio.current_time() >= deadline:
             return self._timer(p, out)
         return True
@@ -287,7 +284,6 @@ class RealtimeServer:
     def _take(self, rt: Realtime, p: _Peer, out: list) -> None:
         """Handle the frames read until none is left or reading must pause."""
         frames = p.frames
-        p.more = False
         try:
             while (got := frames.next()) is not None:
                 opcode, payload = got
@@ -297,8 +293,7 @@ class RealtimeServer:
                     if p.stop:
                         return
                     if not self._may_take(p):
-                        p.more = True  # the rest waits in the frame reader
-                        return
+                        return  # the rest waits in the frame reader
                 elif opcode == PING:
                     out.append(frame(PONG, payload))
                 elif opcode == PONG:

@@ -8,6 +8,7 @@ a mock clock: the server's wall clock is derived from `trio.current_time()`.
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 from contextlib import asynccontextmanager
@@ -600,3 +601,24 @@ async def test_a_close_of_ours_comes_after_the_answers_owed(tmp_path):
     assert json.loads(frames[0][1])["seq"] == 7
     assert frames[1][0] == 0x8 and int.from_bytes(frames[1][1][:2], "big") == 1007
     assert sum(r["type"] == "e" for r in stored(tmp_path)) == 1
+
+
+async def test_garbage_after_the_handshake_costs_that_connection_only(tmp_path, caplog):
+    rng = random.Random(7)
+    garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+               for _ in range(20)]
+    garbage += [client_frame(0x1, b'{"events": [{"type": "e"}], "seq": 1}')[:-3] + b"\x81"]
+    async with running(tmp_path) as server:
+        aid = await server.create()
+        for data in garbage:
+            stream, status, _, _ = await raw_upgrade(server, aid)
+            assert status.startswith(b"HTTP/1.1 101")
+            await stream.send_all(data)
+            with trio.move_on_after(0.5):  # closed by the server, or still waiting
+                while await stream.receive_some(65536):
+                    pass
+            await stream.aclose()
+        async with ws(server, aid) as conn:  # the server is still fine
+            await conn.send_message(json.dumps({"events": [{"type": "e"}], "seq": 1}))
+            assert (await ack(conn))["stored"] == 1
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -142,3 +142,23 @@ def test_server_frames_parse_in_wsproto(size):
     assert isinstance(events[1], CloseConnection) and events[1].code == 1001
     assert len(close_frame(1001, "é" * 100)) <= 127  # a reason cut to fit, whole chars
     assert close_code(b"") == 1005 and close_frame(1005) == b"\x88\x00"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=12),
+       st.sampled_from([0x80, 0x81, 0x82, 0x01, 0x00, 0x88, 0x89, 0x8A, 0x83, 0xC1]))
+def test_any_bytes_give_messages_or_a_fault_never_another_error(chunks, first):
+    """Garbage after a plausible first byte: the reader takes it or refuses it with a
+    close code; nothing else escapes, and it never claims more than it was fed."""
+    reader = FrameReader(100)
+    fed = 0
+    try:
+        for i, chunk in enumerate(chunks):
+            data = bytes([first]) + chunk if i == 0 else chunk
+            reader.feed(data)
+            fed += len(data)
+            while (got := reader.next()) is not None:
+                assert got[0] in (TEXT, BINARY, CLOSE, PING, PONG)
+                assert len(got[1]) <= fed
+    except Fault as fault:
+        assert fault.code in (1002, 1007, 1009)

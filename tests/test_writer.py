@@ -9,6 +9,7 @@ load interval costs no wall time and is not raced by the jump.
 from __future__ import annotations
 
 import json
+import threading
 from time import time_ns
 
 import pytest
@@ -21,7 +22,7 @@ from triolytics.errors import ApiError
 from triolytics.journal import Journal, JournalError, Position
 from triolytics.rows import Row
 from triolytics.store import Store
-from triolytics.writer import Writer
+from triolytics.writer import Writer, _Load
 
 T0 = 1_714_564_800_000_000
 
@@ -241,3 +242,25 @@ def test_mark_beyond_lost_journal_tail_does_not_hide_new_records(tmp_path):
     assert stored_rows_via(third) == ["m1", "m2"]
     third.store.close()
     third.journal.close()
+
+
+def test_loaded_rows_are_freed_on_the_loading_thread(tmp_path, monkeypatch):
+    """Not where the load's last reference goes (the event loop, in `_load_some`):
+    freeing a whole load there held the GIL for up to 40 ms (bench/sessions.py)."""
+    writer = make_writer(tmp_path)
+    monkeypatch.setattr(writer.store, "load", lambda rows, position, columns=None: None)
+    freed: list[threading.Thread] = []
+
+    class Tracked:
+        def __del__(self) -> None:
+            freed.append(threading.current_thread())
+
+    load = _Load()
+    load.rows.extend(Tracked() for _ in range(5000))
+    worker = threading.Thread(target=writer._load, args=(load, writer._loaded))
+    worker.start()
+    worker.join()
+    assert len(freed) == 5000 and set(freed) == {worker}
+    assert load.rows == [] and load.columns == []
+    writer.journal.close()
+    writer.store.close()

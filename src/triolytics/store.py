@@ -46,7 +46,7 @@ def new_write_key() -> str:
     return "wk_" + secrets.token_urlsafe(24)
 
 
-ARROW_SLICE_ROWS = 8192  # rows converted per pyarrow call: each call holds the GIL
+ARROW_SLICE_ROWS = 4096  # rows converted per pyarrow call: each call holds the GIL
 
 
 def rows_to_arrow(rows: list[Row]) -> pa.Table:

@@ -22,6 +22,7 @@ import trio
 import trio_websocket
 from seed_examples import DOC_PAYLOAD
 from trio.testing import MockClock
+from ws_wire import masked, server_frames
 
 from triolytics.app import serve
 from triolytics.config import Config
@@ -498,29 +499,6 @@ async def test_a_journal_failure_is_an_error_reply_or_1011(tmp_path, monkeypatch
 # --- the frame layer, by hand: the handshake's checks, fragments, pings, closes
 
 
-def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 5.2)."""
-    mask = b"\x0f\x1e\x2d\x3c"
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def server_frames(buf: bytes) -> list[tuple[int, bytes]]:
-    """(opcode, payload) of each unmasked server frame in buf (complete frames only)."""
-    out, pos = [], 0
-    while len(buf) - pos >= 2:
-        n, at = buf[pos + 1] & 0x7F, pos + 2
-        if n == 126:
-            n, at = int.from_bytes(buf[at:at + 2], "big"), at + 2
-        if len(buf) - at < n:
-            break
-        out.append((buf[pos] & 0x0F, buf[at:at + n]))
-        pos = at + n
-    return out
-
-
 async def raw_upgrade(server: Server, analytics_id: str, headers: dict | None = None):
     """A TCP stream past a handshake: (stream, status line, head, bytes after it)."""
     h = {"Host": "x", "Upgrade": "websocket", "Connection": "keep-alive, Upgrade",
@@ -575,9 +553,9 @@ async def test_fragments_pings_and_answers_in_one_read(tmp_path):
         first = json.dumps({"events": [{"type": "e"}] * 3, "seq": 1}).encode()
         second = json.dumps({"events": [{"type": "e"}], "seq": 2}).encode()
         await stream.send_all(
-            client_frame(0x1, first[:10], fin=False) + client_frame(0x9, b"hello")
-            + client_frame(0x0, first[10:20], fin=False) + client_frame(0x0, first[20:])
-            + client_frame(0x2, second))  # (a binary message holds a batch as well)
+            masked(0x01, first[:10]) + masked(0x89, b"hello")
+            + masked(0x00, first[10:20]) + masked(0x80, first[20:])
+            + masked(0x82, second))  # (a binary message holds a batch as well)
         frames = await read_frames(stream, rest, 3)
         await stream.aclose()
     assert frames[0] == (0xA, b"hello")  # the pong comes first: no batch was durable yet
@@ -591,9 +569,9 @@ async def test_a_close_of_ours_comes_after_the_answers_owed(tmp_path):
         aid = await server.create()
         stream, _, _, rest = await raw_upgrade(server, aid)
         batch = json.dumps({"events": [{"type": "e"}], "seq": 7}).encode()
-        await stream.send_all(client_frame(0x1, batch) + client_frame(0x1, b"\xff\xfe bad"))
+        await stream.send_all(masked(0x81, batch) + masked(0x81, b"\xff\xfe bad"))
         frames = await read_frames(stream, rest, 2)
-        await stream.send_all(client_frame(0x8, frames[1][1][:2]))  # finish the handshake
+        await stream.send_all(masked(0x88, frames[1][1][:2]))  # finish the handshake
         with trio.fail_after(10):
             while await stream.receive_some(65536):
                 pass  # the server closes the TCP connection
@@ -607,7 +585,7 @@ async def test_garbage_after_the_handshake_costs_that_connection_only(tmp_path, 
     rng = random.Random(7)
     garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
                for _ in range(20)]
-    garbage += [client_frame(0x1, b'{"events": [{"type": "e"}], "seq": 1}')[:-3] + b"\x81"]
+    garbage += [masked(0x81, b'{"events": [{"type": "e"}], "seq": 1}')[:-3] + b"\x81"]
     async with running(tmp_path) as server:
         aid = await server.create()
         for data in garbage:

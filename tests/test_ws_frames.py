@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ws_wire import masked
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
@@ -21,18 +22,7 @@ from triolytics.ws_frames import (
     close_code,
     close_frame,
     frame,
-    unmask,
 )
-
-MASK = b"\x11\x22\x33\x44"
-
-
-def masked(first: int, payload: bytes, length: bytes | None = None) -> bytes:
-    """A client frame by hand: first byte as given, MASK bit, length, key, payload."""
-    n = len(payload)
-    if length is None:
-        length = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big")
-    return bytes([first, 0x80 | length[0]]) + length[1:] + MASK + unmask(MASK, payload)
 
 
 def read_all(reader: FrameReader, data: bytes, cuts: list[int]) -> list[tuple[int, bytes]]:

@@ -4,14 +4,12 @@ happen on cue."""
 from __future__ import annotations
 
 import trio
+from ws_wire import masked
 
 from triolytics.config import Config
 from triolytics.realtime import Realtime
 from triolytics.sessions import Sessions
-from triolytics.ws_frames import unmask
 from triolytics.ws_server import RealtimeServer
-
-MASK = b"\x01\x02\x03\x04"
 
 
 class RoomyWriter:
@@ -50,17 +48,13 @@ class StuckPeer(trio.abc.Stream):
         pass
 
 
-def masked_ping(payload: bytes) -> bytes:
-    return bytes([0x89, 0x80 | len(payload)]) + MASK + unmask(MASK, payload)
-
-
 async def test_a_peer_that_stops_reading_is_dropped_after_the_pong_timeout(autojump_clock):
     config = Config(ws_pong_timeout_s=15, ws_ping_interval_s=30, ws_idle_timeout_s=600)
     server = RealtimeServer(config, RoomyWriter(), None, Sessions(10**9, str))
     rt = Realtime(config, "default", "0.x", "{}")
     start = trio.current_time()
     with trio.fail_after(100):  # without the send timeout the pong's write never ends
-        await server.upgrade(StuckPeer(masked_ping(b"hi")), (rt, b"HTTP/1.1 101 x\r\n\r\n"),
+        await server.upgrade(StuckPeer(masked(0x89, b"hi")), (rt, b"HTTP/1.1 101 x\r\n\r\n"),
                              b"")
     assert 15 <= trio.current_time() - start < 16
     assert not server.peers

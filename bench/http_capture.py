@@ -1,5 +1,8 @@
 """HTTP capture benchmark: triolytics against a bare trio + h11 + msgspec probe, same run.
 
+Two probes store nothing: `probe` uses h11 for the whole exchange; `probe_lean` uses h11
+only to parse request heads, as triolytics does (see bench/probe_h11.py).
+
 Each server runs pinned to CPU 0 and is loaded from CPU 1, with two loads:
   single  one event per request to POST /v1/capture (the Collector API's curl example)
   batch   100 events per request to POST /v1/batch
@@ -60,8 +63,12 @@ LOADS = {  # name -> (path, body, events per request)
 }
 
 
+PROBES = {"probe": ["probe_h11.py"], "probe_lean": ["probe_h11.py", "--heads-only"]}
+TARGETS = ("probe", "probe_lean", "triolytics")
+
+
 def server_argv(target: str, args: argparse.Namespace, port: int, data: Path) -> list[str]:
-    probe = ["probe_h11.py"] if target == "probe" else None
+    probe = PROBES.get(target)
     extra = ["--write-key", WRITE_KEY]
     return harness.server_argv(port, data, args.fsync, args.target_cmd, probe=probe, extra=extra)
 
@@ -322,6 +329,8 @@ def summarize(results: dict) -> tuple[dict, dict]:
     ratios = {
         "single_vs_probe": ratio(eps("triolytics", "single"), eps("probe", "single")),
         "batch_vs_probe": ratio(eps("triolytics", "batch"), eps("probe", "batch")),
+        "single_vs_probe_lean": ratio(eps("triolytics", "single"), eps("probe_lean", "single")),
+        "batch_vs_probe_lean": ratio(eps("triolytics", "batch"), eps("probe_lean", "batch")),
         "batch_events_per_s": eps("triolytics", "batch"),
     }
     met = {
@@ -344,7 +353,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fsync", default="always", help="triolytics --fsync policy")
     p.add_argument("--tool", choices=["auto", "wrk", "builtin"], default="auto")
     p.add_argument("--gen-procs", type=int, default=1, help="built-in generator processes")
-    p.add_argument("--targets", default="probe,triolytics", help="comma-separated subset")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset")
     p.add_argument("--loads", default="single,batch", help="comma-separated subset")
     harness.add_server_args(p)
     args = harness.parse_load_args(p)
@@ -356,7 +365,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     harness.prepare_main()
-    targets = [t for t in ("probe", "triolytics") if t in args.targets.split(",")]
+    targets = [t for t in TARGETS if t in args.targets.split(",")]
     loads = [x for x in LOADS if x in args.loads.split(",")]
     results: dict = {t: {} for t in targets}
     with tempfile.TemporaryDirectory(prefix="triolytics-bench-") as tmp:

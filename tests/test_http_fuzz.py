@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import h11
 import trio
 import trio.testing
 from hypothesis import given, settings
@@ -86,3 +87,107 @@ def test_the_harness_sees_answers():
     clock = trio.testing.MockClock(autojump_threshold=0)
     assert trio.run(exchange, valid + valid.replace(b"wk_fuzz", b"wk_nope"), clock=clock) \
         == [201, 401]
+
+
+# --- framing and pipelining: any mix of requests, split anywhere, is answered in order
+
+
+async def hello(req: Request) -> Response:
+    return Response(200, b'{"hello":"world"}')
+
+
+async def echo(req: Request) -> Response:
+    return Response(200, req.body, content_type=b"application/octet-stream")
+
+
+ECHO_ROUTES = {b"/hello": {b"GET": hello, b"HEAD": hello}, b"/echo": {b"POST": echo}}
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` in non-empty pieces, cut at the given offsets."""
+    cuts = sorted(cuts)
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
+
+
+@st.composite
+def requests(draw) -> tuple[bytes, bytes, bytes | None, bool]:
+    """(method, wire bytes, the body the answer must echo or None for /hello, closes)."""
+    method = draw(st.sampled_from([b"GET", b"HEAD", b"POST"]))
+    version = draw(st.sampled_from([b"1.1", b"1.1", b"1.0"]))
+    connection = draw(st.sampled_from([None, b"close", b"keep-alive", b"Keep-Alive, Close"]))
+    head = [b"%s %s HTTP/%s" % (method, b"/echo" if method == b"POST" else b"/hello", version),
+            b"Host: x"]
+    if connection is not None:
+        head.append(b"Connection: " + connection)
+    body = None
+    wire = b""
+    if method == b"POST":
+        body = draw(st.binary(max_size=300))
+        if draw(st.booleans()):
+            head.append(b"Expect: 100-continue")
+        if version == b"1.1" and draw(st.booleans()):
+            head.append(b"Transfer-Encoding: chunked")
+            pieces = split(body, draw(st.lists(st.integers(0, len(body)), max_size=4)))
+            wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+        else:
+            head.append(b"Content-Length: %d" % len(body))
+            wire = body
+    closes = version == b"1.0" or (connection is not None and b"close" in connection.lower())
+    return method, b"\r\n".join(head) + b"\r\n\r\n" + wire, body, closes
+
+
+async def converse(pieces: list[bytes]) -> bytes:
+    server = HttpServer(CONFIG, ECHO_ROUTES)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    received = b""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve, server_stream, "127.0.0.1")
+            try:
+                for piece in pieces:  # each piece is read by the server on its own
+                    await client_stream.send_all(piece)
+                    await trio.testing.wait_all_tasks_blocked()
+                await client_stream.send_eof()
+            except trio.BrokenResourceError:
+                pass  # the server closed after a `close` request: it reads no more
+            while chunk := await client_stream.receive_some(65536):
+                received += chunk
+    return received
+
+
+def read_response(data: bytes, method: bytes) -> tuple[h11.Response, bytes, bytes]:
+    """The first final response in `data` to a `method` request: (head, body, the rest)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    response, body = None, b""
+    while (event := conn.next_event()) is not h11.PAUSED:
+        if type(event) is h11.Response:
+            response = event
+        elif type(event) is h11.Data:
+            body += event.data
+        elif type(event) is h11.EndOfMessage:
+            return response, body, conn.trailing_data[0]
+        elif type(event) is not h11.InformationalResponse:
+            raise AssertionError(f"incomplete response: {event!r}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.lists(requests(), min_size=1, max_size=6), data=st.data())
+def test_pipelined_requests_split_anywhere_are_answered_in_order(batch, data):
+    wire = b"".join(w for _, w, _, _ in batch)
+    pieces = split(wire, data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    received = trio.run(converse, pieces, clock=trio.testing.MockClock(autojump_threshold=0))
+    for method, _, body, closes in batch:
+        response, got, received = read_response(received, method)
+        assert response.status_code == 200
+        if method == b"HEAD":
+            assert got == b""
+        else:
+            assert got == (b'{"hello":"world"}' if body is None else body)
+        assert (b"connection", b"close") in list(response.headers) or not closes
+        if closes:
+            break
+    assert received == b""  # nothing after the last answer, and nothing after a close

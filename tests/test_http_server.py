@@ -276,6 +276,34 @@ async def test_expect_100_continue_is_answered_before_the_body(nursery, fake_ser
     assert (reply.status, reply.body) == (200, b"hello")
 
 
+async def test_expect_100_continue_refused_early_is_not_invited(nursery, fake_server,
+                                                                autojump_clock):
+    """A request refused before its body (404) must not get `100 Continue`: the client
+    is told no and the connection closes, rather than asking for a body to discard."""
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.send(h11.Request(method=b"POST", target=b"/nope", headers=[
+            (b"host", b"test"), (b"content-length", b"5"), (b"expect", b"100-continue")]))
+        first = await client.next_event()
+        assert type(first) is h11.Response and first.status_code == 404
+        assert (b"connection", b"close") in list(first.headers)
+        while type(await client.next_event()) is not h11.EndOfMessage:
+            pass
+        await client.assert_closed()
+
+
+async def test_connection_close_in_any_connection_header_line_is_honoured(nursery, fake_server,
+                                                                          autojump_clock):
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.request(b"GET", b"/hello", headers=[
+            (b"connection", b"Close, TE"), (b"connection", b"keep-alive")])
+        await client.assert_closed()
+    assert reply.status == 200 and reply.header(b"connection") == b"close"
+
+
 async def test_expect_100_continue_too_large_is_refused_without_100(nursery, fake_server,
                                                                    autojump_clock):
     server, _ = fake_server
@@ -530,6 +558,27 @@ async def test_handler_exception_is_500_and_the_next_request_works(nursery, fake
     assert "a bug in a handler" in caplog.text  # but the log has them
     assert (after.status, after.json()) == (200, {"hello": "world"})
     assert fake.calls == [b"/boom", b"/hello"]
+
+
+async def test_a_response_header_with_a_line_break_is_never_written(nursery, autojump_clock,
+                                                                   caplog):
+    """Response heads are written by the server, not h11: a header value that could
+    split the response becomes a 500 (logged), never bytes on the wire."""
+    server, fake = make_server()
+
+    async def split(req: Request) -> Response:
+        return Response(200, b"{}", [(b"x-note", b"a\r\nset-cookie: evil=1")])
+
+    server.routes[b"/split"] = {b"GET": split}
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        reply = await client.request(b"GET", b"/split")
+        start = trio.current_time()
+        await client.assert_closed()
+    assert trio.current_time() == start  # at once, as its head says
+    assert reply.status == 500
+    assert reply.header(b"set-cookie") is None and reply.header(b"x-note") is None
+    assert "CR, LF or NUL" in caplog.text
 
 
 async def test_peer_address_reaches_the_handler(nursery, autojump_clock):

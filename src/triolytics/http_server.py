@@ -19,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 
 import h11
@@ -48,7 +49,8 @@ _NO_BODY_OK = {b"GET", b"HEAD", b"OPTIONS", b"DELETE"}
 INTERNAL = b'{"error":{"code":"internal","message":"internal error; see the server log"}}'
 IDLE, RECEIVING, HANDLING, SENDING = range(4)
 HEAD_CACHE_SIZE = 64  # distinct plain response heads kept per second
-_END = h11.EndOfMessage()
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_UNSAFE = re.compile(rb"[\r\n\0]")  # never in a header we write
 
 
 def _head_size(target: bytes, headers: dict[bytes, bytes]) -> int:
@@ -69,9 +71,11 @@ def header_dict(headers: h11._headers.Headers) -> dict[bytes, bytes]:
 
 
 class _Conn:
-    """What the sweeper and `drain()` need to know about one connection."""
+    """One connection: what the sweeper and `drain()` need to know, and the bytes read
+    past the request being served."""
 
-    __slots__ = ("scope", "phase", "since", "origin", "why", "head_bytes", "upgrade")
+    __slots__ = ("scope", "phase", "since", "origin", "why", "head_bytes", "upgrade", "rest",
+                 "eof", "unread", "continued")
 
     def __init__(self, tick: int) -> None:
         self.scope = trio.CancelScope()
@@ -81,6 +85,10 @@ class _Conn:
         self.why: ApiError | None = None  # the answer owed if cancelled mid-request
         self.head_bytes = 0
         self.upgrade: tuple | None = None  # (handler, trailing, checked) once upgraded
+        self.rest = b""  # received after the current request (pipelined requests)
+        self.eof = False  # the peer has closed its side
+        self.unread = False  # the current request's body is not (all) read
+        self.continued = False  # `100 Continue` was sent for the current request
 
 
 class Connections:
@@ -138,7 +146,7 @@ class HttpServer:
         self.trusted = parse_networks(config.trusted_proxies)
         self.date = DateHeader()
         self.connections = Connections(config.keepalive_timeout_s, config.request_timeout_s)
-        self._heads: dict[tuple, h11.Response] = {}  # plain response heads, this second
+        self._heads: dict[tuple, bytes] = {}  # plain response heads, this second
         self._heads_date = b""
 
     async def sweep(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -149,47 +157,57 @@ class HttpServer:
             self.connections.sweep()
 
     async def serve(self, stream: trio.abc.Stream, peer: str) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         c = _Conn(self.connections.tick)
         self.connections.open.add(c)
         upgraded = None
         try:
             with c.scope:
-                upgraded = await self._loop(conn, stream, peer, c)
+                upgraded = await self._loop(stream, peer, c)
             if c.scope.cancelled_caught and c.phase == RECEIVING and c.why is not None:
                 with trio.move_on_after(LINGER_S):
-                    await self._send_error(conn, stream, c.why, c.origin)
+                    await self._send_error(stream, c.why, c.origin)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.connections.open.discard(c)
             if upgraded is None:
-                if conn.their_state is h11.SEND_BODY:
+                if c.unread:
                     await _linger(stream)
                 await trio.aclose_forcefully(stream)
         if upgraded is not None:  # the other protocol owns the connection from here, and
             handler, trailing, checked = upgraded
-            del conn, c, upgraded  # what h11 held is freed (a long-lived WebSocket holds less)
+            del c, upgraded  # what the HTTP side held is freed
             try:
                 await handler(stream, checked, trailing)
             finally:
                 await trio.aclose_forcefully(stream)
 
-    async def _loop(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str,
-                    c: _Conn) -> tuple | None:
+    async def _loop(self, stream: trio.abc.Stream, peer: str, c: _Conn) -> tuple | None:
         """Serve requests until the connection must close; an accepted upgrade is
-        returned as (handler, bytes read past the head, checked) for `serve` to run."""
+        returned as (handler, bytes read past the head, checked) for `serve` to run.
+
+        h11 parses each request head, on a fresh `h11.Connection` fed with what was read
+        past the previous request (which costs less than `start_next_cycle`). Bodies
+        with a Content-Length are sliced from those bytes here, and responses are
+        written here, so h11 is not on the path of either (see `_respond`)."""
         conns = self.connections
+        limit = self.config.max_header_bytes
         while not conns.draining:
             c.phase = IDLE
             c.since = conns.tick
             c.origin = None
             c.head_bytes = 0  # read for this head; 0: it was already buffered (pipelined)
+            c.continued = False
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+            if c.rest:
+                conn.receive_data(c.rest)
+            if c.eof:
+                conn.receive_data(b"")
             while True:  # the next request's head
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
-                    await self._protocol_error(conn, stream, exc)
+                    await self._protocol_error(stream, exc)
                     return
                 if event is not h11.NEED_DATA:
                     break
@@ -206,30 +224,6 @@ class HttpServer:
                 c.since = conns.tick
             if not await self._exchange(conn, stream, peer, event, c):
                 return c.upgrade
-            if conn.our_state is h11.MUST_CLOSE:
-                return
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
-
-    async def _next(self, conn: h11.Connection, stream: trio.abc.Stream):
-        """The next h11 event, reading as needed; None when the peer is gone."""
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._protocol_error(conn, stream, exc)
-                return None
-            if event is h11.NEED_DATA:
-                if conn.they_are_waiting_for_100_continue:
-                    await stream.send_all(conn.send(h11.InformationalResponse(
-                        status_code=100, headers=[])))
-                conn.receive_data(await stream.receive_some(RECV_BYTES))
-                continue
-            if type(event) is h11.ConnectionClosed:
-                return None
-            return event
 
     async def _exchange(self, conn, stream, peer: str, event, c: _Conn) -> bool:
         """Read one request, answer it. False: the connection must close now."""
@@ -239,15 +233,17 @@ class HttpServer:
         method = event.method
         origin = c.origin = headers.get(b"origin")
         upgrade = self.upgrades.get(path) if b"upgrade" in headers else None
+        c.unread = b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
         try:
             if not 0 < c.head_bytes <= self.config.max_header_bytes and \
                     _head_size(target, headers) > self.config.max_header_bytes:
                 raise ApiError("header_too_large", "request head exceeds max_header_bytes")
-            if upgrade is not None:
+            if upgrade is not None:  # refused, it closes as a failed handshake does
                 request = Request(method, path, query, headers, b"",
                                   client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted))
                 accepted = upgrade.check(request)  # a refusal is answered here, as HTTP
                 c.phase = HANDLING  # the upgraded connection keeps its own timeouts
+                c.unread = False
                 c.upgrade = (upgrade.upgrade, conn.trailing_data[0], accepted)
                 return False
             if method == b"OPTIONS":
@@ -256,11 +252,15 @@ class HttpServer:
                 handler = route(self.routes, method, path)
                 if origin is not None and not self.cors.allowed(origin):
                     raise ApiError("forbidden_origin", "origin not allowed")
-                body = await self._body(conn, stream, method, path, headers)
+                if not c.unread and b"content-length" not in headers and \
+                        method not in _NO_BODY_OK and path not in self.bodiless:
+                    # (`POST /create` is bodiless: "Headers: None, Body: None")
+                    raise ApiError("length_required", "send Content-Length or chunked encoding")
+                body = await self._body(conn, stream, headers, c, invite=True)
                 if body is None:
                     return False
                 if c.scope.cancel_called:  # timed out or drained as the body arrived:
-                    return await self._refuse(conn, stream, c)  # honestly, nothing stored
+                    return await self._refuse(stream, c)  # honestly, nothing stored
                 c.phase = HANDLING  # from here the request is always answered
                 ip = client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted)
                 response = await handler(Request(method, path, query, headers, body, ip))
@@ -269,28 +269,25 @@ class HttpServer:
         except Exception:
             log.exception("unhandled error on %s %s", method.decode(), path.decode("latin-1"))
             response = Response(500, INTERNAL)
-        if conn.their_state is h11.SEND_BODY and response.status not in (413, 431):
+        if c.unread and response.status not in (413, 431):
             if c.phase == HANDLING:  # reading again: the receive timeout applies
                 c.phase = RECEIVING
                 c.since = self.connections.tick
-            await self._discard_body(conn, stream)  # keep the connection usable
+            try:  # read past the body we refused, to keep the connection usable
+                await self._body(conn, stream, headers, c, invite=False)
+            except ApiError:
+                pass  # too long to read past: close instead
+        close = c.unread or upgrade is not None or self.connections.draining or \
+            not _keeps_alive(event, headers)
         c.phase = SENDING
         c.since = self.connections.tick
-        return await self._respond(conn, stream, response, origin, method == b"HEAD")
+        return await self._respond(stream, response, origin, close, method == b"HEAD")
 
-    async def _refuse(self, conn, stream, c: _Conn) -> bool:
+    async def _refuse(self, stream, c: _Conn) -> bool:
         """Answer a request the sweeper or drain cancelled before it reached its handler."""
         with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
-            await self._send_error(conn, stream, c.why or UNAVAILABLE, c.origin)
+            await self._send_error(stream, c.why or UNAVAILABLE, c.origin)
         return False
-
-    async def _discard_body(self, conn, stream) -> None:
-        left = self.config.max_request_bytes
-        while left > 0 and conn.their_state is h11.SEND_BODY:
-            event = await self._next(conn, stream)
-            if event is None or type(event) is h11.EndOfMessage:
-                return
-            left -= len(event.data)
 
     def _options(self, req: Request) -> Response:
         methods = self.routes.get(req.path)
@@ -300,53 +297,100 @@ class HttpServer:
             return self.cors.preflight(req, list(methods))
         return Response(204, b"", [(b"allow", allowed_methods(methods))], content_type=b"")
 
-    async def _body(self, conn, stream, method: bytes, path: bytes,
-                    headers: dict) -> bytes | None:
+    async def _body(self, conn, stream, headers: dict, c: _Conn, invite: bool) -> bytes | None:
+        """The request's whole body (b"" when it has none); None when the peer went away
+        or (`invite` false) would only send it after a `100 Continue`. Over
+        `max_request_bytes`: 413, before reading when Content-Length says so.
+
+        A Content-Length body is sliced from the bytes read past the head (h11 checked
+        the header); a chunked one is decoded by h11."""
+        if not c.unread:
+            c.rest, c.eof = conn.trailing_data
+            return b""
         limit = self.config.max_request_bytes
-        length = headers.get(b"content-length")
-        if length is None and b"transfer-encoding" not in headers and method not in _NO_BODY_OK:
-            if path in self.bodiless:  # `POST /create`: "Headers: None, Body: None"
-                return b""
-            raise ApiError("length_required", "send Content-Length or chunked encoding")
-        if length is not None and int(length) > limit:
-            raise ApiError("payload_too_large",
-                           f"body exceeds {limit} bytes (max_request_bytes)")
+        if b"transfer-encoding" in headers:
+            body = await self._chunked(conn, stream, c, limit, invite)
+        else:
+            length = int(headers[b"content-length"])
+            if length > limit:
+                raise ApiError("payload_too_large",
+                               f"body exceeds {limit} bytes (max_request_bytes)")
+            body = await self._sized(conn, stream, c, length, invite)
+        if body is not None:
+            c.unread = False
+        return body
+
+    async def _sized(self, conn, stream, c: _Conn, length: int, invite: bool) -> bytes | None:
+        data, closed = conn.trailing_data
+        if len(data) < length:
+            if not (closed or c.continued) and conn.they_are_waiting_for_100_continue:
+                if not invite:
+                    return None
+                c.continued = True
+                await stream.send_all(CONTINUE)
+            chunks = [data]
+            have = len(data)
+            while have < length:
+                more = b"" if closed else await stream.receive_some(RECV_BYTES)
+                if not more:
+                    return None
+                chunks.append(more)
+                have += len(more)
+            data = b"".join(chunks)
+        c.rest = data[length:]
+        c.eof = closed
+        return data[:length] if len(data) > length else data
+
+    async def _chunked(self, conn, stream, c: _Conn, limit: int, invite: bool) -> bytes | None:
         chunks = []
         size = 0
         while True:
-            try:  # the body is usually buffered already: no coroutine call per event
+            try:
                 event = conn.next_event()
-            except h11.RemoteProtocolError:
-                event = h11.NEED_DATA  # let _next answer it
-            if event is h11.NEED_DATA:
-                event = await self._next(conn, stream)
-            if event is None or type(event) is h11.ConnectionClosed:
+            except h11.RemoteProtocolError as exc:
+                await self._protocol_error(stream, exc)
                 return None
+            if event is h11.NEED_DATA:
+                if not c.continued and conn.they_are_waiting_for_100_continue:
+                    if not invite:
+                        return None
+                    c.continued = True
+                    await stream.send_all(CONTINUE)
+                conn.receive_data(await stream.receive_some(RECV_BYTES))
+                continue
             if type(event) is h11.EndOfMessage:
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                c.rest, c.eof = conn.trailing_data
+                return b"".join(chunks)
+            if type(event) is not h11.Data:
+                return None  # ConnectionClosed
             size += len(event.data)
             if size > limit:
                 raise ApiError("payload_too_large",
                                f"body exceeds {limit} bytes (max_request_bytes)")
             chunks.append(event.data)
 
-    async def _respond(self, conn, stream, response: Response, origin,
+    async def _respond(self, stream, response: Response, origin: bytes | None, close: bool,
                        head: bool = False) -> bool:
-        close = conn.their_state is not h11.DONE or self.connections.draining
+        """Write the response in one `send_all`: head and body, no body for HEAD.
+        False: it told the client the connection closes."""
         try:
-            data = conn.send(self._head(response, origin, close))
-            if response.body and not head:  # HEAD: same headers, no body
-                data += conn.send(h11.Data(data=response.body))
-            data += conn.send(_END)
-        except h11.LocalProtocolError:
-            return False
+            data = self._head(response, origin, close)
+        except ValueError:
+            log.error("refused to send a response header holding CR, LF or NUL: %r",
+                      response.headers)
+            response, close = Response(500, INTERNAL), True
+            data = self._head(response, None, close)
+        if response.body and not head:
+            data += response.body
         await stream.send_all(data)
-        return True
+        return not close
 
-    def _head(self, response: Response, origin: bytes | None, close: bool) -> h11.Response:
-        """The response head. Plain heads (no extra headers, no CORS) are cached for the
-        current second: h11 validates a head when it is built, which costs as much as
-        the rest of sending it, and a busy server sends the same few heads all second."""
+    def _head(self, response: Response, origin: bytes | None, close: bool) -> bytes:
+        """The response head's bytes, written here rather than by h11: h11 rebuilds and
+        re-validates every head it sends, which cost as much as parsing the request.
+        Every value here is ours or one h11 already validated as a request header; the
+        check below keeps it that way. Plain heads (no extra headers, no CORS) are
+        cached for the current second: a busy server sends the same few all second."""
         date = self.date()
         plain = not response.headers and origin is None
         if plain:
@@ -357,32 +401,51 @@ class HttpServer:
             cached = self._heads.get(key)
             if cached is not None:
                 return cached
-        headers = [(b"date", date)]
-        if response.content_type:
-            headers.append((b"content-type", response.content_type))
-        headers.append((b"content-length", b"%d" % len(response.body)))
-        if response.headers:
-            headers.extend(response.headers)
+        extra = list(response.headers)
         if origin is not None:
-            headers.extend(self.cors.headers(origin))
+            extra.extend(self.cors.headers(origin))
+        if any(_UNSAFE.search(name) or _UNSAFE.search(value) for name, value in extra):
+            raise ValueError("a response header holds CR, LF or NUL")
+        lines = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (
+            response.status, REASONS.get(response.status, b""), date)]
+        if response.content_type:
+            lines.append(b"content-type: %s\r\n" % response.content_type)
+        lines.append(b"content-length: %d\r\n" % len(response.body))
+        lines.extend(b"%s: %s\r\n" % header for header in extra)
         if close:
-            headers.append((b"connection", b"close"))
-        built = h11.Response(status_code=response.status, headers=headers,
-                             reason=REASONS.get(response.status, b""))
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        built = b"".join(lines)
         if plain and len(self._heads) < HEAD_CACHE_SIZE:
             self._heads[key] = built
         return built
 
-    async def _protocol_error(self, conn, stream, exc: h11.RemoteProtocolError) -> None:
+    async def _protocol_error(self, stream, exc: h11.RemoteProtocolError) -> None:
         """Answer what h11 could not parse with the status it suggests."""
         code = {431: "header_too_large", 413: "payload_too_large"}.get(
             exc.error_status_hint, "bad_request")
-        await self._send_error(conn, stream, ApiError(code, f"bad HTTP request: {exc}"))
+        await self._send_error(stream, ApiError(code, f"bad HTTP request: {exc}"))
 
-    async def _send_error(self, conn, stream, exc: ApiError, origin: bytes | None = None) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        await self._respond(conn, stream, error_response(exc), origin)
+    async def _send_error(self, stream, exc: ApiError, origin: bytes | None = None) -> None:
+        """Answer with an error, then the connection closes."""
+        await self._respond(stream, error_response(exc), origin, close=True)
+
+
+def _keeps_alive(event: h11.Request, headers: dict[bytes, bytes]) -> bool:
+    """Whether the connection may serve another request after this one, by h11's rule:
+    HTTP/1.1 or later and no `close` among the Connection header's tokens."""
+    if event.http_version < b"1.1":
+        return False
+    if b"connection" not in headers:
+        return True
+    return b"close" not in _tokens(event.headers, b"connection")
+
+
+def _tokens(headers: h11._headers.Headers, name: bytes) -> list[bytes]:
+    """A comma-separated header's tokens over all its lines, lower-cased and stripped."""
+    full = getattr(headers, "_full_items", None)
+    items = ((n, v) for _, n, v in full) if full is not None else iter(headers)
+    return [t.strip() for n, v in items if n == name for t in v.lower().split(b",")]
 
 
 async def _linger(stream: trio.abc.Stream) -> None:

@@ -7,15 +7,19 @@ well-formed) or refused with an `ApiError` carrying a 4xx status.
 
 from __future__ import annotations
 
+import collections
 import json
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from triolytics.capture import RequestMeta
-from triolytics.collector import Collector
+from triolytics.capture import RequestMeta, decode_batch, enricher_for, to_row
+from triolytics.collector import BatchRejected, Collector
 from triolytics.config import Config
+from triolytics.dedup import Dedup, dedup_key
 from triolytics.errors import ApiError
+from triolytics.rows import Row
+from triolytics.sessions import Intake, Sessions
 
 KEY = "wk_fuzz"
 HEADERS = {b"content-type": b"application/json", b"x-write-key": KEY.encode()}
@@ -89,3 +93,116 @@ def test_batch_accepts_or_refuses_cleanly(batch, context):
 def test_arbitrary_bytes_are_refused_cleanly(raw):
     outcome(COLLECTOR.capture, None, HEADERS, raw, META)
     outcome(COLLECTOR.batch, HEADERS, raw, META)
+
+
+# --- a batch by column (`batch_columns`) makes the rows `to_row` makes, event by event
+
+times = {"timestamp": st.sampled_from(["2024-05-01T12:00:00", "2024-05-01T12:00:00.5+02:00"]),
+         "originalTimestamp": st.just("2024-05-01T11:00:00Z"),
+         "sentAt": st.just("2024-05-01T12:00:03Z")}
+plain_fields = {  # values the by-column path takes
+    "event": st.sampled_from(["E", "F"]), "name": st.sampled_from(["Home", None]),
+    "anonymousId": st.sampled_from(["a", "b", None]), "userId": st.sampled_from(["u", None]),
+    "messageId": st.sampled_from(["m1", "m2", "seen", "", None]), **times,
+    "context": st.sampled_from([{}, {"library": {"name": "js"}}, {"ip": "10.0.0.1"}, None]),
+    "properties": st.sampled_from([{"a": 1}, {}, None, {"é": "\u2603"}]),
+    "traits": st.sampled_from([{"plan": "pro"}, None]),
+    "integrations": st.sampled_from([{"All": False}, None]),
+}
+odd_fields = {  # values that send a batch event by event, valid or not
+    "type": st.sampled_from(["group", "alias", "nope"]), "event": st.sampled_from(["", None]),
+    "anonymousId": st.sampled_from(["", 7]), "userId": st.sampled_from(["", 3]),
+    "groupId": st.sampled_from(["g", "", 1]), "previousId": st.just("p"),
+    "context": st.sampled_from([[1], "x"]), "properties": st.sampled_from([[1], "x", 2]),
+    "integrations": st.just(3),
+}
+valid_events = st.builds(
+    lambda base, changes: {**base, **changes},
+    st.fixed_dictionaries({"type": st.sampled_from(["track", "page", "identify", "screen"]),
+                           "event": st.just("E"), "anonymousId": st.sampled_from(["a", "b"])}),
+    st.fixed_dictionaries({}, optional=plain_fields))
+one_odd_field = st.sampled_from(sorted(odd_fields)).flatmap(
+    lambda name: odd_fields[name].map(lambda value: {name: value}))
+# Mostly events the by-column path takes; some with one field that it does not.
+wide_events = st.one_of(valid_events, valid_events, valid_events,
+                        st.builds(lambda event, odd: {**event, **odd}, valid_events,
+                                  one_odd_field))
+envelopes = st.fixed_dictionaries({}, optional={
+    "sentAt": st.just("2024-05-01T12:00:10Z"),
+    "context": st.sampled_from([{"app": {"version": "1"}}, {"ip": "10.9.9.9"}]),
+    "integrations": st.sampled_from([{"Mixpanel": True}, None, None, None, [2]])})
+
+
+def fresh_collector() -> Collector:
+    """A collector whose session ids count up (so two runs can be compared) and which
+    has stored message id "seen" already."""
+    ids = iter(range(10**6))
+    sessions = Sessions(1_800_000_000, lambda: f"id{next(ids)}")
+    dedup = Dedup(86_400_000_000, 1000)
+    dedup.admit(dedup_key("default", "seen"), META.received_at)
+    return Collector(Config(), {KEY: "default"}, sessions, dedup)
+
+
+def session_counts(c: Collector) -> dict:
+    return {key: (s.id, s.count) for key, s in c.sessions.live.items()}
+
+
+def by_events(body: bytes) -> tuple[list[Row], list[int], dict]:
+    """The rows `to_row` makes, event by event (the path every batch took before), the
+    events it refused, and the sessions' event counts after."""
+    c = fresh_collector()
+    envelope = decode_batch(body, 32_000)
+    intake = Intake(c.dedup, c.sessions, META.received_at)
+    enrich = enricher_for(META, envelope.context)
+    rejected = []
+    for i, ev in enumerate(envelope.batch):
+        try:
+            to_row(ev, "default", META, enrich, intake, sent_at=envelope.sentAt,
+                   integrations=envelope.integrations, make_id=False)
+        except ApiError:
+            rejected.append(i)
+    return intake.rows, rejected, session_counts(c)
+
+
+@settings(max_examples=400, deadline=None)
+@given(batch=st.lists(wide_events, min_size=1, max_size=8), envelope=envelopes)
+@example(batch=[{"type": "page", "anonymousId": "a"}, {"type": "track", "event": "",
+                                                      "anonymousId": "a"}], envelope={})
+@example(batch=[{"type": "track", "event": "E", "userId": "u"},
+                {"type": "track", "event": "E", "anonymousId": None}], envelope={})
+def test_a_batch_by_column_stores_what_to_row_would(batch, envelope):
+    body = json.dumps({"batch": batch, **envelope}).encode()
+    rows, rejected, counts = by_events(body)
+    collector = fresh_collector()
+    try:
+        accepted = collector.batch(HEADERS, body, META)
+    except BatchRejected:
+        assert len(rejected) == len(batch)
+        return
+    if accepted.columns is None and not accepted.rows:
+        assert rejected or all(e.get("messageId") == "seen" for e in batch)
+        return
+    if accepted.columns is None:
+        return  # to_row went event by event, as before
+    assert rejected == []  # taken by column only when every event is valid
+    assert accepted.rows + accepted.columns.rows() == \
+        sorted(rows, key=lambda r: r.type != "session_start")
+    assert json.loads(accepted.body) == {"success": True, "stored": len(batch)}
+    assert session_counts(collector) == counts
+
+
+def test_the_column_generator_reaches_both_paths():
+    seen = collections.Counter()
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(batch=st.lists(wide_events, min_size=1, max_size=8), envelope=envelopes)
+    def run(batch, envelope):
+        body = json.dumps({"batch": batch, **envelope}).encode()
+        try:
+            accepted = fresh_collector().batch(HEADERS, body, META)
+        except BatchRejected:
+            return
+        seen["columns" if accepted.columns is not None else "rows"] += 1
+    run()
+    assert set(seen) == {"columns", "rows"}
+    assert seen["columns"] >= 30, seen  # of 200: the by-column path is well exercised

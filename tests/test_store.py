@@ -11,8 +11,8 @@ import pytest
 import triolytics.store as store_mod
 from triolytics.dedup import dedup_key
 from triolytics.journal import Position
-from triolytics.rows import Row, RtColumns
-from triolytics.store import Store, columns_to_arrow, rows_to_arrow
+from triolytics.rows import COLUMNS, Columns, Row, RtColumns, decode_part, encode_part
+from triolytics.store import Store, columns_to_arrow, rows_to_arrow, wide_to_arrow
 
 T0 = 1_714_564_800_000_000  # 2024-05-01T12:00:00Z in µs
 
@@ -194,3 +194,42 @@ def test_columns_become_the_same_table_as_their_rows():
     rows = [row for part in parts for row in part.rows()]
     assert columns_to_arrow(parts).to_pylist() == rows_to_arrow(rows).to_pylist()
     assert columns_to_arrow(parts[1:2]).num_rows == 1
+
+
+def test_wide_columns_become_the_same_table_as_their_rows(monkeypatch):
+    monkeypatch.setattr(store_mod, "ARROW_SLICE_ROWS", 2)  # lists span several slices
+    n = len(COLUMNS)
+
+    def part(count: int, **varying) -> Columns:
+        shared = [None, "p1", "http", "track", "E", None, "a", None, None, None, "s1",
+                  1_000, None, None, 1_000, None, None, '{"ip":"1"}', None]
+        for name, value in varying.items():
+            shared[list(COLUMNS).index(name)] = value
+        assert len(shared) == n
+        return Columns(count, shared)
+
+    parts = [
+        part(3, message_id=["m1", None, "m3"], type=["track", "page", "track"],
+             timestamp=[5, 6, 7], properties=['{"x":1}', None, "{}"]),
+        part(1, project="p2", session_id=None, context="{}"),  # shared, differing per part
+        part(2, anonymous_id=["b", "c"], user_id="u", integrations='{"All":false}'),
+        part(0),
+    ]
+    rows = [row for p in parts for row in p.rows()]
+    assert len(rows) == 6
+    assert wide_to_arrow(parts).to_pylist() == rows_to_arrow(rows).to_pylist()
+    assert wide_to_arrow(parts[1:2]).num_rows == 1
+    assert decode_part(encode_part(parts[0])) == parts[0]  # a journal record and back
+
+
+def test_store_loads_rows_and_both_kinds_of_columns_in_one_transaction(tmp_path):
+    store = Store(tmp_path / "e.duckdb")
+    wide = Columns(2, [None, "p", "http", "page", None, "Home", ["a", "b"], None, None, None,
+                       "s", 1_000, None, None, 1_000, None, None, "{}", None])
+    ws = RtColumns("p", "0.a", "s", 1_000, "{}", ["w1"], ["ws_e"], [5], [None], [None])
+    store.load(wide.rows()[:1], Position(1, 10), [wide, ws])
+    got = store.conn.execute("SELECT type, anonymous_id, message_id IS NOT NULL FROM events "
+                             "ORDER BY all").fetchall()
+    assert got == [("page", "a", True), ("page", "a", True), ("page", "b", True),
+                   ("ws_e", "0.a", True)]
+    assert store.loaded_position() == Position(1, 10)

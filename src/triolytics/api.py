@@ -97,7 +97,8 @@ class Api:
         if writer.closing or not writer.has_room(1):
             await writer.wait_room()
         accepted = build(*args)
-        await writer.wait_durable(writer.submit(accepted.rows, accepted.keys))
+        await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
+                                                accepted.columns))
         return Response(accepted.status, accepted.body)
 
     async def capture(self, req: Request) -> Response:  # (the hot path)

@@ -21,6 +21,7 @@ from triolytics.capture import (
     RequestMeta,
     WireBatchEvents,
     WireEvent,
+    batch_columns,
     decode_batch,
     decode_event,
     enricher_for,
@@ -30,7 +31,7 @@ from triolytics.capture import (
 from triolytics.config import Config
 from triolytics.dedup import Dedup
 from triolytics.errors import ApiError, ErrorBody
-from triolytics.rows import Row
+from triolytics.rows import Columns, Row
 from triolytics.sessions import SESSION_TYPES, Intake, Sessions
 
 JSON_TYPES = frozenset({b"", b"application/json", b"text/plain"})
@@ -44,10 +45,12 @@ class Accepted(msgspec.Struct):
     keys: list[str]  # dedup keys admitted for them (forgotten if the journal fails)
     status: int
     body: bytes
+    columns: Columns | None = None  # a batch's events by column, stored after `rows`
 
     def events(self) -> list[Row]:
         """The request's own events, without the sessions' rows."""
-        return [r for r in self.rows if r.type not in SESSION_TYPES]
+        rows = [r for r in self.rows if r.type not in SESSION_TYPES]
+        return rows + self.columns.rows() if self.columns is not None else rows
 
 
 class Rejected(msgspec.Struct):
@@ -194,6 +197,13 @@ class Collector:
         enrich = enricher_for(meta, envelope.context)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
         sent_at, integrations = envelope.sentAt, envelope.integrations
+        if decoded is items:  # decoded in one pass: try the whole batch by column
+            columns = batch_columns(items, project, meta, enrich, intake, sent_at=sent_at,
+                                    integrations=integrations)
+            if columns is not None:
+                reply = _ENCODE.encode(SegmentReply(True, stored=len(items)))
+                return Accepted(intake.rows, intake.keys, 200, reply,
+                                columns if columns.count else None)
         for i, ev in events:
             try:
                 to_row(ev, project, meta, enrich, intake, sent_at=sent_at,

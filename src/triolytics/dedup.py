@@ -39,6 +39,25 @@ class Dedup:
         self._trim(now_us)
         return True
 
+    def admit_all(self, keys: list[str], now_us: int) -> list[bool]:
+        """`admit` for each key in turn (a batch's ids), in one call."""
+        seen, window, max_ids = self._seen, self.window_us, self.max_ids
+        admitted = []
+        for key in keys:
+            at = seen.get(key)
+            if at is not None:
+                if now_us - at < window:
+                    self.repeats += 1
+                    admitted.append(False)
+                    continue
+                del seen[key]
+            seen[key] = now_us
+            if len(seen) > max_ids:
+                seen.popitem(last=False)
+            admitted.append(True)
+        self._trim(now_us)  # (what this batch added is newer than the horizon)
+        return admitted
+
     def remember(self, items: Iterable[tuple[str, int]], now_us: int) -> None:
         """Load ids known to be stored (e.g. at start-up); oldest first."""
         for key, at in items:

@@ -65,6 +65,8 @@ COLUMNS: dict[str, str] = {
 }
 
 assert tuple(COLUMNS) == Row._fields, "COLUMNS must follow Row's field order"
+_new_row = tuple.__new__  # Row(*values) without NamedTuple's Python-level __new__
+
 
 class RtColumns(msgspec.Struct, array_like=True, gc=False):
     """The events of one WebSocket batch, by column: what the batch shares, once, and
@@ -94,11 +96,34 @@ class RtColumns(msgspec.Struct, array_like=True, gc=False):
                                            self.originals, self.properties, strict=True)]
 
 
-Part = list[Row] | RtColumns  # what one journal record holds
+Value = str | int | None  # one field of one row
+
+
+class Columns(msgspec.Struct, array_like=True, gc=False):
+    """Rows by column, for a batch validated as a whole (HTTP `/v1/batch`): `values`
+    holds one entry per `Row` field, in `Row` order, each either a list (a value per
+    row) or the one value every row shares. The same rows as `rows()` gives, built,
+    journaled and turned into Arrow columns at a fraction of a `Row` each."""
+
+    count: int
+    values: list[list[Value] | Value]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self) -> list[Row]:
+        n = self.count
+        columns = [v if type(v) is list else [v] * n for v in self.values]
+        return [_new_row(Row, r) for r in zip(*columns, strict=True)]
+
+
+Part = list[Row] | RtColumns | Columns  # what one journal record holds
 ROWS_CODEC = msgspec.msgpack.Encoder()
 ROWS_DECODER = msgspec.msgpack.Decoder(list[Row])
 COLUMNS_DECODER = msgspec.msgpack.Decoder(RtColumns)
-COLUMNS_TAG = b"C"  # before a columnar record (a row record starts with an array header)
+WIDE_DECODER = msgspec.msgpack.Decoder(Columns)
+COLUMNS_TAG = b"C"  # before a WebSocket batch (a row record starts with an array header)
+WIDE_TAG = b"W"  # before a `Columns` record
 
 
 def encode_rows(rows: list[Row]) -> bytes:
@@ -111,13 +136,18 @@ def decode_rows(payload: bytes) -> list[Row]:
 
 
 def encode_part(part: Part) -> bytes:
-    """One journal record's payload: rows, or a tagged columnar batch."""
+    """One journal record's payload: rows, or a tagged batch by column."""
     if type(part) is RtColumns:
         return COLUMNS_TAG + ROWS_CODEC.encode(part)
+    if type(part) is Columns:
+        return WIDE_TAG + ROWS_CODEC.encode(part)
     return encode_rows(part)
 
 
 def decode_part(payload: bytes) -> Part:
-    if payload[:1] == COLUMNS_TAG:
+    tag = payload[:1]
+    if tag == COLUMNS_TAG:
         return COLUMNS_DECODER.decode(memoryview(payload)[1:])
+    if tag == WIDE_TAG:
+        return WIDE_DECODER.decode(memoryview(payload)[1:])
     return decode_rows(payload)

@@ -174,6 +174,18 @@ class Intake:
         self.keys.append(key)
         return True
 
+    def fresh_all(self, project: str, message_ids: list[str | None]) -> list[bool]:
+        """`fresh` for each id in turn (None: the event has none, so it is fresh), in
+        one call: a batch's ids."""
+        keys = [f"{project}\x1f{m}" for m in message_ids if m is not None]  # dedup_key
+        admitted = self.dedup.admit_all(keys, self.now)
+        self.keys += [k for k, ok in zip(keys, admitted, strict=True) if ok]
+        self.duplicates += admitted.count(False)
+        if None not in message_ids:
+            return admitted
+        given = iter(admitted)
+        return [True if m is None else next(given) for m in message_ids]
+
     def session(self, key: Key, anonymous_id: str | None, user_id: str | None,
                 events: int = 1) -> str:
         """The session id for `events` more events of `key`. A batch's events mostly

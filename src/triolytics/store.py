@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from triolytics.journal import Position
-from triolytics.rows import COLUMNS, Row, RtColumns
+from triolytics.rows import COLUMNS, Columns, Row, RtColumns
 
 SCHEMA_VERSION = "1"
 _ARROW_TYPES = {
@@ -97,6 +97,45 @@ def columns_to_arrow(parts: list[RtColumns]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
 
 
+_TYPES = ARROW_SCHEMA.types
+
+
+def wide_to_arrow(parts: list[Columns]) -> pa.Table:
+    """`Columns` batches to one table. A column that every batch holds one value of is
+    expanded by Arrow (repeated, or run-end decoded when batches differ); otherwise the
+    batches' values are joined into one list and converted in slices (each pyarrow call
+    holds the GIL)."""
+    parts = [p for p in parts if p.count]  # (a run of no rows cannot be run-end encoded)
+    if not parts:
+        return ARROW_SCHEMA.empty_table()
+    counts = [p.count for p in parts]
+    n = sum(counts)
+    ends = None
+    arrays = []
+    for i, typ in enumerate(_TYPES):
+        values = [p.values[i] for p in parts]
+        if list not in set(map(type, values)):
+            if values.count(values[0]) == len(values):  # one value for the whole load
+                arrays.append(pa.nulls(n, typ) if values[0] is None else
+                              pa.repeat(pa.scalar(values[0], typ), n))
+                continue
+            if ends is None:
+                ends = pc.cumulative_sum(pa.array(counts, pa.int64()))
+            arrays.append(pc.run_end_decode(
+                pa.RunEndEncodedArray.from_arrays(ends, pa.array(values, typ))))
+            continue
+        joined: list = []
+        for v, count in zip(values, counts, strict=True):
+            if type(v) is list:
+                joined += v
+            else:
+                joined += [v] * count
+        arrays.append(pa.chunked_array(
+            [pa.array(joined[j:j + ARROW_SLICE_ROWS], typ)
+             for j in range(0, n, ARROW_SLICE_ROWS)], typ))
+    return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
+
+
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
         self.path = str(path)
@@ -124,18 +163,19 @@ class Store:
 
     # --- events
     def load(self, rows: list[Row], position: Position,
-             columns: list[RtColumns] | None = None) -> None:
-        """Insert rows (and WebSocket batches by column) and move the journal mark to
-        `position`, atomically."""
+             columns: list[RtColumns | Columns] | None = None) -> None:
+        """Insert rows (and batches by column) and move the journal mark to `position`,
+        atomically."""
+        ws = [p for p in columns if type(p) is RtColumns] if columns else None
+        wide = [p for p in columns if type(p) is Columns] if columns else None
         c = self.conn
         c.execute("BEGIN")
         try:
-            if rows:
-                batch = rows_to_arrow(rows)  # noqa: F841 (read by name in the SQL below)
-                c.execute(f"INSERT INTO events SELECT {_SELECT} FROM batch")
-            if columns:
-                batch = columns_to_arrow(columns)  # noqa: F841
-                c.execute(f"INSERT INTO events SELECT {_SELECT} FROM batch")
+            for parts, to_arrow in ((rows, rows_to_arrow), (ws, columns_to_arrow),
+                                    (wide, wide_to_arrow)):
+                if parts:
+                    batch = to_arrow(parts)  # noqa: F841 (read by name in the SQL below)
+                    c.execute(f"INSERT INTO events SELECT {_SELECT} FROM batch")
             c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
             c.execute("COMMIT")
         except BaseException:

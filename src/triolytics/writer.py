@@ -31,7 +31,7 @@ from triolytics.config import Config
 from triolytics.dedup import Dedup
 from triolytics.errors import ApiError, overloaded
 from triolytics.journal import HEADER, Journal, JournalError, Position, Syncer
-from triolytics.rows import Part, Row, RtColumns, decode_part, encode_part
+from triolytics.rows import Columns, Part, Row, RtColumns, decode_part, encode_part
 from triolytics.store import Store
 
 log = logging.getLogger("triolytics.writer")
@@ -58,17 +58,17 @@ class _Group:
 
 
 class _Load:
-    """Journaled parts gathered for one DuckDB load: rows, and WebSocket batches by column."""
+    """Journaled parts gathered for one DuckDB load: rows, and batches by column."""
 
     __slots__ = ("rows", "columns", "count")
 
     def __init__(self) -> None:
         self.rows: list[Row] = []
-        self.columns: list[RtColumns] = []
+        self.columns: list[RtColumns | Columns] = []
         self.count = 0
 
     def add(self, part: Part) -> None:
-        if type(part) is RtColumns:
+        if type(part) is not list:
             self.columns.append(part)
         else:
             self.rows.extend(part)  # one copy per row, here, for the whole load
@@ -159,7 +159,7 @@ class Writer:
                         headers=((b"retry-after", str(self.config.retry_after_s).encode()),))
 
     def submit(self, rows: list[Row], keys: list[str] | None = None,
-               columns: RtColumns | None = None, notify=None) -> _Group:
+               columns: RtColumns | Columns | None = None, notify=None) -> _Group:
         """Queue `rows` for the next journal write; `await wait_durable(group)` for the
         ack. Call right after `wait_room` (or a true `has_room`), with no await between.
         `keys` are the dedup keys admitted for the rows: forgotten again if the journal

@@ -162,18 +162,20 @@ def test_recover_replays_unloaded_journal_exactly_once(tmp_path):
     config = Config(data_dir=str(tmp_path))
     journal = Journal(tmp_path / "journal", config.journal_segment_bytes)
     journal.open()
-    from triolytics.rows import encode_rows
-    journal.append([encode_rows([row(1), row(2)]), encode_rows([row(3)])])
+    from triolytics.rows import Columns, encode_part, encode_rows
+    by_column = Columns(2, [["m4", "m5"], *row(4)[1:6], ["a4", "a5"], *row(4)[7:]])
+    journal.append([encode_rows([row(1), row(2)]), encode_rows([row(3)]),
+                    encode_part(by_column)])
     journal.sync()
     journal.close()
     Store(tmp_path / "events.duckdb").close()
 
     first = make_writer(tmp_path)
-    assert stored_rows_via(first) == ["m1", "m2", "m3"]
+    assert stored_rows_via(first) == ["m1", "m2", "m3", "m4", "m5"]
     first.store.close()
     first.journal.close()
     second = make_writer(tmp_path)  # a second start replays nothing
-    assert stored_rows_via(second) == ["m1", "m2", "m3"]
+    assert stored_rows_via(second) == ["m1", "m2", "m3", "m4", "m5"]
     second.store.close()
     second.journal.close()
 

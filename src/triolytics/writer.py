@@ -36,7 +36,7 @@ from triolytics.store import Store
 
 log = logging.getLogger("triolytics.writer")
 LOAD_RETRY_S = 1.0  # after a failed DuckDB load
-FREE_SLICE = 2048  # rows (or WebSocket batches) freed per step after a load
+FREE_SLICE = 2048  # rows freed per step after a load
 
 
 class _Group:
@@ -79,9 +79,12 @@ class _Load:
         Freeing 100,000 rows at once is one C call that holds the GIL for tens of ms
         (on the event loop, where the load's last reference used to go); between slices
         the GIL can pass to the event loop."""
-        for parts in (self.rows, self.columns):
-            while parts:
-                del parts[-FREE_SLICE:]
+        rows, parts = self.rows, self.columns
+        while rows:
+            del rows[-FREE_SLICE:]
+        step = max(1, FREE_SLICE * len(parts) // max(1, sum(map(len, parts))))
+        while parts:  # batches by column: about FREE_SLICE rows' worth at a time
+            del parts[-step:]
 
 
 class WriterStats:

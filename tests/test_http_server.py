@@ -390,6 +390,25 @@ async def test_chunked_body_within_limit_is_read_whole(nursery, fake_server, aut
     assert (reply.status, reply.body) == (200, b"abcd")
 
 
+@pytest.mark.parametrize("path,status", [(b"/echo", 400), (b"/nope", 404)])
+async def test_a_malformed_chunked_body_gets_one_answer_then_close(nursery, fake_server,
+                                                                   autojump_clock, path, status):
+    """Read for its handler (400) or read past after a refusal (404): either way one
+    answer, then the connection closes."""
+    server, fake = fake_server
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.stream.send_all(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n")
+        answer = b""
+        while chunk := await client.stream.receive_some(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 %d " % status)
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert b"connection: close" in answer
+    assert fake.calls == []
+
+
 async def test_post_without_framing_is_411(nursery, fake_server, autojump_clock):
     server, fake = fake_server
     client = open_client(nursery, server)

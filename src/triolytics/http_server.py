@@ -3,9 +3,11 @@
 Rules:
 - This module owns the socket of its connection and nothing else; what a request means
   is the route handler's business (`web.Routes`).
-- Keep-alive and pipelining come from h11's cycle; a response is written with one
-  `send_all`. Limits: head size, body size (checked against Content-Length before
-  reading, and while reading), whole-request and idle timeouts.
+- h11 parses request heads (and chunked bodies); a Content-Length body is sliced from
+  the bytes read, and responses are written here, each with one `send_all` (see
+  `_loop` and `_head`). Keep-alive and pipelining follow h11's rules. Limits: head
+  size, body size (checked against Content-Length before reading, and while reading),
+  whole-request and idle timeouts.
 - Timeouts cost the request path nothing but two attribute stores: each connection
   records its phase and when it entered it, and one sweeper task (`sweep`) cancels the
   connections that overstayed. A phase's timeout: idle, `keepalive_timeout_s` (closed
@@ -269,7 +271,7 @@ class HttpServer:
         except Exception:
             log.exception("unhandled error on %s %s", method.decode(), path.decode("latin-1"))
             response = Response(500, INTERNAL)
-        if c.unread and response.status not in (413, 431):
+        if c.unread and response.status not in (400, 413, 431):  # (400: h11 gave up)
             if c.phase == HANDLING:  # reading again: the receive timeout applies
                 c.phase = RECEIVING
                 c.since = self.connections.tick
@@ -348,8 +350,7 @@ class HttpServer:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._protocol_error(stream, exc)
-                return None
+                raise protocol_error(exc) from None
             if event is h11.NEED_DATA:
                 if not c.continued and conn.they_are_waiting_for_100_continue:
                     if not invite:
@@ -422,13 +423,18 @@ class HttpServer:
 
     async def _protocol_error(self, stream, exc: h11.RemoteProtocolError) -> None:
         """Answer what h11 could not parse with the status it suggests."""
-        code = {431: "header_too_large", 413: "payload_too_large"}.get(
-            exc.error_status_hint, "bad_request")
-        await self._send_error(stream, ApiError(code, f"bad HTTP request: {exc}"))
+        await self._send_error(stream, protocol_error(exc))
 
     async def _send_error(self, stream, exc: ApiError, origin: bytes | None = None) -> None:
         """Answer with an error, then the connection closes."""
         await self._respond(stream, error_response(exc), origin, close=True)
+
+
+def protocol_error(exc: h11.RemoteProtocolError) -> ApiError:
+    """What h11 could not parse, with the status it suggests."""
+    code = {431: "header_too_large", 413: "payload_too_large"}.get(
+        exc.error_status_hint, "bad_request")
+    return ApiError(code, f"bad HTTP request: {exc}")
 
 
 def _keeps_alive(event: h11.Request, headers: dict[bytes, bytes]) -> bool:

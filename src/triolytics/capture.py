@@ -435,7 +435,7 @@ def batch_columns(events: list[WireEvent], project: str, meta: RequestMeta,
     if not n:
         return Columns(0, [])
     keys = anon if None not in anon else \
-            [a if a is not None else u for a, u in zip(anon, users, strict=True)]
+        [a if a is not None else u for a, u in zip(anon, users, strict=True)]
     if keys.count(keys[0]) == n:  # one client's batch: one session, one lookup
         columns[10] = intake.session((project, "http", keys[0]), anon[0], users[0], n)
     else:

@@ -367,7 +367,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tool", choices=["auto", "wrk", "builtin"], default="auto")
     p.add_argument("--gen-procs", type=int, default=1, help="built-in generator processes")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset")
-    p.add_argument("--loads", default="single,batch", help="comma-separated subset")
+    p.add_argument("--loads", default=",".join(LOADS), help="comma-separated subset")
     harness.add_server_args(p)
     args = harness.parse_load_args(p)
     if args.tool == "auto":

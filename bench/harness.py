@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -366,6 +367,20 @@ def report_head(bench: str, *packages: str) -> dict:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(*packages),
     }
+
+
+def run_grid(args: argparse.Namespace, targets: Sequence[str], loads: Sequence[str],
+             measure: Callable[..., dict], prefix: str) -> dict:
+    """results[target][load] = measure(target, load, args, tmp) for the targets and loads
+    that `--targets` and `--loads` select (in the given order), each load across every
+    target before the next, in one temporary directory."""
+    chosen = [t for t in targets if t in args.targets.split(",")]
+    results: dict = {t: {} for t in chosen}
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for load in [x for x in loads if x in args.loads.split(",")]:
+            for target in chosen:
+                results[target][load] = measure(target, load, args, Path(tmp))
+    return results
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -378,17 +377,11 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     harness.prepare_main()
-    targets = [t for t in TARGETS if t in args.targets.split(",")]
-    loads = [x for x in LOADS if x in args.loads.split(",")]
-    results: dict = {t: {} for t in targets}
-    with tempfile.TemporaryDirectory(prefix="triolytics-bench-") as tmp:
-        try:
-            for load in loads:
-                for target in targets:
-                    results[target][load] = measure(target, load, args, Path(tmp))
-        except StartupError as exc:
-            print(f"server did not come up: {exc}", file=sys.stderr)
-            return 2
+    try:
+        results = harness.run_grid(args, TARGETS, LOADS, measure, "triolytics-bench-")
+    except StartupError as exc:
+        print(f"server did not come up: {exc}", file=sys.stderr)
+        return 2
     ratios, targets_met = summarize(results)
     report = {
         **harness.report_head("http_capture", "triolytics", "trio", "h11", "msgspec", "duckdb"),

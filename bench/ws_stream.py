@@ -31,7 +31,6 @@ import os
 import selectors
 import socket
 import sys
-import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -640,13 +639,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     harness.prepare_main()
-    targets = [t for t in TARGETS if t in args.targets.split(",")]
-    loads = [x for x in LOADS if x in args.loads.split(",")]
-    results: dict = {t: {} for t in targets}
-    with tempfile.TemporaryDirectory(prefix="triolytics-wsbench-") as tmp:
-        for load in loads:
-            for target in targets:
-                results[target][load] = measure(target, load, args, Path(tmp))
+    results = harness.run_grid(args, TARGETS, LOADS, measure, "triolytics-wsbench-")
     ratios, targets_met = summarize(results)
     failed = [f"{t}/{x}" for t in results for x, r in results[t].items() if "error" in r]
     report = {

@@ -12,7 +12,7 @@ import triolytics.store as store_mod
 from triolytics.dedup import dedup_key
 from triolytics.journal import Position
 from triolytics.rows import COLUMNS, Columns, Row, RtColumns, decode_part, encode_part
-from triolytics.store import Store, columns_to_arrow, rows_to_arrow, wide_to_arrow
+from triolytics.store import Store, rows_to_arrow, wide_to_arrow
 
 T0 = 1_714_564_800_000_000  # 2024-05-01T12:00:00Z in µs
 
@@ -192,8 +192,9 @@ def test_columns_become_the_same_table_as_their_rows():
                   [None] * 3, ["{}"] * 3),
     ]
     rows = [row for part in parts for row in part.rows()]
-    assert columns_to_arrow(parts).to_pylist() == rows_to_arrow(rows).to_pylist()
-    assert columns_to_arrow(parts[1:2]).num_rows == 1
+    assert wide_to_arrow([p.columns() for p in parts]).to_pylist() == \
+        rows_to_arrow(rows).to_pylist()
+    assert wide_to_arrow([parts[1].columns()]).num_rows == 1
 
 
 def test_wide_columns_become_the_same_table_as_their_rows(monkeypatch):

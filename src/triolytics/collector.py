@@ -185,7 +185,8 @@ class Collector:
             raise ApiError("payload_too_large", f"batch has {len(items)} events; at most "
                            f"{self.config.max_batch_events} (max_batch_events)", field="$.batch")
         rejected: list[Rejected] = []
-        if isinstance(envelope, WireBatchEvents):
+        one_pass = isinstance(envelope, WireBatchEvents)  # every event decoded, none bad
+        if one_pass:
             events = enumerate(items)  # no (index, event) tuples to allocate and collect
             decoded = items
         else:
@@ -197,7 +198,7 @@ class Collector:
         enrich = enricher_for(meta, envelope.context)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
         sent_at, integrations = envelope.sentAt, envelope.integrations
-        if decoded is items:  # decoded in one pass: try the whole batch by column
+        if one_pass:  # try the whole batch by column
             columns = batch_columns(items, project, meta, enrich, intake, sent_at=sent_at,
                                     integrations=integrations)
             if columns is not None:

@@ -9,11 +9,16 @@ Rules:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 def dedup_key(project: str, message_id: str) -> str:
     return f"{project}\x1f{message_id}"
+
+
+def dedup_keys(project: str, message_ids: list[str]) -> list[str]:
+    """`dedup_key` of each id (a batch's)."""
+    return [f"{project}\x1f{m}" for m in message_ids]
 
 
 class Dedup:
@@ -28,18 +33,9 @@ class Dedup:
 
     def admit(self, key: str, now_us: int) -> bool:
         """True (and remember it) if `key` was not seen within the window."""
-        seen = self._seen
-        at = seen.get(key)
-        if at is not None and now_us - at < self.window_us:
-            self.repeats += 1
-            return False
-        if at is not None:
-            del seen[key]
-        seen[key] = now_us
-        self._trim(now_us)
-        return True
+        return self.admit_all((key,), now_us)[0]
 
-    def admit_all(self, keys: list[str], now_us: int) -> list[bool]:
+    def admit_all(self, keys: Sequence[str], now_us: int) -> list[bool]:
         """`admit` for each key in turn (a batch's ids), in one call."""
         seen, window, max_ids = self._seen, self.window_us, self.max_ids
         admitted = []

@@ -132,12 +132,14 @@ class Realtime:
         project, aid, now = self.project, self.analytics_id, intake.now
         ids = [e.id for e in events]
         if ids.count(None) != len(ids):  # (opt-in ids: the common batch has none)
-            kept = [i for i, e in enumerate(events) if not e.id or intake.fresh(project, e.id)]
-            if len(kept) < len(events):
+            ids = [i or None for i in ids]
+            admitted = intake.fresh_all(project, ids)
+            if False in admitted:
+                kept = [i for i, ok in enumerate(admitted) if ok]
                 events = [events[i] for i in kept]
                 types = [types[i] for i in kept]
                 payloads = [payloads[i] for i in kept]
-            ids = [e.id or None for e in events]
+                ids = [ids[i] for i in kept]
         # A batch stored before (a resend) touches nothing: it names the live session.
         sid = intake.session(self.key, aid, None, len(events)) if events else \
             intake.sessions.current(self.key)

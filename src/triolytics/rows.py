@@ -68,34 +68,6 @@ assert tuple(COLUMNS) == Row._fields, "COLUMNS must follow Row's field order"
 _new_row = tuple.__new__  # Row(*values) without NamedTuple's Python-level __new__
 
 
-class RtColumns(msgspec.Struct, array_like=True, gc=False):
-    """The events of one WebSocket batch, by column: what the batch shares, once, and
-    what varies per event, as lists. The same rows as `Row`s would be (`rows()`), at a
-    fraction of the cost to build, journal and turn into Arrow columns."""
-
-    project: str
-    analytics_id: str  # the anonymous_id column
-    session_id: str | None
-    received_at: int
-    context: str
-    message_ids: list[str | None]
-    types: list[str]
-    timestamps: list[int]
-    originals: list[int | None]
-    properties: list[str | None]
-
-    def __len__(self) -> int:
-        return len(self.types)
-
-    def rows(self) -> list[Row]:
-        p, a, s, r, c = (self.project, self.analytics_id, self.session_id, self.received_at,
-                         self.context)
-        return [Row(i, p, "ws", t, None, None, a, None, None, None, s, ts, o, None, r, pr,
-                    None, c, None)
-                for i, t, ts, o, pr in zip(self.message_ids, self.types, self.timestamps,
-                                           self.originals, self.properties, strict=True)]
-
-
 Value = str | int | None  # one field of one row
 
 
@@ -115,6 +87,36 @@ class Columns(msgspec.Struct, array_like=True, gc=False):
         n = self.count
         columns = [v if type(v) is list else [v] * n for v in self.values]
         return [_new_row(Row, r) for r in zip(*columns, strict=True)]
+
+
+class RtColumns(msgspec.Struct, array_like=True, gc=False):
+    """The events of one WebSocket batch, by column: what the batch shares, once, and
+    what varies per event, as lists. The same rows as `Row`s would be (`rows()`), at a
+    fraction of the cost to build, journal and turn into Arrow columns."""
+
+    project: str
+    analytics_id: str  # the anonymous_id column
+    session_id: str | None
+    received_at: int
+    context: str
+    message_ids: list[str | None]
+    types: list[str]
+    timestamps: list[int]
+    originals: list[int | None]
+    properties: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+    def columns(self) -> Columns:
+        """The same rows as `Columns` (the lists are shared, not copied)."""
+        return Columns(len(self.types), [
+            self.message_ids, self.project, "ws", self.types, None, None, self.analytics_id,
+            None, None, None, self.session_id, self.timestamps, self.originals, None,
+            self.received_at, self.properties, None, self.context, None])
+
+    def rows(self) -> list[Row]:
+        return self.columns().rows()
 
 
 Part = list[Row] | RtColumns | Columns  # what one journal record holds

@@ -21,7 +21,7 @@ from itertools import count
 
 import msgspec
 
-from triolytics.dedup import Dedup, dedup_key
+from triolytics.dedup import Dedup, dedup_key, dedup_keys
 from triolytics.rows import Row
 
 Key = tuple[str, str, str]  # (project, channel, id)
@@ -177,7 +177,7 @@ class Intake:
     def fresh_all(self, project: str, message_ids: list[str | None]) -> list[bool]:
         """`fresh` for each id in turn (None: the event has none, so it is fresh), in
         one call: a batch's ids."""
-        keys = [f"{project}\x1f{m}" for m in message_ids if m is not None]  # dedup_key
+        keys = dedup_keys(project, [m for m in message_ids if m is not None])
         admitted = self.dedup.admit_all(keys, self.now)
         self.keys += [k for k, ok in zip(keys, admitted, strict=True) if ok]
         self.duplicates += admitted.count(False)

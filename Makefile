@@ -1,19 +1,30 @@
 # Two commands on a fresh machine (Python 3.11+, git, make): `make run`, `make test`.
+# Installs come from uv.lock, so a fresh clone gets exactly the versions the suite passed
+# with; `make lock` refreshes the lock on purpose (see README, "Upgrading dependencies").
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# uv itself comes from PyPI through pip, at this exact version, into its own small venv.
+UV_VERSION := 0.13.9
+TOOLS  := .tools
+UV     := $(TOOLS)/bin/uv
+# Use the machine's Python; never download one.
+export UV_PYTHON_DOWNLOADS := never
 HOST   ?= 127.0.0.1
 PORT   ?= 3000
 DATA   ?= ./data
 ARGS   ?=
 
-.PHONY: run test lint bench bench-realtime bench-tools clean
+.PHONY: run test lint lock upgrade bench bench-realtime bench-tools clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# --locked: install exactly uv.lock, and fail if pyproject.toml has changed without it.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --extra server --python $(PYTHON)
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -24,6 +35,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+
+# Re-resolve after editing pyproject.toml: versions already locked stay where they are.
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
+
+# Move every dependency to its newest release that pyproject.toml allows; then `make test`.
+upgrade: $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
 
 # wrk drives the HTTP benchmark when present; fall back to our own generator otherwise.
 bench-tools:
@@ -38,4 +57,4 @@ bench-realtime: $(STAMP)
 	$(BIN)/python bench/sessions.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(TOOLS) build *.egg-info src/*.egg-info

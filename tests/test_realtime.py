@@ -322,5 +322,8 @@ def test_invalid_utf8_in_a_type_names_where_it_is():
     data = b'{"events": [{"type": "ok"}, {"type": "a\xff"}], "seq": 13}'
     at = data.index(b"\xff")
     exc = Env().refusal(data)
-    assert exc.error.field == "$.events[1].type" or f"byte {at}" in exc.error.message, \
-        exc.error
+    # The byte offset in the frame, whatever msgspec version decodes it (0.23 stopped
+    # reporting one); a field path only where the decoder still names one.
+    assert exc.error.code == "invalid_json"
+    assert f"invalid UTF-8 at byte {at}" == exc.error.message, exc.error
+    assert exc.error.field in ("$", "$.events[1].type")

@@ -118,9 +118,10 @@ BAD_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 def decode_error(exc: Exception, prefix: str, data: bytes | str | None = None) -> ApiError:
     """Map a decoding error to `invalid_json`/`invalid_event` with a JSON path. Given the
-    decoded `data`, invalid UTF-8 is located by its byte offset in it (msgspec reports
-    the offset inside the string value)."""
-    if isinstance(exc, UnicodeDecodeError):
+    decoded `data`, invalid UTF-8 is located by its byte offset in it: msgspec before 0.23
+    raised UnicodeDecodeError with the offset inside one string value, 0.23 raises a
+    DecodeError with no offset at all, so the offset is found again here either way."""
+    if isinstance(exc, UnicodeDecodeError) or "UTF-8" in str(exc):
         where = "in a string"
         if isinstance(data, (bytes, bytearray, memoryview)):
             try:

@@ -18,13 +18,13 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-import triolytics.collector as collector_module
-from triolytics.capture import RequestMeta, batch_columns
-from triolytics.collector import Collector
-from triolytics.config import Config
-from triolytics.journal import Position
-from triolytics.rows import encode_part
-from triolytics.store import Store, rows_to_arrow, wide_to_arrow
+import triolytics.core.collector as collector_module
+from triolytics.core.capture import RequestMeta, batch_columns
+from triolytics.core.collector import Collector
+from triolytics.core.config import Config
+from triolytics.core.journal import Position
+from triolytics.core.rows import encode_part
+from triolytics.storage.store import Store, rows_to_arrow, wide_to_arrow
 
 EVENT = (b'{"type":"track","event":"Button Clicked","anonymousId":'
          b'"550e8400-e29b-41d4-a716-446655440000","properties":{"button_id":"signup_hero",'

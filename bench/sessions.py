@@ -10,7 +10,7 @@ In one process, no sockets:
           next to a bare `dict.get` loop over the same keys (the floor); and ns per
           session opened (new id, heap push, session_start row).
   lag     one trio run per `session_end_chunk_rows` value: a real `Writer` on a temporary
-          data directory (fsync always) and `triolytics.reaper.reap_sessions` with an
+          data directory (fsync always) and `triolytics.server.reaper.reap_sessions` with an
           injected wall clock derived from `trio.current_time()`. N live sessions, of which
           E (100,000) share one deadline, LEAD seconds into the run. A probe task sleeps
           1 ms in a loop and records the overshoot. Reported: lag p50/p99/max while the E
@@ -49,16 +49,16 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ws_stream import busy_cpu_seconds, log, machine, percentile  # noqa: E402
 
-from triolytics.app import GC_YOUNG_THRESHOLD  # noqa: E402
-from triolytics.capture import new_id  # noqa: E402
-from triolytics.config import Config  # noqa: E402
-from triolytics.dedup import Dedup  # noqa: E402
-from triolytics.identity import Identities, new_secret  # noqa: E402
-from triolytics.journal import Journal  # noqa: E402
-from triolytics.reaper import reap_sessions  # noqa: E402
-from triolytics.sessions import Sessions  # noqa: E402
-from triolytics.store import Store  # noqa: E402
-from triolytics.writer import Writer  # noqa: E402
+from triolytics.core.capture import new_id  # noqa: E402
+from triolytics.core.config import Config  # noqa: E402
+from triolytics.core.dedup import Dedup  # noqa: E402
+from triolytics.core.identity import Identities, new_secret  # noqa: E402
+from triolytics.core.journal import Journal  # noqa: E402
+from triolytics.core.sessions import Sessions  # noqa: E402
+from triolytics.server.app import GC_YOUNG_THRESHOLD  # noqa: E402
+from triolytics.server.reaper import reap_sessions  # noqa: E402
+from triolytics.storage.store import Store  # noqa: E402
+from triolytics.storage.writer import Writer  # noqa: E402
 
 TARGET_LAG_P99_MS = 20.0
 TIMEOUT_US = 1800 * 1_000_000  # session_timeout_s default

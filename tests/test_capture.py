@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triolytics.capture import ContextEnricher, RequestMeta, decode_event, new_id, to_row
-from triolytics.errors import ApiError
+from triolytics.core.capture import ContextEnricher, RequestMeta, decode_event, new_id, to_row
+from triolytics.core.errors import ApiError
 
 
 def us(*args: int, tz=UTC) -> int:

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import pytest
 from seed_examples import CURL_BODY
 
-from triolytics.capture import RequestMeta
-from triolytics.collector import BatchRejected, Collector
-from triolytics.config import Config
-from triolytics.errors import ApiError
+from triolytics.core.capture import RequestMeta
+from triolytics.core.collector import BatchRejected, Collector
+from triolytics.core.config import Config
+from triolytics.core.errors import ApiError
 
 KEY = "wk_123456789"
 RECEIVED = int(datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()) * 1_000_000

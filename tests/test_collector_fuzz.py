@@ -13,13 +13,13 @@ import json
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from triolytics.capture import RequestMeta, decode_batch, enricher_for, to_row
-from triolytics.collector import BatchRejected, Collector
-from triolytics.config import Config
-from triolytics.dedup import Dedup, dedup_key
-from triolytics.errors import ApiError
-from triolytics.rows import Row
-from triolytics.sessions import Intake, Sessions
+from triolytics.core.capture import RequestMeta, decode_batch, enricher_for, to_row
+from triolytics.core.collector import BatchRejected, Collector
+from triolytics.core.config import Config
+from triolytics.core.dedup import Dedup, dedup_key
+from triolytics.core.errors import ApiError
+from triolytics.core.rows import Row
+from triolytics.core.sessions import Intake, Sessions
 
 KEY = "wk_fuzz"
 HEADERS = {b"content-type": b"application/json", b"x-write-key": KEY.encode()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from triolytics.config import Config, ConfigError, load_config
+from triolytics.core.config import Config, ConfigError, load_config
 
 
 def test_defaults():

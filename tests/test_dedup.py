@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from triolytics.dedup import Dedup, dedup_key
+from triolytics.core.dedup import Dedup, dedup_key
 
 S = 1_000_000  # µs
 

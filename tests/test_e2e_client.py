@@ -19,9 +19,9 @@ import pytest
 import trio
 from test_e2e_realtime import stored  # one reading of the events table
 
-from triolytics.app import serve
 from triolytics.client import BufferFull, ClientError, create_analytics_id, open_client
-from triolytics.config import Config, ConfigError
+from triolytics.core.config import Config, ConfigError
+from triolytics.server.app import serve
 
 HOST = "127.0.0.1"
 FAST = {"backoff_initial_s": 0.02, "backoff_max_s": 0.1, "close_timeout_s": 10.0}

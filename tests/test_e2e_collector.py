@@ -27,9 +27,9 @@ import trio
 from seed_examples import CURL_BODY
 
 from triolytics import cli
-from triolytics.app import Bound, serve
-from triolytics.config import Config, load_config
-from triolytics.store import Store
+from triolytics.core.config import Config, load_config
+from triolytics.server.app import Bound, serve
+from triolytics.storage.store import Store
 
 WRITE_KEY = "wk_123456789"
 JSON_CT = {"Content-Type": "application/json"}

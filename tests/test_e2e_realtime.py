@@ -24,9 +24,9 @@ from seed_examples import DOC_PAYLOAD
 from trio.testing import MockClock
 from ws_wire import masked, server_frames
 
-from triolytics.app import serve
-from triolytics.config import Config
-from triolytics.store import Store
+from triolytics.core.config import Config
+from triolytics.server.app import serve
+from triolytics.storage.store import Store
 
 BASE_NS = 1_706_859_000_000 * 1_000_000  # 2024-02-02T07:30:00Z, the document's first ts
 ID_FORMAT = re.compile(r"0\.[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -444,7 +444,7 @@ async def test_shutdown_answers_what_it_read_then_closes_1001(tmp_path):
 
 
 async def test_a_bug_in_one_connection_closes_only_that_connection(tmp_path, monkeypatch):
-    from triolytics.realtime import Realtime
+    from triolytics.core.realtime import Realtime
     real_batch = Realtime.batch
 
     def batch(self, data, intake):
@@ -468,7 +468,7 @@ async def test_a_bug_in_one_connection_closes_only_that_connection(tmp_path, mon
 
 @pytest.mark.parametrize("with_seq", [True, False])
 async def test_a_journal_failure_is_an_error_reply_or_1011(tmp_path, monkeypatch, with_seq):
-    from triolytics.journal import Journal, JournalError
+    from triolytics.core.journal import Journal, JournalError
 
     def broken(self, payloads):
         raise JournalError("disk full (injected)")

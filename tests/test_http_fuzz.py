@@ -15,12 +15,12 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triolytics.capture import RequestMeta
-from triolytics.collector import Collector
-from triolytics.config import Config
-from triolytics.errors import ApiError
-from triolytics.http_server import HttpServer
-from triolytics.web import Request, Response, error_response
+from triolytics.core.capture import RequestMeta
+from triolytics.core.collector import Collector
+from triolytics.core.config import Config
+from triolytics.core.errors import ApiError
+from triolytics.core.web import Request, Response, error_response
+from triolytics.server.http_server import HttpServer
 
 CONFIG = Config(max_request_bytes=2000, max_header_bytes=1000, request_timeout_s=2.0,
                 keepalive_timeout_s=2.0)

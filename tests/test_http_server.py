@@ -16,12 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from triolytics.api import Api
-from triolytics.app import prepare
-from triolytics.collector import Collector
-from triolytics.config import Config
-from triolytics.http_server import HttpServer
-from triolytics.web import Request, Response
+from triolytics.core.collector import Collector
+from triolytics.core.config import Config
+from triolytics.core.web import Request, Response
+from triolytics.server.api import Api
+from triolytics.server.app import prepare
+from triolytics.server.http_server import HttpServer
 
 PEER = "127.0.0.1"
 ORIGIN = b"https://app.example"
@@ -920,7 +920,7 @@ async def test_request_timeout_while_the_writer_is_slow_is_not_a_lie(tmp_path,
 
 
 def test_header_dict_matches_h11s_public_iteration():
-    from triolytics.http_server import header_dict
+    from triolytics.server.http_server import header_dict
     request = h11.Request(method=b"GET", target=b"/", headers=[
         (b"Host", b"a"), (b"X-Write-Key", b"k1"), (b"x-write-key", b"k2"),
         (b"Content-Type", b"application/json")])

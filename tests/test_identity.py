@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 
-from triolytics.errors import ApiError
-from triolytics.identity import Identities, new_secret
-from triolytics.ratelimit import RateLimit
+from triolytics.core.errors import ApiError
+from triolytics.core.identity import Identities, new_secret
+from triolytics.core.ratelimit import RateLimit
 
 SECRET = b"s" * 32
 ID_FORMAT = re.compile(r"(\d+)\.([0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-"

@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from triolytics.journal import Journal, Position
+from triolytics.core.journal import Journal, Position
 
 HDR = 8  # <u32 length><u32 crc32>
 

@@ -15,9 +15,9 @@ import msgspec
 import pytest
 from seed_examples import DOC_PAYLOAD
 
-from triolytics.config import Config
-from triolytics.dedup import Dedup, dedup_key
-from triolytics.realtime import (
+from triolytics.core.config import Config
+from triolytics.core.dedup import Dedup, dedup_key
+from triolytics.core.realtime import (
     CLOSE_INVALID,
     CLOSE_POLICY,
     MAX_TS_MS,
@@ -25,7 +25,7 @@ from triolytics.realtime import (
     Realtime,
     decode_frame,
 )
-from triolytics.sessions import Intake, Sessions
+from triolytics.core.sessions import Intake, Sessions
 
 S = 1_000_000  # µs
 NOW = 1_706_859_100_000_000  # receive time, µs
@@ -312,7 +312,7 @@ def test_batch_after_the_timeout_ends_and_opens_in_the_same_rows():
 
 
 def test_rows_are_journal_encodable():
-    from triolytics.rows import decode_rows, encode_rows
+    from triolytics.core.rows import decode_rows, encode_rows
     b = Env().batch(DOC_PAYLOAD)
     assert decode_rows(encode_rows(b.rows)) == b.rows
     assert msgspec.json.decode(b.rows[1].properties) == {"screen_name": "Home"}

@@ -13,9 +13,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from triolytics.dedup import Dedup, dedup_key
-from triolytics.rows import Row
-from triolytics.sessions import Intake, Session, Sessions
+from triolytics.core.dedup import Dedup, dedup_key
+from triolytics.core.rows import Row
+from triolytics.core.sessions import Intake, Session, Sessions
 
 S = 1_000_000  # µs
 T = 1800 * S  # the default timeout

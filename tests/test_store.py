@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-import triolytics.store as store_mod
-from triolytics.dedup import dedup_key
-from triolytics.journal import Position
-from triolytics.rows import COLUMNS, Columns, Row, RtColumns, decode_part, encode_part
-from triolytics.store import Store, rows_to_arrow, wide_to_arrow
+import triolytics.storage.store as store_mod
+from triolytics.core.dedup import dedup_key
+from triolytics.core.journal import Position
+from triolytics.core.rows import COLUMNS, Columns, Row, RtColumns, decode_part, encode_part
+from triolytics.storage.store import Store, rows_to_arrow, wide_to_arrow
 
 T0 = 1_714_564_800_000_000  # 2024-05-01T12:00:00Z in µs
 

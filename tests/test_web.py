@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from triolytics.errors import ApiError
-from triolytics.web import Cors, Request, client_ip, error_response, parse_networks, route
+from triolytics.core.errors import ApiError
+from triolytics.core.web import Cors, Request, client_ip, error_response, parse_networks, route
 
 
 async def _get(req):  # pragma: no cover - never awaited here

@@ -16,13 +16,13 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from triolytics.config import Config
-from triolytics.dedup import Dedup
-from triolytics.errors import ApiError
-from triolytics.journal import Journal, JournalError, Position
-from triolytics.rows import Row
-from triolytics.store import Store
-from triolytics.writer import Writer, _Load
+from triolytics.core.config import Config
+from triolytics.core.dedup import Dedup
+from triolytics.core.errors import ApiError
+from triolytics.core.journal import Journal, JournalError, Position
+from triolytics.core.rows import Row
+from triolytics.storage.store import Store
+from triolytics.storage.writer import Writer, _Load
 
 T0 = 1_714_564_800_000_000
 
@@ -162,7 +162,7 @@ def test_recover_replays_unloaded_journal_exactly_once(tmp_path):
     config = Config(data_dir=str(tmp_path))
     journal = Journal(tmp_path / "journal", config.journal_segment_bytes)
     journal.open()
-    from triolytics.rows import Columns, encode_part, encode_rows
+    from triolytics.core.rows import Columns, encode_part, encode_rows
     by_column = Columns(2, [["m4", "m5"], *row(4)[1:6], ["a4", "a5"], *row(4)[7:]])
     journal.append([encode_rows([row(1), row(2)]), encode_rows([row(3)]),
                     encode_part(by_column)])
@@ -194,7 +194,7 @@ def test_recover_remembers_recent_ids_for_dedup(tmp_path):
     writer.store.close()
     writer.journal.close()
     again = make_writer(tmp_path)
-    from triolytics.dedup import dedup_key
+    from triolytics.core.dedup import dedup_key
     now = time_ns() // 1000
     assert not again.dedup.admit(dedup_key("default", "seen-before"), now)
     assert again.dedup.admit(dedup_key("default", "long-ago"), now)
@@ -236,7 +236,7 @@ def test_mark_beyond_lost_journal_tail_does_not_hide_new_records(tmp_path):
     writer.journal.close()
     again = make_writer(tmp_path)
     assert again.journal.position > Position(1, 5000)
-    from triolytics.rows import encode_rows
+    from triolytics.core.rows import encode_rows
     again.journal.append([encode_rows([row(2)])])
     again.store.close()
     again.journal.close()

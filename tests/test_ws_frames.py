@@ -11,7 +11,7 @@ from ws_wire import masked
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from triolytics.ws_frames import (
+from triolytics.core.ws_frames import (
     BINARY,
     CLOSE,
     PING,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import trio
 from ws_wire import masked
 
-from triolytics.config import Config
-from triolytics.realtime import Realtime
-from triolytics.sessions import Sessions
-from triolytics.ws_server import RealtimeServer
+from triolytics.core.config import Config
+from triolytics.core.realtime import Realtime
+from triolytics.core.sessions import Sessions
+from triolytics.server.ws_server import RealtimeServer
 
 
 class RoomyWriter:

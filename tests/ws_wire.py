@@ -3,7 +3,7 @@ and to read the server's frames back."""
 
 from __future__ import annotations
 
-from triolytics.ws_frames import unmask
+from triolytics.core.ws_frames import unmask
 
 MASK = b"\x11\x22\x33\x44"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from triolytics.config import ENV_PREFIX, Config, ConfigError, load_config
+from triolytics.core.config import ENV_PREFIX, Config, ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from triolytics.app import serve
+        from triolytics.server.app import serve
         trio.run(lambda: serve(config, handle_signals=True))
         return 0
     if args.command == "query":
@@ -88,8 +88,8 @@ def _query(args: argparse.Namespace, config: Config) -> int:
             print(f"triolytics: {reply['error']['message']}", file=sys.stderr)
             return 1
     else:
-        from triolytics.api import encode_result
-        from triolytics.store import QueryError, Store
+        from triolytics.server.api import encode_result
+        from triolytics.storage.store import QueryError, Store
         if not (data / "events.duckdb").exists():
             print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
             return 1
@@ -143,7 +143,7 @@ def _running_server(data: Path) -> dict | None:
 
 
 def _keys_via_file(data: Path, args: argparse.Namespace):
-    from triolytics.store import Store
+    from triolytics.storage.store import Store
     data.mkdir(parents=True, exist_ok=True)
     store = Store(data / "events.duckdb")
     try:

@@ -18,11 +18,11 @@ from typing import Annotated
 
 import msgspec
 
-from triolytics.capture import BAD_JSON, _object, decode_error
-from triolytics.config import Config
-from triolytics.errors import ApiError
-from triolytics.rows import Row, RtColumns
-from triolytics.sessions import SESSION_TYPES, Intake
+from triolytics.core.capture import BAD_JSON, _object, decode_error
+from triolytics.core.config import Config
+from triolytics.core.errors import ApiError
+from triolytics.core.rows import Row, RtColumns
+from triolytics.core.sessions import SESSION_TYPES, Intake
 
 MAX_TYPE_CHARS = 200
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: DuckDB's range, with room

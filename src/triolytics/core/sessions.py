@@ -21,8 +21,8 @@ from itertools import count
 
 import msgspec
 
-from triolytics.dedup import Dedup, dedup_key, dedup_keys
-from triolytics.rows import Row
+from triolytics.core.dedup import Dedup, dedup_key, dedup_keys
+from triolytics.core.rows import Row
 
 Key = tuple[str, str, str]  # (project, channel, id)
 SESSION_TYPES = frozenset({"session_start", "session_end"})  # the rows made here

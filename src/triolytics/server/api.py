@@ -17,14 +17,14 @@ from time import time_ns
 import msgspec
 import trio
 
-from triolytics.capture import TYPES, RequestMeta
-from triolytics.collector import Accepted, Collector
-from triolytics.errors import ApiError
-from triolytics.identity import Identities
-from triolytics.ratelimit import RateLimit
-from triolytics.store import QueryError, QueryResult
-from triolytics.web import Handler, Request, Response, Routes
-from triolytics.writer import Writer
+from triolytics.core.capture import TYPES, RequestMeta
+from triolytics.core.collector import Accepted, Collector
+from triolytics.core.errors import ApiError
+from triolytics.core.identity import Identities
+from triolytics.core.ratelimit import RateLimit
+from triolytics.core.web import Handler, Request, Response, Routes
+from triolytics.storage.store import QueryError, QueryResult
+from triolytics.storage.writer import Writer
 
 # Paths whose POST has no body by definition: one without framing is empty, not a 411
 # (`POST /create` is documented with "Headers: None, Body: None").

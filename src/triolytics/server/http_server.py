@@ -27,9 +27,9 @@ from http import HTTPStatus
 import h11
 import trio
 
-from triolytics.config import Config
-from triolytics.errors import ApiError
-from triolytics.web import (
+from triolytics.core.config import Config
+from triolytics.core.errors import ApiError
+from triolytics.core.web import (
     Cors,
     DateHeader,
     Request,

@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from triolytics.errors import ApiError
-from triolytics.rows import Columns, Row
-from triolytics.sessions import Intake
+from triolytics.core.errors import ApiError
+from triolytics.core.rows import Columns, Row
+from triolytics.core.sessions import Intake
 
 TYPES = frozenset({"track", "page", "identify", "screen", "group", "alias"})
 Id = str | int  # Segment SDKs send numeric user ids too; stored as text

@@ -37,14 +37,13 @@ from urllib.parse import parse_qs
 import msgspec
 import trio
 
-from triolytics.config import Config
-from triolytics.errors import ApiError
-from triolytics.identity import Identities
-from triolytics.realtime import CLOSE_ERROR, Batch, FrameError, Realtime
-from triolytics.sessions import Intake, Sessions
-from triolytics.web import Cors, Request
-from triolytics.writer import Writer
-from triolytics.ws_frames import (
+from triolytics.core.config import Config
+from triolytics.core.errors import ApiError
+from triolytics.core.identity import Identities
+from triolytics.core.realtime import CLOSE_ERROR, Batch, FrameError, Realtime
+from triolytics.core.sessions import Intake, Sessions
+from triolytics.core.web import Cors, Request
+from triolytics.core.ws_frames import (
     BINARY,
     CLOSE,
     PING,
@@ -56,6 +55,7 @@ from triolytics.ws_frames import (
     close_frame,
     frame,
 )
+from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics.ws")
 _FAILED = object()  # the answer of a batch without seq that could not be stored

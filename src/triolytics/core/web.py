@@ -16,7 +16,7 @@ from time import time
 
 import msgspec
 
-from triolytics.errors import ApiError
+from triolytics.core.errors import ApiError
 
 JSON = b"application/json"
 

@@ -27,12 +27,12 @@ from time import time_ns
 
 import trio
 
-from triolytics.config import Config
-from triolytics.dedup import Dedup
-from triolytics.errors import ApiError, overloaded
-from triolytics.journal import HEADER, Journal, JournalError, Position, Syncer
-from triolytics.rows import Columns, Part, Row, RtColumns, decode_part, encode_part
-from triolytics.store import Store
+from triolytics.core.config import Config
+from triolytics.core.dedup import Dedup
+from triolytics.core.errors import ApiError, overloaded
+from triolytics.core.journal import HEADER, Journal, JournalError, Position, Syncer
+from triolytics.core.rows import Columns, Part, Row, RtColumns, decode_part, encode_part
+from triolytics.storage.store import Store
 
 log = logging.getLogger("triolytics.writer")
 LOAD_RETRY_S = 1.0  # after a failed DuckDB load

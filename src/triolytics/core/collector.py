@@ -17,7 +17,7 @@ from base64 import b64decode
 
 import msgspec
 
-from triolytics.capture import (
+from triolytics.core.capture import (
     RequestMeta,
     WireBatchEvents,
     WireEvent,
@@ -28,11 +28,11 @@ from triolytics.capture import (
     new_id,
     to_row,
 )
-from triolytics.config import Config
-from triolytics.dedup import Dedup
-from triolytics.errors import ApiError, ErrorBody
-from triolytics.rows import Columns, Row
-from triolytics.sessions import SESSION_TYPES, Intake, Sessions
+from triolytics.core.config import Config
+from triolytics.core.dedup import Dedup
+from triolytics.core.errors import ApiError, ErrorBody
+from triolytics.core.rows import Columns, Row
+from triolytics.core.sessions import SESSION_TYPES, Intake, Sessions
 
 JSON_TYPES = frozenset({b"", b"application/json", b"text/plain"})
 _ENCODE = msgspec.json.Encoder()

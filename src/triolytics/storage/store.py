@@ -19,8 +19,8 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from triolytics.journal import Position
-from triolytics.rows import COLUMNS, Columns, Row, RtColumns
+from triolytics.core.journal import Position
+from triolytics.core.rows import COLUMNS, Columns, Row, RtColumns
 
 SCHEMA_VERSION = "1"
 _ARROW_TYPES = {

@@ -20,9 +20,9 @@ from time import time_ns
 
 import trio
 
-from triolytics.errors import ApiError
-from triolytics.sessions import Sessions
-from triolytics.writer import Writer
+from triolytics.core.errors import ApiError
+from triolytics.core.sessions import Sessions
+from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics.sessions")
 RETRY_S = 1.0  # after the writer refused session_end rows

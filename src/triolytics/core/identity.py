@@ -15,7 +15,7 @@ import hmac
 import re
 import secrets
 
-from triolytics.errors import ApiError
+from triolytics.core.errors import ApiError
 
 _FORMAT = re.compile(r"(0|[1-9][0-9]{0,8})\.([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                      r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12})", re.ASCII)  # one spelling per id

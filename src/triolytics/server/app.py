@@ -36,19 +36,19 @@ from time import time_ns
 import msgspec
 import trio
 
-from triolytics.api import BODILESS, Api
-from triolytics.capture import new_id
-from triolytics.collector import Collector
-from triolytics.config import Config
-from triolytics.dedup import Dedup
-from triolytics.http_server import HttpServer
-from triolytics.identity import Identities
-from triolytics.journal import Journal
-from triolytics.reaper import reap_sessions
-from triolytics.sessions import Session, Sessions
-from triolytics.store import Store
-from triolytics.writer import Writer
-from triolytics.ws_server import RealtimeServer
+from triolytics.core.capture import new_id
+from triolytics.core.collector import Collector
+from triolytics.core.config import Config
+from triolytics.core.dedup import Dedup
+from triolytics.core.identity import Identities
+from triolytics.core.journal import Journal
+from triolytics.core.sessions import Session, Sessions
+from triolytics.server.api import BODILESS, Api
+from triolytics.server.http_server import HttpServer
+from triolytics.server.reaper import reap_sessions
+from triolytics.server.ws_server import RealtimeServer
+from triolytics.storage.store import Store
+from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics")
 ACCEPT_RETRY_S = 0.1  # after EMFILE/ENFILE/ENOBUFS, wait this long before accepting again

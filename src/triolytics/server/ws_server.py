@@ -1,4 +1,4 @@
-"""The WebSocket at `/analytics`: the handshake, then one task per connection on wsproto.
+"""The WebSocket at `/analytics`: the handshake, then one task per connection on our own frames.
 
 Rules:
 - The HTTP server calls `check` with the request h11 parsed. A refusal (400, 403, 426,

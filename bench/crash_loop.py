@@ -147,8 +147,13 @@ def client(
 
 
 class Server:
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        self.port = free_port()
+    """`python -m triolytics serve` on HOST. With `port=0` the server picks its port, and
+    `wait_healthy` reads it from the `server.json` this process writes in `data_dir`."""
+
+    def __init__(self, data_dir: Path, log_path: Path, *, write_key: str = WRITE_KEY,
+                 port: int | None = None) -> None:
+        self.port = free_port() if port is None else port
+        self.data_dir = data_dir
         self.log_path = log_path
         self.log = open(log_path, "wb")  # closed by kill() or terminate()
         argv = [
@@ -163,7 +168,7 @@ class Server:
             "--data",
             str(data_dir),
             "--write-key",
-            WRITE_KEY,
+            write_key,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env = {k: v for k, v in env.items() if not k.startswith("TRIOLYTICS_")}
@@ -177,6 +182,9 @@ class Server:
                     f"server exited with {self.proc.returncode}:\n"
                     + self.log_path.read_text(errors="replace")
                 )
+            if self.port == 0 and not self._read_port():
+                time.sleep(POLL_S)  # bounded polling of a real subprocess
+                continue
             try:
                 conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
                 conn.request("GET", "/healthz")
@@ -191,6 +199,17 @@ class Server:
         raise RuntimeError(
             "server did not become healthy:\n" + self.log_path.read_text(errors="replace")
         )
+
+    def _read_port(self) -> bool:
+        """The port this process bound, from its server.json (an older one names another pid)."""
+        try:
+            info = json.loads((self.data_dir / "server.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if info.get("pid") != self.proc.pid:
+            return False
+        self.port = info["port"]
+        return True
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -3,7 +3,7 @@
 Shared by the unit and end-to-end tests: the document's examples must work verbatim.
 """
 
-# curl -d '...' from ../shared/seeds/000_389a03107656973e.txt, byte for byte.
+# curl -d '...' of the Collector API document (docs/collector-api.md), byte for byte.
 CURL_BODY = b"""{
     "type": "track",
     "event": "Button Clicked",
@@ -14,7 +14,7 @@ CURL_BODY = b"""{
     }
   }"""
 
-# "Payload Format" of ../shared/seeds/003_5d7b5c0e6cbefa1c.txt (the real-time API),
+# "Payload Format" of the Real-Time Analytics API document (docs/realtime-api.md),
 # byte for byte.
 DOC_PAYLOAD = """{
   "events": [

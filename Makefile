@@ -16,7 +16,7 @@ PORT   ?= 3000
 DATA   ?= ./data
 ARGS   ?=
 
-.PHONY: run test lint lock upgrade bench bench-realtime bench-tools clean
+.PHONY: run test test-tools lint lock upgrade bench bench-realtime bench-tools clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -30,8 +30,12 @@ $(STAMP): pyproject.toml uv.lock $(UV)
 run: $(STAMP)
 	$(BIN)/triolytics serve --host $(HOST) --port $(PORT) --data $(DATA) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q
+
+# The README's shell examples use curl (tests/test_readme.py runs them).
+test-tools:
+	@command -v curl >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq curl) >/dev/null 2>&1 || echo "curl not installed: tests/test_readme.py will skip the README's shell examples"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -22,6 +22,7 @@ CAUSES = [  # sql, code, HTTP status
     ("WITH x AS (SELECT 1) DELETE FROM events", "query_not_read_only", 400),
     (f"COPY events TO '{COPY_TO}'", "query_not_read_only", 400),
     ("SELECT 1; SELECT 2", "query_not_read_only", 400),
+    ("FROM checkpoint()", "query_not_read_only", 400),
     ("SELECT no_such_column FROM events", "query_failed", 400),
     (SLOW, "query_timeout", 503),
 ]

@@ -3,6 +3,7 @@ the time limit that interrupts a slow query."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import duckdb
@@ -128,6 +129,61 @@ def test_every_write_is_refused_by_name_before_it_runs(store, tmp_path, sql, lab
     assert spy.executed == []
     assert store.count() == 3
     assert {p.name for p in tmp_path.iterdir()} <= {"events.duckdb", "events.duckdb.wal"}
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM enable_logging(storage = 'file', storage_path = 'logs')",
+    "FROM checkpoint()",
+    "SELECT * FROM main.force_checkpoint()",
+    "SELECT (SELECT count(*) FROM enable_profiling())",
+    "WITH q AS (FROM events, LATERAL (SELECT * FROM disable_logging())) FROM q",
+    "SELECT * FROM query('SELECT 1')",
+    "FROM query_table('events')",
+    "SELECT * FROM json_execute_serialized_sql('{}')",
+    "SELECT * FROM arrow_scan(0, 0, 0)",
+    "EXPLAIN ANALYZE SELECT * FROM enable_logging(storage = 'file', storage_path = 'logs')",
+])
+def test_a_read_that_calls_a_table_function_not_listed_is_refused(store, tmp_path, sql):
+    """These SELECTs act beyond the rollback (a global setting, log files written
+    anywhere, a checkpoint) or run SQL or memory the check cannot see."""
+    error, spy = refused(store, sql)
+    assert error.code == "query_not_read_only"
+    assert re.match(r"table function \w+\(\) is not allowed: queries are read-only",
+                    error.message)
+    assert set(spy.executed) <= {query.INSPECT}  # the statement itself never ran
+    assert not (tmp_path / "logs").exists()
+    assert store.conn.execute("SELECT current_setting('enable_logging')").fetchone() == (
+        False,)
+
+
+# DuckDB's table functions (and table macros) that queries may not call, and why.
+REFUSED_TABLE_FUNCTIONS = {
+    "checkpoint": "writes the file", "force_checkpoint": "writes the file",
+    "enable_logging": "global setting; log files anywhere", "disable_logging": "global",
+    "truncate_duckdb_logs": "deletes logs", "enable_profiling": "setting; output file",
+    "disable_profiling": "setting", "query": "runs SQL from a string",
+    "query_table": "runs SQL from a string", "json_execute_serialized_sql": "runs SQL",
+    "arrow_scan": "reads memory at an address", "arrow_scan_dumb": "same",
+    "pandas_scan": "same", "python_map_function": "runs Python", "seq_scan": "internal",
+}
+
+
+def test_every_table_function_of_this_duckdb_is_allowed_or_refused_on_purpose(store):
+    """A DuckDB upgrade that adds a table function fails here until it is placed."""
+    present = {name for (name,) in store.conn.execute(
+        "SELECT DISTINCT function_name FROM duckdb_functions() "
+        "WHERE function_type IN ('table', 'table_macro')").fetchall()}
+    assert query.TABLE_FUNCTIONS <= present  # no typo in the list
+    assert query.TABLE_FUNCTIONS.isdisjoint(REFUSED_TABLE_FUNCTIONS)
+    assert present - query.TABLE_FUNCTIONS == set(REFUSED_TABLE_FUNCTIONS)
+
+
+def test_a_read_may_read_a_file(store, tmp_path):
+    """External access stays on (docs/api.md, "Queries"): the owner's query may read
+    files the server's OS user can read."""
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    got = store.query(f"SELECT * FROM read_csv('{tmp_path / 'x.csv'}')", 10, timeout_s=5.0)
+    assert (got.columns, got.rows) == (["a", "b"], [[1, 2]])
 
 
 @pytest.mark.parametrize("sql,message", [

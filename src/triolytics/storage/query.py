@@ -6,7 +6,10 @@ Rules:
   with DuckDB's message; a statement that is not a read is `query_not_read_only` and
   named by its parsed type (`WITH x AS (SELECT 1) DELETE ...` is a DELETE, whatever its
   first word); EXPLAIN is a read when the statement it explains is one (EXPLAIN ANALYZE
-  runs it); exactly one statement.
+  runs it); exactly one statement. A read's table functions must be in
+  `TABLE_FUNCTIONS`: some SELECTs act beyond the rollback (`enable_logging(...)` sets a
+  global and writes log files anywhere; `checkpoint()`; `query('...')` runs text this
+  check cannot see), and an extension loaded later may add more.
 - What runs is the checked statement object, never the text parsed again.
 - Its transaction is rolled back whatever happens: a second guard, for a SELECT that
   changes something (`SELECT * FROM checkpoint()`, `nextval`).
@@ -21,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 
@@ -40,6 +44,38 @@ LABELS = {
     StatementType.TRANSACTION: "BEGIN/COMMIT/ROLLBACK",
     StatementType.PRAGMA: "PRAGMA",
 }
+
+
+# Table functions a query may call: they read and change nothing. Any other (DuckDB's
+# `checkpoint`, `enable_logging`, `enable_profiling`, `query`, `query_table`,
+# `json_execute_serialized_sql`, `arrow_scan`, `pandas_scan`, ... or an extension's) is
+# query_not_read_only. Those marked "files" read files the server's OS user can read.
+TABLE_FUNCTIONS = frozenset({
+    "range", "generate_series", "unnest", "repeat", "repeat_row", "summary",
+    "json_each", "json_tree", "histogram", "histogram_values", "test_all_types",
+    "test_vector_types", "pg_timezone_names", "icu_calendar_names", "which_secret",
+    # the catalog and the database's own state
+    "duckdb_approx_database_count", "duckdb_columns", "duckdb_connection_count",
+    "duckdb_constraints", "duckdb_coordinate_systems", "duckdb_databases",
+    "duckdb_dependencies", "duckdb_extensions", "duckdb_external_file_cache",
+    "duckdb_functions", "duckdb_indexes", "duckdb_keywords", "duckdb_log_contexts",
+    "duckdb_logs", "duckdb_logs_parsed", "duckdb_memory", "duckdb_optimizers",
+    "duckdb_profiling_settings",
+    "duckdb_prepared_statements", "duckdb_schemas", "duckdb_secret_types",
+    "duckdb_secrets", "duckdb_sequences", "duckdb_settings", "duckdb_table_sample",
+    "duckdb_tables", "duckdb_temporary_files", "duckdb_types", "duckdb_variables",
+    "duckdb_views", "pragma_collations", "pragma_database_size", "pragma_metadata_info",
+    "pragma_platform", "pragma_show", "pragma_storage_info", "pragma_table_info",
+    "pragma_user_agent", "pragma_version",
+    # files
+    "read_csv", "read_csv_auto", "sniff_csv", "read_parquet", "parquet_scan",
+    "parquet_metadata", "parquet_file_metadata", "parquet_full_metadata",
+    "parquet_kv_metadata", "parquet_schema", "parquet_bloom_probe", "read_json",
+    "read_json_auto", "read_json_objects", "read_json_objects_auto", "read_ndjson",
+    "read_ndjson_auto", "read_ndjson_objects", "read_text", "read_blob", "glob",
+    "read_duckdb",
+})
+INSPECT = "SELECT json_serialize_sql(?)"  # a SELECT's syntax tree, as JSON
 
 
 class QueryError(Exception):
@@ -85,7 +121,36 @@ def check(conn: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
                          f"{len(statements)}")
     if statements[0].type == StatementType.EXPLAIN:
         check(conn, _explained(statements[0].query))
+    else:
+        _check_table_functions(conn, statements[0].query)
     return statements[0]
+
+
+def _check_table_functions(conn: duckdb.DuckDBPyConnection, text: str) -> None:
+    """Refuse a read whose table functions are not all in TABLE_FUNCTIONS (or whose
+    syntax tree DuckDB cannot show)."""
+    tree = json.loads(conn.execute(INSPECT, [text]).fetchone()[0])
+    if tree.get("error"):
+        raise QueryError("query_not_read_only", "this statement cannot be inspected: "
+                         + str(tree.get("error_message", "")))
+    called: list[str] = []
+    _walk(tree, called)
+    for name in called:
+        if name.lower() not in TABLE_FUNCTIONS:
+            raise QueryError("query_not_read_only", f"table function {name}() is not "
+                             f"allowed: queries are read-only (docs/api.md lists the "
+                             f"table functions they may call)")
+
+
+def _walk(node, called: list[str]) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "TABLE_FUNCTION" and isinstance(node.get("function"), dict):
+            called.append(node["function"].get("function_name", "?"))
+        for value in node.values():
+            _walk(value, called)
+    elif isinstance(node, list):
+        for value in node:
+            _walk(value, called)
 
 
 def _refusal(statement: duckdb.Statement, statements: list[duckdb.Statement]) -> str:

@@ -11,13 +11,14 @@ Rules:
   global and writes log files anywhere; `checkpoint()`; `query('...')` runs text this
   check cannot see), and an extension loaded later may add more.
 - What runs is the checked statement object, never the text parsed again.
-- Its transaction is rolled back whatever happens: a second guard, for a SELECT that
-  changes something (`SELECT * FROM checkpoint()`, `nextval`).
+- Its transaction is rolled back whatever happens: a second guard, for whatever the
+  checks above miss (`nextval` of a sequence, say). It undoes changes to the database
+  only, not files or settings: those the checks must stop.
 - The time limit lives in one place, `_Deadline`: a timer thread interrupts the cursor
   if the statement is still running at the deadline (`query_timeout`), never after it
   has returned, so the interrupt cannot hit the rollback or a later statement.
-- External access stays on: loads read Arrow tables by replacement scan, and exports
-  write files (docs/api.md, "Queries", says why and what a query can read). Nothing a
+- External access stays on: loads read Arrow tables by replacement scan, and planned
+  exports write files (docs/api.md, "Queries", says why and what a query can read). Nothing a
   query names can install or load a DuckDB extension (`Store` turns auto-install and
   auto-load off; LOAD and INSTALL are refused here).
 """

@@ -30,11 +30,12 @@ def store(tmp_path, monkeypatch):
 
 
 class Spy:
-    """A cursor that records every statement it is asked to execute."""
+    """A cursor that records every statement it is asked to execute, and interrupts."""
 
     def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
         self.conn = conn
         self.executed: list = []
+        self.interrupts = 0
 
     def __getattr__(self, name: str):
         return getattr(self.conn, name)
@@ -42,6 +43,10 @@ class Spy:
     def execute(self, what, *args):
         self.executed.append(what)
         return self.conn.execute(what, *args)
+
+    def interrupt(self) -> None:
+        self.interrupts += 1
+        self.conn.interrupt()
 
 
 def refused(store: Store, sql: str, **kwargs) -> tuple[QueryError, Spy]:
@@ -258,11 +263,18 @@ def test_a_slow_query_is_interrupted_at_its_deadline(store):
 
 
 def test_a_query_that_ends_in_time_is_not_interrupted_later(store):
-    cursor = store.cursor()
-    spy = Spy(cursor)
+    spy = Spy(store.cursor())
     assert query.run(spy, "SELECT 1", 10, 0.05).rows == [[1]]
-    time.sleep(0.1)  # past the deadline: the timer was cancelled with the statement
+    time.sleep(0.2)  # past the deadline: the timer ended with the statement
+    assert spy.interrupts == 0
     assert spy.executed[-1] == "ROLLBACK"
+
+
+def test_the_deadline_interrupts_the_statements_cursor_once(store):
+    spy = Spy(store.cursor())
+    with pytest.raises(QueryError):
+        query.run(spy, SLOW, 10, 0.2)
+    assert spy.interrupts == 1
 
 
 def test_no_query_installs_or_loads_an_extension(store):

@@ -64,8 +64,14 @@ def test_every_code_has_a_status():
 def test_a_syntax_error_says_so_in_duckdbs_words(store):
     error, spy = refused(store, "SELEC 1")
     assert error.code == "query_syntax"
-    assert error.message == 'syntax error: Parser Error: syntax error at or near "SELEC"'
+    assert error.message == 'Parser Error: syntax error at or near "SELEC"'
     assert spy.executed == []
+
+
+def test_a_parser_error_that_does_not_say_syntax_error_is_prefixed(store):
+    error, _ = refused(store, "SELECT 'unterminated")
+    assert error.code == "query_syntax"
+    assert error.message.startswith("syntax error: Parser Error: unterminated quoted string")
 
 
 @pytest.mark.parametrize("sql", ["", ";", "  -- only a comment"])

@@ -108,7 +108,10 @@ def check(conn: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
     try:
         statements = conn.extract_statements(sql)
     except duckdb.ParserException as exc:
-        raise QueryError("query_syntax", "syntax error: " + one_line(str(exc))) from None
+        message = one_line(str(exc))  # DuckDB's, saying "syntax error" when it is one
+        if "syntax error" not in message:
+            message = f"syntax error: {message}"
+        raise QueryError("query_syntax", message) from None
     except duckdb.Error as exc:  # IMPORT DATABASE reads its files while parsing
         raise QueryError("query_failed", one_line(str(exc))) from None
     if not statements:

@@ -89,6 +89,8 @@ def test_malformed_toml():
     ("", {"TRIOLYTICS_MAX_BATCH_EVENTS": "-5"}, "max_batch_events"),
     ("port = 70000\n", {}, "port"),
     ("write_keys = 5\n", {}, "write_keys"),
+    ("query_timeout_s = 0\n", {}, "query_timeout_s"),
+    ("", {"TRIOLYTICS_QUERY_TIMEOUT_S": "-0.5"}, "query_timeout_s"),
 ])
 def test_bad_values_rejected_with_name(toml, env, name):
     with pytest.raises(ConfigError, match=name):

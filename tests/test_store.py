@@ -165,24 +165,6 @@ def test_rows_without_message_id_get_a_uuid_at_load(store):
     assert all(uuid.UUID(i).version == 4 for i in ids[:2])
 
 
-@pytest.mark.parametrize("sql", ["DELETE FROM events", "DROP TABLE events",
-                                 "SELECT 1; DELETE FROM events", "", "COPY events TO 'x.csv'",
-                                 "ATTACH 'other.duckdb'"])
-def test_query_refuses_anything_but_one_read(store, sql):
-    store.load([make_row(1)], Position(1, 10))
-    with pytest.raises(store_mod.QueryError):
-        store.query(sql, 10)
-    assert store.count() == 1
-
-
-def test_query_returns_columns_rows_and_truncation(store):
-    store.load([make_row(1), make_row(2), make_row(3)], Position(1, 10))
-    got = store.query("SELECT message_id, event FROM events ORDER BY message_id;", 2)
-    assert (got.columns, got.rows, got.truncated) == (
-        ["message_id", "event"], [["m1", "E1"], ["m2", "E2"]], True)
-    assert store.query("SELECT count(*) AS n FROM events", 2).rows == [[3]]
-
-
 def test_columns_become_the_same_table_as_their_rows():
     parts = [
         RtColumns("p1", "0.a", "s1", 1_000, '{"ip":"1"}', [None, "id-2"], ["a", "b"],

@@ -77,27 +77,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _query(args: argparse.Namespace, config: Config) -> int:
+    """Print the answer, or one line on stderr and exit 1 for a query that was refused,
+    failed or timed out (its error code in brackets); nothing on stdout then."""
     data = Path(config.data_dir)
     limit = min(args.max_rows or config.max_query_rows, config.max_query_rows)
     server = _running_server(data)
     if server is not None:
         token = (data / "admin.token").read_text().strip()
-        status, reply = _call(server, token, "POST", "/admin/query",
-                              {"sql": args.sql, "max_rows": limit})
+        try:  # the server's own query_timeout_s applies; wait a little longer for it
+            status, reply = _call(server, token, "POST", "/admin/query",
+                                  {"sql": args.sql, "max_rows": limit},
+                                  timeout=config.query_timeout_s + 10)
+        except OSError as exc:
+            print(f"triolytics: no answer from the server on port {server['port']}: "
+                  f"{exc or type(exc).__name__}", file=sys.stderr)
+            return 1
         if status != 200:
-            print(f"triolytics: {reply['error']['message']}", file=sys.stderr)
+            error = reply.get("error", {})
+            print(f"triolytics: {error.get('message', f'HTTP {status}')} "
+                  f"[{error.get('code', status)}]", file=sys.stderr)
             return 1
     else:
         from triolytics.server.api import encode_result
-        from triolytics.storage.store import QueryError, Store
+        from triolytics.storage.query import QueryError
+        from triolytics.storage.store import Store
         if not (data / "events.duckdb").exists():
             print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
             return 1
         store = Store(data / "events.duckdb", read_only=True)
         try:
-            reply = json.loads(encode_result(store.query(args.sql, limit)))
+            reply = json.loads(encode_result(store.query(
+                args.sql, limit, timeout_s=config.query_timeout_s)))
         except QueryError as exc:
-            print(f"triolytics: {exc}", file=sys.stderr)
+            print(f"triolytics: {exc.message} [{exc.code}]", file=sys.stderr)
             return 1
         finally:
             store.close()
@@ -175,9 +187,10 @@ def _keys_via_server(server: dict, data: Path, args: argparse.Namespace):
     return _call(server, token, "GET", "/admin/keys", None)[1]["keys"]
 
 
-def _call(server: dict, token: str, method: str, path: str, body: dict | None):
+def _call(server: dict, token: str, method: str, path: str, body: dict | None,
+          timeout: float = 10):
     host = server["host"] if server["host"] not in ("0.0.0.0", "::") else "127.0.0.1"
-    conn = http.client.HTTPConnection(host, server["port"], timeout=10)
+    conn = http.client.HTTPConnection(host, server["port"], timeout=timeout)
     payload = json.dumps(body).encode() if body is not None else None
     conn.request(method, path, body=payload, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})

@@ -59,6 +59,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedup_window_s: int = 86_400  # a repeated messageId within this window is not stored again
     dedup_max_ids: int = 1_000_000  # remembered ids (memory); the oldest are forgotten first
     max_query_rows: int = 10_000  # rows one /admin/query (or `triolytics query`) returns
+    query_timeout_s: float = 30.0  # a query still running after this is interrupted
     # --- the real-time API: POST /create and the WebSocket at /analytics
     analytics_shard: int = 0  # the <shard> of issued analytics_ids
     analytics_region: str = "global"  # metadata.region in POST /create's answer
@@ -82,7 +83,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "load_interval_ms", "duckdb_threads", "max_pending_rows", "max_unloaded_rows",
                     "max_unloaded_bytes", "max_event_bytes", "max_request_bytes",
                     "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
-                    "fsync_interval_ms", "dedup_max_ids", "max_query_rows", "session_timeout_s",
+                    "fsync_interval_ms", "dedup_max_ids", "max_query_rows", "query_timeout_s",
+                    "session_timeout_s",
                     "session_end_chunk_rows", "ws_max_message_bytes", "ws_max_batch_events",
                     "ws_max_in_flight", "ws_receive_buffer_bytes",
                     "ws_ping_interval_s", "ws_pong_timeout_s", "ws_idle_timeout_s",

@@ -15,6 +15,9 @@ STATUS: dict[str, int] = {
     "invalid_json": 400,
     "invalid_event": 400,
     "bad_request": 400,
+    "query_syntax": 400,  # /admin/query: DuckDB's parser refused the SQL
+    "query_not_read_only": 400,  # ...: not one read statement; refused before it ran
+    "query_failed": 400,  # ...: DuckDB refused it while running (unknown column, ...)
     "missing_write_key": 401,
     "unknown_write_key": 401,
     "unauthorized": 401,
@@ -32,6 +35,10 @@ STATUS: dict[str, int] = {
     "header_too_large": 431,
     "overloaded": 503,
     "unavailable": 503,
+    # /admin/query ran past query_timeout_s and was interrupted: a limit of the server,
+    # hit after the whole request arrived (a 408 says the request did not arrive, and
+    # clients may resend it unasked); no Retry-After, as the same query would time out.
+    "query_timeout": 503,
 }
 
 

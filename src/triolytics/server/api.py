@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Callable
+from functools import partial
 from time import time_ns
 
 import msgspec
@@ -23,7 +24,7 @@ from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
 from triolytics.core.ratelimit import RateLimit
 from triolytics.core.web import Handler, Request, Response, Routes
-from triolytics.storage.store import QueryError, QueryResult
+from triolytics.storage.query import QueryError, QueryResult
 from triolytics.storage.writer import Writer
 
 # Paths whose POST has no body by definition: one without framing is empty, not a 411
@@ -57,6 +58,7 @@ class Api:
                  identities: Identities, clock: Callable[[], int] = time_ns) -> None:
         config = collector.config
         self.max_query_rows = config.max_query_rows
+        self.query_timeout_s = config.query_timeout_s
         self.collector = collector
         self.writer = writer
         self.admin_token = admin_token.encode()
@@ -177,16 +179,18 @@ class Api:
 
     async def query(self, req: Request) -> Response:
         """One read-only SQL statement against the events (the server alone may open the
-        DuckDB file while it runs). Runs on its own cursor, beside loads."""
+        DuckDB file while it runs). Runs on its own cursor, beside loads, for at most
+        `query_timeout_s` (query.py interrupts it); every refusal has its own code."""
         self._admin(req)
         body = _decode(req.body, QueryBody)
         limit = min(body.max_rows or self.max_query_rows, self.max_query_rows)
         store = self.writer.store
         cursor = await self.writer.run_store(store.cursor)
         try:
-            result = await trio.to_thread.run_sync(store.query, body.sql, limit, cursor)
+            result = await trio.to_thread.run_sync(partial(
+                store.query, body.sql, limit, timeout_s=self.query_timeout_s, cursor=cursor))
         except QueryError as exc:
-            raise ApiError("bad_request", str(exc), field="$.sql") from None
+            raise ApiError(exc.code, exc.message, field="$.sql") from None
         return Response(200, encode_result(result))
 
     async def stats(self, req: Request) -> Response:

@@ -6,6 +6,7 @@ Rules:
 - `load(rows, position)` inserts columnar (Arrow) and records the journal position in the
   same transaction: a crash either keeps both or neither, so replay is exactly once.
 - Key management works on a closed server too (the CLI opens the file itself).
+- The owner's queries are checked, time-limited and rolled back by query.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pyarrow.compute as pc
 
 from triolytics.core.journal import Position
 from triolytics.core.rows import COLUMNS, Columns, Row, RtColumns
+from triolytics.storage import query
+from triolytics.storage.query import QueryResult
 
 SCHEMA_VERSION = "1"
 _ARROW_TYPES = {
@@ -100,8 +103,14 @@ def wide_to_arrow(parts: list[Columns]) -> pa.Table:
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
         self.path = str(path)
-        self.conn = duckdb.connect(self.path, read_only=read_only,
-                                   config={"threads": threads})
+        self.conn = duckdb.connect(self.path, read_only=read_only, config={
+            "threads": threads,
+            # No SQL (an owner's query naming 'https://...') installs or loads an
+            # extension behind our back; what we use (json, parquet, icu) is built in.
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        # DuckDB draws a progress bar on stdout for statements past 2 s; its cursors
+        # (queries) inherit this.
+        self.conn.execute("SET enable_progress_bar = false")
         if not read_only:
             self._create()
 
@@ -213,55 +222,8 @@ class Store:
         """A connection of its own for a reader: queries then run beside loads."""
         return self.conn.cursor()
 
-    def query(self, sql: str, max_rows: int,
+    def query(self, sql: str, max_rows: int, *, timeout_s: float,
               cursor: duckdb.DuckDBPyConnection | None = None) -> QueryResult:
-        """Run one read-only statement and return at most `max_rows` rows. Its
-        transaction is rolled back, so a statement that slipped past `check_read_only`
-        still changes nothing in the file."""
-        check_read_only(sql)
-        cursor = cursor or self.conn.cursor()
-        try:
-            cursor.execute("BEGIN")
-            try:
-                result = cursor.execute(sql)
-                columns = [d[0] for d in result.description or []]
-                rows = result.fetchmany(max_rows + 1)
-            finally:
-                cursor.execute("ROLLBACK")
-        except duckdb.Error as exc:
-            raise QueryError(str(exc)) from None
-        finally:
-            cursor.close()
-        return QueryResult(columns, [list(r) for r in rows[:max_rows]], len(rows) > max_rows)
-
-
-READ_ONLY_STARTS = ("select", "with", "from", "describe", "show", "summarize", "explain",
-                    "pivot", "unpivot", "values", "table")
-
-
-class QueryError(Exception):
-    pass
-
-
-class QueryResult(msgspec.Struct):
-    columns: list[str]
-    rows: list[list]
-    truncated: bool
-
-
-def check_read_only(sql: str) -> None:
-    """One statement that reads: the first word says so, and no second statement."""
-    text = sql.strip().rstrip(";").strip()
-    first = text.split(None, 1)[0].lower() if text else ""
-    if first not in READ_ONLY_STARTS:
-        raise QueryError("only one read-only statement (SELECT, WITH, DESCRIBE, SHOW, "
-                         "SUMMARIZE, EXPLAIN, ...) is allowed")
-    if ";" in text and _statements(text) > 1:
-        raise QueryError("only one statement is allowed")
-
-
-def _statements(text: str) -> int:
-    try:
-        return len(duckdb.extract_statements(text))
-    except duckdb.Error as exc:
-        raise QueryError(str(exc)) from None
+        """Run one read-only statement on a cursor of its own (closed after), stopped
+        after `timeout_s`; at most `max_rows` rows. Raises QueryError (query.py)."""
+        return query.run(cursor or self.conn.cursor(), sql, max_rows, timeout_s)

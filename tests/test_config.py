@@ -100,3 +100,14 @@ def test_port_zero_allowed():
     # range check in Config.__post_init__ explicitly allows it.
     assert load_config(overrides={"port": 0}).port == 0
     assert Config(port=0).port == 0
+
+
+def test_log_level_any_case_and_checked():
+    assert load_config(environ={"TRIOLYTICS_LOG_LEVEL": "WARNING"}).log_level == "warning"
+    with pytest.raises(ConfigError, match="log_level must be one of"):
+        load_config('log_level = "loud"\n')
+
+
+def test_session_timeout_may_be_fractional():
+    assert load_config(environ={"TRIOLYTICS_SESSION_TIMEOUT_S": "1.5"}).session_timeout_s == 1.5
+    assert load_config("session_timeout_s = 60\n").session_timeout_s == 60.0

@@ -103,7 +103,7 @@ def prepare(config: Config) -> Prepared:
         keys = store.active_keys()
         print(f"\n  Created project 'default' with write key:  {key}\n"
               f"  Send events with the header  x-write-key: {key}\n", flush=True)
-    sessions = Sessions(config.session_timeout_s * 1_000_000, new_id)
+    sessions = Sessions(round(config.session_timeout_s * 1_000_000), new_id)
     sessions.restore([Session((project, channel, anonymous_id or user_id), session_id,
                               started, anonymous_id, user_id, last_seen, events)
                       for project, channel, anonymous_id, user_id, session_id, started,

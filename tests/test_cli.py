@@ -1,11 +1,25 @@
-"""cli.py: `serve` flags (units, defaults in --help, flag > env > file). Pure."""
+"""cli.py: `serve` flags (units, defaults in --help, flag > env > file) and start-up faults
+as one line on stderr with a non-zero exit, no traceback.
+
+Parser tests are pure. Fault tests run `python -m triolytics serve` as a user would and
+read its stderr; a second server is refused while one of ours holds the data directory.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from functools import partial
+
 import pytest
+import trio
+from test_e2e_collector import running
 
 from triolytics import cli
 from triolytics.core.config import FIELDS, Config
+from triolytics.server.startup import StartupError, startup_error
 
 DEFAULTS = Config()
 
@@ -116,3 +130,133 @@ def test_help_lists_every_flag_with_its_default_and_unit(capsys):
                   f"(port; default: {DEFAULTS.port})", f"(fsync; default: {DEFAULTS.fsync})",
                   f"(data_dir; default: {DEFAULTS.data_dir})", "--config FILE"):
         assert shown in text, shown
+
+
+# --- start-up faults: one line on stderr, a non-zero exit, no traceback
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    """`triolytics serve ARGS` in a subprocess, as from a shell without TRIOLYTICS_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOLYTICS_")}
+    return subprocess.run([sys.executable, "-m", "triolytics", "serve", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def one_line(done: subprocess.CompletedProcess, status: int = 1) -> str:
+    assert done.returncode == status, done
+    assert "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("triolytics: ")
+    return line
+
+
+def test_port_in_use_is_one_line_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_serve("--port", str(port), "--data", str(tmp_path / "data"))
+    line = one_line(done)
+    assert f"127.0.0.1:{port}" in line and "in use" in line and "--port" in line, line
+
+
+def test_a_key_created_by_a_failed_start_is_listed_later(tmp_path, capsys):
+    data = tmp_path / "data"
+    with socket.socket() as taken:  # startup fails after the key is made
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_serve("--port", str(taken.getsockname()[1]), "--data", str(data))
+    one_line(done)
+    [said] = [line for line in done.stdout.splitlines() if "write key" in line]
+    assert f"`triolytics keys list --data {data}` shows it again" in said, said
+    key = said.split("write key ")[1].split()[0]
+    assert key.startswith("wk_")
+    assert cli.main(["keys", "list", "--data", str(data)]) == 0
+    [listed] = capsys.readouterr().out.splitlines()
+    assert listed.split("\t")[:2] == [key, "default"]
+
+
+async def test_a_second_server_on_the_same_data_dir_is_told_it_is_locked(tmp_path):
+    data = tmp_path / "data"
+    async with running(data):  # this process holds events.duckdb
+        done = await trio.to_thread.run_sync(partial(
+            run_serve, "--port", "0", "--data", str(data)))
+    line = one_line(done)
+    assert f"data directory {data} is locked" in line, line
+    assert f"(PID {os.getpid()}" in line and "--data" in line, line
+
+
+def test_an_unwritable_data_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a directory\n")
+    data = tmp_path / "file" / "sub"  # (chmod does not stop root; a file in the path does)
+    line = one_line(run_serve("--port", "0", "--data", str(data)))
+    assert f"data directory {data} is not writable" in line and "--data" in line, line
+    assert not data.exists()
+
+
+def test_a_bad_config_value_is_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("session_timeout_s = -5\n")
+    line = one_line(run_serve("--config", str(path), "--port", "0"), status=2)
+    assert "session_timeout_s must be positive" in line, line
+    line = one_line(run_serve("--config", str(tmp_path / "missing.toml")), status=2)
+    assert "missing.toml" in line, line
+
+
+def test_a_bad_environment_value_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("TRIOLYTICS_MAX_REQUEST_BYTES", "lots")
+    assert cli.main(["serve"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "max_request_bytes" in line
+
+
+def test_serve_without_the_server_extra_is_one_line(tmp_path):
+    code = ("import sys; sys.modules['duckdb'] = None  # as if not installed\n"
+            "from triolytics.cli import main\n"
+            f"raise SystemExit(main(['serve', '--port', '0', '--data', {str(tmp_path)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    line = one_line(done)
+    assert "pip install 'triolytics[server]'" in line and "duckdb" in line, line
+
+
+# --- only start-up faults are shortened: anything else keeps its traceback
+
+
+def test_startup_error_unwraps_groups_of_startup_errors_only():
+    fault = StartupError("port taken")
+    assert startup_error(fault) is fault
+    nested = ExceptionGroup("root", [ExceptionGroup("service", [fault])])
+    assert startup_error(nested) is fault
+    assert startup_error(ExceptionGroup("root", [fault, ValueError("bug")])) is None
+    assert startup_error(ExceptionGroup("root", [ValueError("bug")])) is None
+    assert startup_error(ValueError("bug")) is None
+
+
+def _serve_raising(error: Exception):
+    async def serve(config, **_) -> None:
+        async with trio.open_nursery() as root:  # as in app.serve: nested nurseries
+            async with trio.open_nursery():
+                raise error
+            root.cancel_scope.cancel()
+    return serve
+
+
+def test_main_prints_a_nested_startup_error_as_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_serve", lambda: _serve_raising(StartupError("it broke")))
+    assert cli.main(["serve", "--port", "0"]) == 1
+    assert capsys.readouterr().err == "triolytics: it broke\n"
+
+
+def test_main_lets_any_other_error_through_with_its_traceback(monkeypatch):
+    monkeypatch.setattr(cli, "load_serve", lambda: _serve_raising(RuntimeError("a bug")))
+    with pytest.raises(ExceptionGroup) as raised:
+        cli.main(["serve", "--port", "0"])
+    assert raised.group_contains(RuntimeError, match="a bug")
+
+
+def test_the_data_dir_is_made_when_missing(tmp_path):
+    from triolytics.server.startup import open_data_dir
+    data = tmp_path / "a" / "b"
+    open_data_dir(data)
+    assert data.is_dir() and list(data.iterdir()) == []  # the probe leaves nothing

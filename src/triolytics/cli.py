@@ -30,6 +30,7 @@ from triolytics.core.config import (
     parse_duration,
     parse_size,
 )
+from triolytics.server.startup import StartupError, load_serve, startup_error
 
 DEFAULTS = Config()
 # `serve` flags: (flag, setting, metavar, what it does). Each flag's type, unit and shown
@@ -199,10 +200,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(config: Config) -> int:
+    """Run until stopped; a start-up fault is one line on stderr and exit status 1."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from triolytics.server.app import serve
-    trio.run(partial(serve, config, handle_signals=True))
+    try:
+        serve = load_serve()
+        trio.run(partial(serve, config, handle_signals=True))
+    except (StartupError, BaseExceptionGroup) as exc:
+        fault = startup_error(exc)
+        if fault is None:
+            raise  # a bug, not a fault of the setup: keep its traceback
+        print(f"triolytics: {fault}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,14 @@
 """The `triolytics` command: `serve`, `keys create|list|revoke`, and `query SQL`.
 
-`keys` and `query` talk to the running server when there is one (the server alone may
-open the DuckDB file); otherwise they open the file themselves.
+Rules:
+- Each setting a user sets often is a `serve` flag (SERVE_FLAGS) named for its setting;
+  flags go to `load_config` as its top layer (flag > TRIOLYTICS_* > config file), and
+  `--help` shows the defaults of `Config` itself. A value a flag cannot take is an
+  argparse error (exit 2); a bad setting from any layer is one line (exit 2).
+- A start-up fault (server/startup.py) is one line on stderr and exit 1; anything else
+  keeps its traceback.
+- `keys` and `query` talk to the running server when there is one (the server alone may
+  open the DuckDB file); otherwise they open the file themselves.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ SERVE_FLAGS = (
     ("--port", "port", "PORT", "TCP port; 0 picks a free one"),
     ("--write-key", "write_keys", "KEY", "register this write key for project 'default'; "
      "repeatable or comma-separated"),
-    ("--fsync", "fsync", None, "when the journal is synced before an ack"),
+    ("--fsync", "fsync", None, "always: sync the journal before each ack; interval: every "
+     "--fsync-interval; off: never"),
     ("--fsync-interval", "fsync_interval_ms", "DURATION", "sync period with --fsync "
      "interval: plain milliseconds or with a unit (100ms, 0.5s)"),
     ("--session-timeout", "session_timeout_s", "DURATION", "a session ends after this long "

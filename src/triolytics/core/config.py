@@ -32,11 +32,12 @@ class ConfigError(Exception):
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # --- the process
+    log_level: str = "info"  # debug, info, warning, error or critical (any case)
     # --- listening
     host: str = "127.0.0.1"
     port: int = 3000
     max_connections: int = 10_000  # open sockets; bounds fds and per-connection memory
-    log_level: str = "info"  # debug, info, warning, error or critical (any case)
     # --- storage
     data_dir: str = "./data"
     write_keys: list[str] = []  # registered for project `default` at start
@@ -98,10 +99,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.log_level.lower() not in LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got "
-                              f"{self.log_level!r}")
-        self.log_level = self.log_level.lower()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
         if not self.create_rate_per_min > 0:
@@ -110,6 +107,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not 0 <= self.analytics_shard <= 999_999_999:  # an id's <shard> has 1-9 digits
             raise ConfigError(f"analytics_shard must be 0 to 999999999, got "
                               f"{self.analytics_shard}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got "
+                              f"{self.log_level!r}")
+        self.log_level = self.log_level.lower()
 
 
 FIELDS = Config.__struct_fields__

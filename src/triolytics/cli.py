@@ -34,9 +34,8 @@ from triolytics.core.config import (
     Config,
     ConfigError,
     load_config,
-    parse_duration,
-    parse_size,
 )
+from triolytics.core.units import parse_duration, parse_size
 from triolytics.server.startup import StartupError, load_serve, startup_error
 
 DEFAULTS = Config()

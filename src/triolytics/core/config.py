@@ -5,16 +5,14 @@ Rules:
   A name's suffix says its unit (`_bytes`, `_rows`, `_ms`, `_s`).
 - Unknown keys are errors (a typo must not silently fall back to a default).
 - Loading is pure: `load_config(file_text, environ, overrides)` takes its inputs.
-- Flags may give a duration or a size with a unit (`30m`, `1MiB`): `parse_duration`
-  and `parse_size` turn it into the number, in the setting's own unit, that a layer holds.
+- Flags may give a duration or a size with a unit (`30m`, `1MiB`); units.py turns it
+  into the number, in the setting's own unit, that a layer holds.
 """
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any, Literal
 
 import msgspec
@@ -145,33 +143,3 @@ def load_config(file_text: str | None = None, environ: Mapping[str, str] | None 
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
-
-
-# --- values with units (flags): each number comes back in the setting's own unit
-
-_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600),
-            "d": Decimal(86_400)}
-_BYTES = {"b": 1, "kb": 1000, "kib": KiB, "mb": 1000**2, "mib": MiB, "gb": 1000**3,
-          "gib": 1024 * MiB}
-_QUANTITY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
-
-
-def _quantity(text: str, units: dict, plain: str, what: str) -> Decimal:
-    """`text` as a non-negative number of `plain` units; a suffix of `units` converts."""
-    match = _QUANTITY.fullmatch(text.strip())
-    unit = match and (match[2].lower() or plain)
-    if not match or unit not in units:
-        raise ValueError(f"not a {what}: {text!r}")
-    return Decimal(match[1]) * units[unit] / units[plain]
-
-
-def parse_duration(text: str, unit: str = "s") -> Decimal:
-    """'30m', '90s', '1h', '250ms', '1d', or a plain number of `unit` ('s' or 'ms'):
-    that duration in `unit`. Raises ValueError naming the text."""
-    return _quantity(text, _SECONDS, unit, "duration (e.g. 30m, 90s, 1h, 250ms)")
-
-
-def parse_size(text: str) -> Decimal:
-    """'1MiB', '512KiB', '500KB', '2GB', or a plain number of bytes: that many bytes (1
-    KiB = 1024 bytes, 1 KB = 1000). Raises ValueError naming the text."""
-    return _quantity(text, _BYTES, "b", "size (e.g. 1MiB, 512KiB, 500KB, 65536)")

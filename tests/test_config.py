@@ -111,4 +111,3 @@ def test_port_zero_allowed():
     # range check in Config.__post_init__ explicitly allows it.
     assert load_config(overrides={"port": 0}).port == 0
     assert Config(port=0).port == 0
-

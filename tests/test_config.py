@@ -38,6 +38,17 @@ def test_env_values_converted():
     assert (c.request_timeout_s, c.max_event_bytes, c.data_dir) == (2.5, 1024, "/var/lib/x")
 
 
+def test_log_level_any_case_and_checked():
+    assert load_config(environ={"TRIOLYTICS_LOG_LEVEL": "WARNING"}).log_level == "warning"
+    with pytest.raises(ConfigError, match="log_level must be one of"):
+        load_config('log_level = "loud"\n')
+
+
+def test_session_timeout_may_be_fractional():
+    assert load_config(environ={"TRIOLYTICS_SESSION_TIMEOUT_S": "1.5"}).session_timeout_s == 1.5
+    assert load_config("session_timeout_s = 60\n").session_timeout_s == 60.0
+
+
 def test_other_environment_ignored():
     c = load_config(environ={"PATH": "/bin", "TRIOLYTICSPORT": "1", "TRIOLYTICS_CONFIG": "x.toml"})
     assert c.port == 3000

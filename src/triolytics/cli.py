@@ -1,7 +1,14 @@
 """The `triolytics` command: `serve`, `keys create|list|revoke`, and `query SQL`.
 
-`keys` and `query` talk to the running server when there is one (the server alone may
-open the DuckDB file); otherwise they open the file themselves.
+Rules:
+- Each setting a user sets often is a `serve` flag (SERVE_FLAGS) named for its setting;
+  flags go to `load_config` as its top layer (flag > TRIOLYTICS_* > config file), and
+  `--help` shows the defaults of `Config` itself. A value a flag cannot take is an
+  argparse error (exit 2); a bad setting from any layer is one line (exit 2).
+- A start-up fault (server/startup.py) is one line on stderr and exit 1; anything else
+  keeps its traceback.
+- `keys` and `query` talk to the running server when there is one (the server alone may
+  open the DuckDB file); otherwise they open the file themselves.
 """
 
 from __future__ import annotations
@@ -12,27 +19,64 @@ import json
 import logging
 import os
 import sys
+import typing
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from functools import partial
 from pathlib import Path
 
 import trio
 
-from triolytics.core.config import ENV_PREFIX, Config, ConfigError, load_config
+from triolytics.core.config import (
+    ENV_PREFIX,
+    FIELDS,
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    load_config,
+)
+from triolytics.core.units import parse_duration, parse_size
+from triolytics.server.startup import StartupError, load_serve, startup_error
+
+DEFAULTS = Config()
+# `serve` flags: (flag, setting, metavar, what it does). Each flag's type, unit and shown
+# default follow its setting (its name's suffix and its default in Config).
+SERVE_FLAGS = (
+    ("--host", "host", "ADDR", "address to listen on; 0.0.0.0 for every IPv4 interface"),
+    ("--port", "port", "PORT", "TCP port; 0 picks a free one"),
+    ("--write-key", "write_keys", "KEY", "register this write key for project 'default'; "
+     "repeatable or comma-separated"),
+    ("--fsync", "fsync", None, "always: sync the journal before each ack; interval: every "
+     "--fsync-interval; off: never"),
+    ("--fsync-interval", "fsync_interval_ms", "DURATION", "sync period with --fsync "
+     "interval: plain milliseconds or with a unit (100ms, 0.5s)"),
+    ("--session-timeout", "session_timeout_s", "DURATION", "a session ends after this long "
+     "without an event: plain seconds (5, 1.5) or with a unit (90s, 30m, 1h)"),
+    ("--max-body", "max_request_bytes", "SIZE", "largest HTTP request body as sent (413 "
+     "past it): plain bytes or with a unit (512KiB, 1MiB, 500KB)"),
+    ("--cors-origins", "cors_origins", "ORIGINS", "origins browsers may call from, "
+     "comma-separated or repeated; * allows any"),
+    ("--ws-origins", "ws_origins", "ORIGINS", "origins allowed to open the WebSocket, "
+     "comma-separated or repeated; none given allows any"),
+    ("--trusted-proxies", "trusted_proxies", "ADDRS", "peers (IPs or CIDRs) whose "
+     "X-Forwarded-For is believed, comma-separated or repeated"),
+    ("--max-connections", "max_connections", "N", "open connections at once"),
+    ("--shutdown-grace", "shutdown_grace_s", "DURATION", "on SIGINT/SIGTERM, in-flight "
+     "requests get this long: plain seconds or with a unit (10s, 1m)"),
+    ("--log-level", "log_level", None, "log messages of this level and above (to stderr)"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triolytics", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="TOML config file (or TRIOLYTICS_CONFIG)")
-    p.add_argument("--data", dest="data_dir", help="data directory (default ./data)")
+    _file_flags(p, None)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the server")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS,
-                   help="data directory (default ./data)")
-    s.add_argument("--write-key", dest="write_keys", action="append",
-                   help="register this write key for project 'default' (repeatable)")
-    s.add_argument("--fsync", choices=["always", "interval", "off"])
-    s.add_argument("--log-level", default="INFO")
+    s = sub.add_parser("serve", help="run the server", description=(
+        "Run the server. A flag beats its TRIOLYTICS_* variable, which beats the config "
+        "file, which beats the default (docs/configuration.md lists every setting)."))
+    _file_flags(s, argparse.SUPPRESS)
+    for flag, name, metavar, text in SERVE_FLAGS:
+        _serve_flag(s, flag, name, metavar, text)
     k = sub.add_parser("keys", help="manage write keys")
     ks = k.add_subparsers(dest="action", required=True)
     kc = ks.add_parser("create", help="create a write key for a project")
@@ -42,38 +86,140 @@ def _parser() -> argparse.ArgumentParser:
     kr = ks.add_parser("revoke", help="revoke a write key")
     kr.add_argument("key")
     for sp in (kc, kr, ks.choices["list"]):
-        sp.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS)
+        _file_flags(sp, argparse.SUPPRESS)
     q = sub.add_parser("query", help="run one read-only SQL statement on the stored events")
     q.add_argument("sql", help="e.g. \"SELECT type, count(*) FROM events GROUP BY ALL\"")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--max-rows", type=int, help="at most this many rows (max_query_rows)")
-    q.add_argument("--data", dest="data_dir", default=argparse.SUPPRESS)
+    _file_flags(q, argparse.SUPPRESS)
     return p
 
 
-def _config(args: argparse.Namespace) -> Config:
-    path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
-    text = Path(path).read_text() if path else None
-    names = ("host", "port", "data_dir", "write_keys", "fsync")
-    return load_config(text, os.environ, {n: getattr(args, n, None) for n in names})
+def _file_flags(p: argparse.ArgumentParser, default) -> None:
+    """--config and --data, accepted before the command and after it (a value given after
+    it wins; SUPPRESS keeps a subcommand from resetting one given before)."""
+    p.add_argument("--config", default=default, metavar="FILE",
+                   help=f"TOML config file (or {ENV_PREFIX}CONFIG; default: none)")
+    p.add_argument("--data", dest="data_dir", default=default, metavar="DIR",
+                   help=f"data directory (data_dir; default: {DEFAULTS.data_dir})")
+
+
+def _serve_flag(p: argparse.ArgumentParser, flag: str, name: str, metavar: str | None,
+                text: str) -> None:
+    default = getattr(DEFAULTS, name)
+    kwargs: dict[str, typing.Any] = {"dest": name, "metavar": metavar,
+                                     "help": f"{text} ({name}; default: {_shown(name)})"}
+    if isinstance(default, list):
+        kwargs.update(action="extend", type=_comma_list)
+    elif name == "log_level":
+        kwargs.update(type=str.lower, choices=LOG_LEVELS)
+    elif name == "fsync":
+        kwargs.update(choices=typing.get_args(typing.get_type_hints(Config)["fsync"]))
+    else:
+        kwargs["type"] = _flag_type(name)
+    p.add_argument(flag, **kwargs)
+
+
+def _shown(name: str) -> str:
+    """A setting's default as `--help` shows it, with its unit."""
+    value = getattr(DEFAULTS, name)
+    if isinstance(value, list):
+        return ",".join(value) or "none"
+    if name.endswith("_bytes"):
+        return f"{value} bytes" + (f" = {value // 1024} KiB" if value % 1024 == 0 else "")
+    if name.endswith("_ms"):
+        return f"{value} ms"
+    if name.endswith("_s"):
+        return f"{value:g} s"
+    return str(value)
+
+
+def _flag_type(name: str) -> Callable[[str], typing.Any]:
+    """The parser of a flag's text: a duration or size in the setting's unit, a count, or
+    the text itself."""
+    whole = isinstance(getattr(DEFAULTS, name), int)
+    if name.endswith("_bytes"):
+        return partial(_quantity, parse_size, "bytes", whole)
+    if name.endswith(("_s", "_ms")):
+        unit = "ms" if name.endswith("_ms") else "s"
+        return partial(_quantity, partial(parse_duration, unit=unit), unit, whole)
+    if name == "port":
+        return _port
+    if whole:
+        return partial(_quantity, _plain_number, "", whole)
+    return str
+
+
+def _quantity(parse: Callable, unit: str, whole: bool, text: str) -> int | float:
+    try:
+        value = parse(text)
+    except (ValueError, ArithmeticError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    if whole and value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number{' of ' + unit if unit else ''}")
+    return int(value) if whole else float(value)
+
+
+def _plain_number(text: str) -> Decimal:
+    try:
+        return Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"not a number: {text!r}") from None
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port (0 to 65535): {text!r}")
+    return int(text)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def config_of(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
+    """Defaults < config file < `TRIOLYTICS_*` variables < the flags given."""
+    path = args.config or environ.get(ENV_PREFIX + "CONFIG")
+    try:
+        text = Path(path).read_text() if path else None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    flags = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None)
+             is not None}
+    return load_config(text, environ, flags)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = _config(args)
-    except (ConfigError, OSError) as exc:
+        config = config_of(args)
+    except ConfigError as exc:
         print(f"triolytics: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        logging.basicConfig(level=args.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from triolytics.server.app import serve
-        trio.run(lambda: serve(config, handle_signals=True))
-        return 0
+        return _serve(config)
     if args.command == "query":
         return _query(args, config)
     return _keys(args, config)
+
+
+def _serve(config: Config) -> int:
+    """Run until stopped; a start-up fault is one line on stderr and exit status 1."""
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve = load_serve()
+        trio.run(partial(serve, config, handle_signals=True))
+    except (StartupError, BaseExceptionGroup) as exc:
+        fault = startup_error(exc)
+        if fault is None:
+            raise  # a bug, not a fault of the setup: keep its traceback
+        print(f"triolytics: {fault}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _query(args: argparse.Namespace, config: Config) -> int:

@@ -135,7 +135,7 @@ class Collector:
         self.config = config
         self.keys = keys
         if sessions is None:  # (both are shared with the rest of the server when given)
-            sessions = Sessions(config.session_timeout_s * 1_000_000, new_id)
+            sessions = Sessions(round(config.session_timeout_s * 1_000_000), new_id)
         if dedup is None:
             dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
         self.sessions = sessions

@@ -5,6 +5,8 @@ Rules:
   A name's suffix says its unit (`_bytes`, `_rows`, `_ms`, `_s`).
 - Unknown keys are errors (a typo must not silently fall back to a default).
 - Loading is pure: `load_config(file_text, environ, overrides)` takes its inputs.
+- Flags may give a duration or a size with a unit (`30m`, `1MiB`); units.py turns it
+  into the number, in the setting's own unit, that a layer holds.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 class ConfigError(Exception):
     pass
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # --- the process
+    log_level: str = "info"  # debug, info, warning, error or critical (any case)
     # --- listening
     host: str = "127.0.0.1"
     port: int = 3000
@@ -75,7 +82,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ws_pong_timeout_s: float = 15.0  # ...and drops it without a pong within this
     ws_idle_timeout_s: float = 600.0  # a connection without a message for this is closed
     # --- sessions (both APIs)
-    session_timeout_s: int = 1800  # a session ends after this long without an event
+    session_timeout_s: float = 1800.0  # a session ends after this long without an event
     session_end_chunk_rows: int = 500  # session_end rows per reaper step (loop latency)
 
     def __post_init__(self) -> None:
@@ -100,6 +107,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not 0 <= self.analytics_shard <= 999_999_999:  # an id's <shard> has 1-9 digits
             raise ConfigError(f"analytics_shard must be 0 to 999999999, got "
                               f"{self.analytics_shard}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got "
+                              f"{self.log_level!r}")
+        self.log_level = self.log_level.lower()
 
 
 FIELDS = Config.__struct_fields__

@@ -15,7 +15,8 @@
 
 Start-up (before listening): open the store, replay the journal's unloaded suffix,
 resume the sessions open in storage, register write keys, write
-`<data_dir>/server.json` so the CLI can find us.
+`<data_dir>/server.json` so the CLI can find us. A fault the user can fix (data directory
+not writable or locked, port taken) is raised as a `StartupError` (startup.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 from collections.abc import Callable
 from functools import partial
@@ -46,8 +48,8 @@ from triolytics.core.sessions import Session, Sessions
 from triolytics.server.api import BODILESS, Api
 from triolytics.server.http_server import HttpServer
 from triolytics.server.reaper import reap_sessions
+from triolytics.server.startup import open_data_dir, open_listeners, open_store
 from triolytics.server.ws_server import RealtimeServer
-from triolytics.storage.store import Store
 from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics")
@@ -83,8 +85,8 @@ class Prepared(msgspec.Struct):
 def prepare(config: Config) -> Prepared:
     """Blocking start-up work (run in a thread): store, replay, sessions, keys, secrets."""
     data = Path(config.data_dir)
-    data.mkdir(parents=True, exist_ok=True)
-    store = Store(data / "events.duckdb", threads=config.duckdb_threads)
+    open_data_dir(data)
+    store = open_store(data / "events.duckdb", config.duckdb_threads)
     journal = Journal(data / "journal", config.journal_segment_bytes,
                       sync_on_rotate=config.fsync != "off")
     dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
@@ -99,11 +101,11 @@ def prepare(config: Config) -> Prepared:
         store.create_key("default", key)
     keys = store.active_keys()
     if not keys:
-        key = store.create_key("default")
+        key = store.create_key("default")  # stored at once: a failed start keeps it
         keys = store.active_keys()
-        print(f"\n  Created project 'default' with write key:  {key}\n"
-              f"  Send events with the header  x-write-key: {key}\n", flush=True)
-    sessions = Sessions(config.session_timeout_s * 1_000_000, new_id)
+        print(f"created project 'default' with write key {key} (send it as the x-write-key "
+              f"header); `{_keys_list_command(config)}` shows it again", flush=True)
+    sessions = Sessions(round(config.session_timeout_s * 1_000_000), new_id)
     sessions.restore([Session((project, channel, anonymous_id or user_id), session_id,
                               started, anonymous_id, user_id, last_seen, events)
                       for project, channel, anonymous_id, user_id, session_id, started,
@@ -113,6 +115,12 @@ def prepare(config: Config) -> Prepared:
     identities = Identities(_secret_file(data / "analytics.secret").encode(),
                             config.analytics_shard)
     return Prepared(writer, keys, _secret_file(data / "admin.token"), identities, sessions)
+
+
+def _keys_list_command(config: Config) -> str:
+    data = config.data_dir
+    return "triolytics keys list" + ("" if data == Config().data_dir else
+                                     f" --data {shlex.quote(data)}")
 
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
@@ -166,7 +174,7 @@ async def _run_writer(writer: Writer, done: trio.Event) -> None:
 
 async def _listen(config: Config, http: HttpServer, realtime: RealtimeServer, reaper,
                   stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await open_listeners(config.port, config.host)
     sockname = listeners[0].socket.getsockname()
     bound = Bound(sockname[0], sockname[1])
     (Path(config.data_dir) / "server.json").write_text(

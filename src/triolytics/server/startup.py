@@ -1,0 +1,107 @@
+"""Start-up faults: what stops the server before it serves, each said in one sentence.
+
+Rules:
+- A fault the user can fix (the server extra missing, the data directory not writable
+  or held by another process, the port taken) becomes a `StartupError` whose message
+  names the place and the fix. `triolytics serve` prints it as one line and exits 1.
+- Only those: anything else is a bug and keeps its traceback. `startup_error` unwraps
+  trio's exception groups only when a StartupError is all they hold.
+- This module imports nothing of the server extra (duckdb, pyarrow), so that it can say
+  the extra is missing; `open_store` imports the store when it is called.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from triolytics.storage.store import Store
+
+SERVER_EXTRA = ("duckdb", "pyarrow")  # what `serve` needs beyond the base install
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to change."""
+
+
+def load_serve():
+    """`serve`, or a StartupError when this install lacks the `server` extra."""
+    try:
+        from triolytics.server.app import serve
+    except ModuleNotFoundError as exc:
+        if exc.name not in SERVER_EXTRA:
+            raise
+        raise StartupError(f"`serve` needs the server extra ({exc.name} is not installed): "
+                           "pip install 'triolytics[server]'") from exc
+    return serve
+
+
+def open_data_dir(path: Path) -> None:
+    """Create the data directory if need be and check that a file can be made in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StartupError(f"data directory {path} is not writable ({exc.strerror}); "
+                           "choose another with --data") from exc
+
+
+def open_store(path: Path, threads: int) -> Store:
+    """The DuckDB file, or a StartupError when another process holds it or it cannot be
+    opened (DuckDB names the lock holder's PID)."""
+    import duckdb
+
+    from triolytics.storage.store import Store
+    try:
+        return Store(path, threads=threads)
+    except duckdb.IOException as exc:
+        message = str(exc)
+        holder = _LOCK_HOLDER.search(message)
+        if holder is not None:
+            raise StartupError(
+                f"data directory {path.parent} is locked by another process (PID "
+                f"{holder[2]}, {holder[1]}), probably another triolytics server; stop it "
+                "or choose another directory with --data") from exc
+        if "Could not set lock" in message:
+            raise StartupError(f"data directory {path.parent} is locked by another process, "
+                               "probably another triolytics server; stop it or choose "
+                               "another directory with --data") from exc
+        raise StartupError(f"cannot open {path}: {' '.join(message.split())}") from exc
+
+
+async def open_listeners(port: int, host: str) -> list[trio.SocketListener]:
+    """The listening sockets, or a StartupError naming host:port and the flag to change."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        place = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            fix = "choose another port with --port"
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges; choose another with --port"
+        else:
+            fix = "check --host and --port"
+        raise StartupError(f"cannot listen on {place}: {reason}; {fix}") from exc
+
+
+def startup_error(exc: BaseException) -> StartupError | None:
+    """The StartupError `exc` is, or the first one in an exception group made only of
+    StartupErrors (trio nests a group per nursery); None when anything else is there."""
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        faults, others = exc.split(StartupError)
+        if faults is not None and others is None:
+            while isinstance(faults, BaseExceptionGroup):
+                faults = faults.exceptions[0]
+            return faults
+    return None

@@ -73,6 +73,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ws_ping_interval_s: float = 30.0  # the server pings a connection this often...
     ws_pong_timeout_s: float = 15.0  # ...and drops it without a pong within this
     ws_idle_timeout_s: float = 600.0  # a connection without a message for this is closed
+    ws_max_fragments: int = 256  # frames of one message (1 MiB in 4 KiB frames); 1009 past it
     # --- sessions (both APIs)
     session_timeout_s: int = 1800  # a session ends after this long without an event
     session_end_chunk_rows: int = 500  # session_end rows per reaper step (loop latency)
@@ -86,7 +87,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "session_end_chunk_rows", "ws_max_message_bytes", "ws_max_batch_events",
                     "ws_max_in_flight", "ws_receive_buffer_bytes",
                     "ws_ping_interval_s", "ws_pong_timeout_s", "ws_idle_timeout_s",
-                    "create_burst")
+                    "ws_max_fragments", "create_burst")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -115,8 +115,8 @@ class _Peer:
     __slots__ = ("frames", "open", "pending", "scope", "stop", "close", "sending", "last",
                  "quiet", "pong_due")
 
-    def __init__(self, now: float, stop: bool, max_message_bytes: int) -> None:
-        self.frames = FrameReader(max_message_bytes)
+    def __init__(self, now: float, stop: bool, frames: FrameReader) -> None:
+        self.frames = frames
         self.open = True  # no Close sent yet (ours, or the answer to the peer's)
         # (batch, group) in arrival order; a refused batch is (None, FrameError).
         self.pending: list = []  # (a list: 56 bytes empty, where a deque takes 600)
@@ -179,7 +179,9 @@ class RealtimeServer:
         """Own a connection whose request passed `check`: send the 101, then serve it.
         `trailing` holds what the client sent after the request head."""
         rt, response = checked
-        peer = _Peer(trio.current_time(), self.draining, self.config.ws_max_message_bytes)
+        c = self.config
+        peer = _Peer(trio.current_time(), self.draining,
+                     FrameReader(c.ws_max_message_bytes, c.ws_max_fragments))
         self.peers.add(peer)
         try:
             await stream.send_all(response)

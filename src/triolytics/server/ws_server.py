@@ -194,9 +194,7 @@ class RealtimeServer:
         """Own a connection whose request passed `check`: send the 101, then serve it.
         `trailing` holds what the client sent after the request head."""
         rt, response = checked
-        c = self.config
-        peer = _Peer(trio.current_time(), self.draining,
-                     FrameReader(c.ws_max_message_bytes, c.ws_max_fragments))
+        peer = _Peer(trio.current_time(), self.draining, self._frame_reader())
         self.peers.add(peer)
         try:
             await stream.send_all(response)
@@ -210,6 +208,9 @@ class RealtimeServer:
             self.peers.discard(peer)
             if self.rates is not None:
                 self.rates.forget(peer)
+
+    def _frame_reader(self) -> FrameReader:
+        return FrameReader(self.config.ws_max_message_bytes, self.config.ws_max_fragments)
 
     # --- one connection
     async def _run(self, stream: trio.abc.Stream, rt: Realtime, p: _Peer) -> None:
@@ -256,21 +257,13 @@ class RealtimeServer:
 
     async def _wait(self, stream: trio.abc.Stream, rt: Realtime, p: _Peer, out: list) -> bool:
         """Wait for bytes (when reading), writer room, a durable batch, drain, tokens or
-        a timer. False: the peer closed the connection or missed a pong."""
-        c, frames, now = self.config, p.frames, trio.current_time()
-        if not frames.holding():
-            p.since = None
-        elif p.since is None:  # part of a message came since the last wait: its clock starts
-            p.since = now
-        if p.pong_due is not None:
-            deadline = p.pong_due
-        elif p.pending or p.stop:
-            deadline = math.inf
-        else:
-            deadline = min(p.quiet + c.ws_ping_interval_s, p.last + c.ws_idle_timeout_s)
-        rest = self.rates.due(p, rt.analytics_id, now) if self.rate_waits else 0.0
+        a timer. False: the peer closed the connection or missed a pong.
+        (Locals kept few: an idle connection holds this frame while it waits.)"""
+        c, now = self.config, trio.current_time()
+        deadline = self._deadline(p, now)
         data = None
-        reading = paused = False
+        rest = 0.0  # > 0: paused by the event rate for this long
+        reading = False
         with trio.CancelScope(deadline=deadline) as scope:
             p.scope = scope
             try:
@@ -278,11 +271,10 @@ class RealtimeServer:
                     await trio.sleep_forever()  # until wake() or a timer
                 elif not self.writer.has_room(1):
                     await self.writer.wait_room(give_up=False)
-                elif rest:  # over the event rate: read nothing until the debt is repaid
-                    paused = True
-                    scope.deadline = now + rest  # (or wake(): a batch to answer)
-                    await trio.sleep_forever()
-                elif frames.ready():
+                elif self.rate_waits and (rest := self.rates.due(p, rt.analytics_id, now)):
+                    scope.deadline = now + rest  # read nothing until the debt is repaid
+                    await trio.sleep_forever()  # (or wake(): a batch to answer)
+                elif p.frames.ready():
                     pass  # frames already read, waiting for room that is there now
                 else:
                     reading = True
@@ -294,16 +286,30 @@ class RealtimeServer:
             finally:
                 p.scope = None
         if not reading:
-            self._paused(p, trio.current_time() - now, paused)
-            if paused:
+            self._paused(p, trio.current_time() - now, rest > 0)
+            if rest > 0:
                 return True
         if data is not None:
             if not data:
                 return False  # EOF: the peer is gone
-            frames.feed(data)
+            p.frames.feed(data)
         elif scope.cancelled_caught and trio.current_time() >= scope.deadline:
             return self._timer(p, out)
         return True
+
+    def _deadline(self, p: _Peer, now: float) -> float:
+        """When the next timer is due: a pong, a ping or the idle timeout (the message
+        timer applies only while reading); starts or ends the message's clock."""
+        c = self.config
+        if not p.frames.holding():
+            p.since = None
+        elif p.since is None:  # part of a message came since the last wait: its clock starts
+            p.since = now
+        if p.pong_due is not None:
+            return p.pong_due
+        if p.pending or p.stop:
+            return math.inf
+        return min(p.quiet + c.ws_ping_interval_s, p.last + c.ws_idle_timeout_s)
 
     def _paused(self, p: _Peer, waited: float, by_rate: bool) -> None:
         """The task did not read for `waited` s: a message under way is not the peer's

@@ -102,10 +102,27 @@ def test_malformed_toml():
     ("write_keys = 5\n", {}, "write_keys"),
     ("query_timeout_s = 0\n", {}, "query_timeout_s"),
     ("", {"TRIOLYTICS_QUERY_TIMEOUT_S": "-0.5"}, "query_timeout_s"),
+    ("ws_max_fragments = 0\n", {}, "ws_max_fragments"),
+    ("ws_message_timeout_s = 0\n", {}, "ws_message_timeout_s"),
+    ("ws_message_timeout_s = inf\n", {}, "ws_message_timeout_s"),
+    ("ws_max_events_per_s = -1\n", {}, "ws_max_events_per_s"),
+    ("", {"TRIOLYTICS_WS_ID_MAX_EVENTS_PER_S": "nan"}, "ws_id_max_events_per_s"),
+    ("ws_burst_events = 0\n", {}, "ws_burst_events"),
+    ("ws_id_burst_events = 0\n", {}, "ws_id_burst_events"),
+    ('ws_rate_limit_action = "drop"\n', {}, "ws_rate_limit_action"),
 ])
 def test_bad_values_rejected_with_name(toml, env, name):
     with pytest.raises(ConfigError, match=name):
         load_config(toml, env)
+
+
+def test_websocket_limits_from_the_environment():
+    config = load_config("", {"TRIOLYTICS_WS_MAX_EVENTS_PER_S": "12.5",
+                              "TRIOLYTICS_WS_RATE_LIMIT_ACTION": "close",
+                              "TRIOLYTICS_WS_MAX_FRAGMENTS": "64"})
+    assert (config.ws_max_events_per_s, config.ws_rate_limit_action,
+            config.ws_max_fragments) == (12.5, "close", 64)
+    assert Config().ws_max_events_per_s == 0 and Config().ws_id_max_events_per_s == 0  # off
 
 
 def test_port_zero_allowed():

@@ -2,7 +2,8 @@
 
 Ids: the format, 400 (malformed) vs 403 (not ours: other shard, other secret, tampered),
 upper case accepted and normalized. Rate limit: burst, refill, the wait that becomes
-Retry-After, the bounded client table. No trio, no sockets, no DuckDB.
+Retry-After, the bounded client table; spending into debt, as the WebSocket's event
+rates do. No trio, no sockets, no DuckDB.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities, new_secret
-from triolytics.core.ratelimit import RateLimit
+from triolytics.core.ratelimit import EventRates, RateLimit
 
 SECRET = b"s" * 32
 ID_FORMAT = re.compile(r"(\d+)\.([0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-"
@@ -214,3 +215,38 @@ def test_many_clients_stay_within_the_bound():
     for i in range(1000):
         limit.take(f"10.0.{i // 256}.{i % 256}", i / 1000)
     assert len(limit) == 100
+
+
+def test_spend_runs_into_debt_and_due_says_until_when():
+    limit = RateLimit(per_min=600, burst=10)  # 10 tokens/s
+    assert limit.due("c", 0.0) == 0.0  # unknown: a full bucket
+    assert limit.spend("c", 0.0, 10) == 0.0  # the burst, to zero: not in debt
+    assert limit.spend("c", 0.0, 25) == pytest.approx(2.5)  # a batch is taken whole
+    assert limit.due("c", 1.0) == pytest.approx(1.5)
+    assert limit.due("c", 2.5) == 0.0
+    assert limit.take("c", 2.5) == pytest.approx(0.1)  # zero tokens: `take` still refuses
+    limit.forget("c")
+    assert len(limit) == 0 and limit.take("c", 2.5) == 0.0
+
+
+def test_event_rates_per_connection_and_per_id_together():
+    rates = EventRates(conn_per_s=10, conn_burst=10, id_per_s=5, id_burst=10, max_ids=100)
+    rates.spend("conn1", "id", 20, 0.0)  # -10 on the connection, -10 on the id
+    assert rates.due("conn1", "id", 0.0) == pytest.approx(2.0)  # the id's: 10 at 5/s
+    assert rates.due("conn2", "id", 0.0) == pytest.approx(2.0)  # ... for every connection
+    assert rates.due("conn2", "other", 0.0) == 0.0
+    rates.forget("conn1")
+    assert len(rates.conns) == 0 and len(rates.ids) == 1  # an id outlives a reconnect
+    off = EventRates(conn_per_s=0, conn_burst=1, id_per_s=0, id_burst=1, max_ids=1)
+    off.spend("c", "id", 10**6, 0.0)
+    assert off.due("c", "id", 0.0) == 0.0
+
+
+def test_event_rates_remember_a_bounded_number_of_ids():
+    rates = EventRates(conn_per_s=0, conn_burst=1, id_per_s=1, id_burst=1, max_ids=100)
+    for i in range(1000):
+        rates.spend(f"conn{i}", f"0.{i}", 5, 0.0)
+        rates.forget(f"conn{i}")
+    assert len(rates.ids) == 100
+    assert rates.due("c", "0.999", 0.0) == pytest.approx(4.0)  # the most recent stay
+    assert rates.due("c", "0.0", 0.0) == 0.0  # the stalest went (a full bucket again)

@@ -4,6 +4,8 @@ were, however the bytes are split; every protocol fault has its close code."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,7 +69,7 @@ def test_wsproto_client_frames_come_out_as_sent(items, cuts, data):
     wire += client.send(CloseConnection(1000, "bye"))
     expected.append((CLOSE, (1000).to_bytes(2, "big") + b"bye"))
     cuts = sorted({c for c in cuts if 0 < c < len(wire)})
-    assert reorder_pings(read_all(FrameReader(1 << 20), wire, cuts)) == reorder_pings(expected)
+    assert reorder_pings(read_all(FrameReader(1 << 20, 256), wire, cuts)) == reorder_pings(expected)
 
 
 def reorder_pings(events):
@@ -80,7 +82,7 @@ def reorder_pings(events):
 def test_bytes_fed_one_at_a_time():
     client = Connection(ConnectionType.CLIENT)
     wire = client.send(TextMessage("héllo" * 40)) + client.send(BytesMessage(b"\x00" * 70_000))
-    reader = FrameReader(1 << 20)
+    reader = FrameReader(1 << 20, 256)
     out = read_all(reader, wire, list(range(1, len(wire))))
     assert out == [(TEXT, ("héllo" * 40).encode()), (BINARY, b"\x00" * 70_000)]
     assert reader.next() is None
@@ -103,24 +105,80 @@ def test_bytes_fed_one_at_a_time():
 ])
 def test_faults_have_their_close_codes(wire, code):
     with pytest.raises(Fault) as fault:
-        read_all(FrameReader(1 << 20), wire, [])
+        read_all(FrameReader(1 << 20, 256), wire, [])
     assert fault.value.code == code
 
 
 def test_a_message_too_big_is_refused_at_its_header():
-    reader = FrameReader(1000)
+    reader = FrameReader(1000, 256)
     head = masked(0x82, b"x" * 1001)[:8]  # header, length and mask only
     reader.feed(head)
     with pytest.raises(Fault) as fault:
         reader.next()
     assert fault.value.code == 1009
     # fragments count together
-    reader = FrameReader(1000)
+    reader = FrameReader(1000, 256)
     reader.feed(masked(0x02, b"x" * 600))
     assert reader.next() is None
     reader.feed(masked(0x80, b"x" * 401)[:8])
     with pytest.raises(Fault):
         reader.next()
+
+
+def test_fragments_past_the_cap_are_refused_at_the_header():
+    """`max_fragments` frames make a message (pings between them do not count); the
+    frame that would pass the cap is refused with 1009 from its header alone."""
+    reader = FrameReader(1000, 4)
+    wire = (masked(0x01, b"a") + masked(0x00, b"b") + masked(0x89, b"p")
+            + masked(0x00, b"c") + masked(0x80, b"d"))
+    assert read_all(reader, wire, []) == [(PING, b"p"), (TEXT, b"abcd")]
+    reader.feed(masked(0x02, b"1") + masked(0x00, b"2") + masked(0x00, b"3")
+                + masked(0x00, b"4"))
+    assert reader.next() is None
+    reader.feed(masked(0x80, b"5")[:2])  # the fifth frame's first two bytes
+    with pytest.raises(Fault) as fault:
+        reader.next()
+    assert fault.value.code == 1009 and "ws_max_fragments" in fault.value.reason
+
+
+def test_empty_continuations_cannot_pile_up():
+    """The audit's case: a flood of empty continuation frames, each within the size cap,
+    ends at the cap's frame, not two million frames later."""
+    reader = FrameReader(1 << 20, 256)
+    flood = masked(0x01, b"{") + masked(0x00, b"") * 2_000_000
+    with pytest.raises(Fault) as fault:
+        for i in range(0, len(flood), 65536):
+            reader.feed(flood[i:i + 65536])
+            while reader.next() is not None:
+                pass
+    assert fault.value.code == 1009
+    assert i < 2 * 65536  # refused within the first reads (256 frames are 1.5 KB)
+
+
+def test_a_fragmented_message_costs_about_its_size():
+    """50,000 one-byte fragments held open (a message under way) cost about their
+    payload in the reader, not a Python object each: at most twice the payload plus one
+    read. (~2 s: tracemalloc traces every allocation of 50,000 frames.)"""
+    count, read, fragment = 50_000, 65536, 1
+    wire = masked(0x01, b"x" * fragment) + masked(0x00, b"x" * fragment) * (count - 1)
+    reads = [wire[i:i + read] for i in range(0, len(wire), read)]
+    del wire
+    reader = FrameReader(1 << 20, 10 * count)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        while reads:
+            reader.feed(reads.pop(0))
+            assert reader.next() is None
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    payload = count * fragment
+    assert held < 2 * payload + read, (held, payload)
+    assert reader.holding() and reader.fragments == count
+    reader.feed(masked(0x80, b"!"))
+    assert reader.next() == (TEXT, b"x" * payload + b"!")
+    assert not reader.holding()
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
@@ -140,7 +198,7 @@ def test_server_frames_parse_in_wsproto(size):
 def test_any_bytes_give_messages_or_a_fault_never_another_error(chunks, first):
     """Garbage after a plausible first byte: the reader takes it or refuses it with a
     close code; nothing else escapes, and it never claims more than it was fed."""
-    reader = FrameReader(100)
+    reader = FrameReader(100, 4)
     fed = 0
     try:
         for i, chunk in enumerate(chunks):

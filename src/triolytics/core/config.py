@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -81,6 +82,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ws_ping_interval_s: float = 30.0  # the server pings a connection this often...
     ws_pong_timeout_s: float = 15.0  # ...and drops it without a pong within this
     ws_idle_timeout_s: float = 600.0  # a connection without a message for this is closed
+    ws_max_fragments: int = 256  # frames of one message (1 MiB in 4 KiB frames); 1009 past it
+    ws_message_timeout_s: float = 60.0  # a message's first byte to its last; 1008 past it
+    ws_max_events_per_s: float = 0.0  # events per connection per second; 0: no limit...
+    ws_burst_events: int = 2_500  # ...after a burst of this many
+    ws_id_max_events_per_s: float = 0.0  # events per analytics_id (its connections together)
+    ws_id_burst_events: int = 2_500  # ...after a burst of this many
+    ws_rate_limit_action: Literal["wait", "close"] = "wait"  # over a rate: stop reading, or 1008
     # --- sessions (both APIs)
     session_timeout_s: float = 1800.0  # a session ends after this long without an event
     session_end_chunk_rows: int = 500  # session_end rows per reaper step (loop latency)
@@ -95,10 +103,18 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "session_end_chunk_rows", "ws_max_message_bytes", "ws_max_batch_events",
                     "ws_max_in_flight", "ws_receive_buffer_bytes",
                     "ws_ping_interval_s", "ws_pong_timeout_s", "ws_idle_timeout_s",
-                    "create_burst")
+                    "ws_max_fragments", "ws_message_timeout_s", "ws_burst_events",
+                    "ws_id_burst_events", "create_burst")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("ws_max_events_per_s", "ws_id_max_events_per_s"):  # 0: no limit
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be 0 (no limit) or a positive number of "
+                                  f"events per second, got {getattr(self, name)}")
+        if not 0 < self.ws_message_timeout_s < math.inf:
+            raise ConfigError(f"ws_message_timeout_s must be a finite number of seconds, "
+                              f"got {self.ws_message_timeout_s}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
         if not self.create_rate_per_min > 0:

@@ -19,6 +19,13 @@ Rules:
 - Quiet for `ws_ping_interval_s`: a ping; no pong within `ws_pong_timeout_s`: dropped
   without a closing handshake, as is a peer that takes none of our bytes for that long.
   No message for `ws_idle_timeout_s`: closed with 1000.
+- A message must be whole within `ws_message_timeout_s` of its first byte (fragments and
+  all), or the connection closes with 1008; time the task spends not reading (any
+  backpressure) does not count. Fragments per message are capped by the frame reader.
+- Event rates (`EventRates`, off by default): each message is charged its events once
+  read. A connection in debt reads nothing until it is repaid (a timer, not a poll; ping,
+  pong, idle and message timers wait with it), or, with `ws_rate_limit_action = "close"`,
+  a message that comes while it is in debt is refused: closed with 1008.
 - `drain()` (shutdown) stops every connection reading; the batches already read are
   answered, then the connection closes with 1001.
 """
@@ -40,7 +47,8 @@ import trio
 from triolytics.core.config import Config
 from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
-from triolytics.core.realtime import CLOSE_ERROR, Batch, FrameError, Realtime
+from triolytics.core.ratelimit import EventRates
+from triolytics.core.realtime import CLOSE_ERROR, CLOSE_POLICY, Batch, FrameError, Realtime
 from triolytics.core.sessions import Intake, Sessions
 from triolytics.core.web import Cors, Request
 from triolytics.core.ws_frames import (
@@ -113,10 +121,10 @@ class _Peer:
     """One accepted connection's state, kept small: thousands of them sit idle."""
 
     __slots__ = ("frames", "open", "pending", "scope", "stop", "close", "sending", "last",
-                 "quiet", "pong_due")
+                 "quiet", "pong_due", "since")
 
-    def __init__(self, now: float, stop: bool, max_message_bytes: int) -> None:
-        self.frames = FrameReader(max_message_bytes)
+    def __init__(self, now: float, stop: bool, frames: FrameReader) -> None:
+        self.frames = frames
         self.open = True  # no Close sent yet (ours, or the answer to the peer's)
         # (batch, group) in arrival order; a refused batch is (None, FrameError).
         self.pending: list = []  # (a list: 56 bytes empty, where a deque takes 600)
@@ -127,6 +135,7 @@ class _Peer:
         self.last = now  # when the last message arrived
         self.quiet = now  # since the last message or ping
         self.pong_due: float | None = None  # a ping is unanswered until then
+        self.since: float | None = None  # when the message under way began to arrive
 
     def wake(self) -> None:
         """Interrupt the connection's wait: a group it waits for is done, or drain."""
@@ -145,6 +154,12 @@ class RealtimeServer:
         self.origins = Cors(config.ws_origins or ["*"])  # no list: any Origin
         self.peers: set[_Peer] = set()
         self.draining = False
+        c = config
+        self.rates = EventRates(c.ws_max_events_per_s, c.ws_burst_events,
+                                c.ws_id_max_events_per_s, c.ws_id_burst_events,
+                                c.max_connections) \
+            if c.ws_max_events_per_s or c.ws_id_max_events_per_s else None
+        self.rate_waits = self.rates is not None and c.ws_rate_limit_action == "wait"
 
     def drain(self) -> None:
         """Stop reading every connection; each closes with 1001 once answered."""
@@ -179,7 +194,7 @@ class RealtimeServer:
         """Own a connection whose request passed `check`: send the 101, then serve it.
         `trailing` holds what the client sent after the request head."""
         rt, response = checked
-        peer = _Peer(trio.current_time(), self.draining, self.config.ws_max_message_bytes)
+        peer = _Peer(trio.current_time(), self.draining, self._frame_reader())
         self.peers.add(peer)
         try:
             await stream.send_all(response)
@@ -191,6 +206,11 @@ class RealtimeServer:
             log.exception("WebSocket connection failed; closing it")
         finally:
             self.peers.discard(peer)
+            if self.rates is not None:
+                self.rates.forget(peer)
+
+    def _frame_reader(self) -> FrameReader:
+        return FrameReader(self.config.ws_max_message_bytes, self.config.ws_max_fragments)
 
     # --- one connection
     async def _run(self, stream: trio.abc.Stream, rt: Realtime, p: _Peer) -> None:
@@ -198,7 +218,7 @@ class RealtimeServer:
         out: list[bytes] = []
         try:
             while True:
-                if p.frames.ready() and not p.stop and self._may_take(p):
+                if p.frames.ready() and not p.stop and self._may_take(rt, p):
                     self._take(rt, p, out)
                 self._answers(p, out)
                 if out:  # answers, pongs: one write
@@ -214,7 +234,7 @@ class RealtimeServer:
                     continue  # more may have become durable meanwhile
                 if p.stop and not p.pending:
                     break
-                if not await self._wait(stream, p, out):
+                if not await self._wait(stream, rt, p, out):
                     p.open = False  # the peer is gone, or died: no closing handshake
                     return
         finally:
@@ -224,25 +244,26 @@ class RealtimeServer:
                     cs.shield = True
                     await self._close(stream, p, *close)
 
-    def _may_take(self, p: _Peer) -> bool:
-        """Room for another batch: in this connection's window and in the writer."""
+    def _may_take(self, rt: Realtime, p: _Peer) -> bool:
+        """Room for another batch: in this connection's window and in the writer, and
+        (when the rate limit waits) tokens."""
         writer = self.writer
         if writer.closing:
             p.stop = True
             return False
+        if self.rate_waits and self.rates.due(p, rt.analytics_id, trio.current_time()):
+            return False
         return len(p.pending) < self.config.ws_max_in_flight and writer.has_room(1)
 
-    async def _wait(self, stream: trio.abc.Stream, p: _Peer, out: list) -> bool:
-        """Wait for bytes (when reading), writer room, a durable batch, drain or a timer.
-        False: the peer closed the connection or missed a pong."""
-        c = self.config
-        if p.pong_due is not None:
-            deadline = p.pong_due
-        elif p.pending or p.stop:
-            deadline = math.inf
-        else:
-            deadline = min(p.quiet + c.ws_ping_interval_s, p.last + c.ws_idle_timeout_s)
+    async def _wait(self, stream: trio.abc.Stream, rt: Realtime, p: _Peer, out: list) -> bool:
+        """Wait for bytes (when reading), writer room, a durable batch, drain, tokens or
+        a timer. False: the peer closed the connection or missed a pong.
+        (Locals kept few: an idle connection holds this frame while it waits.)"""
+        c, now = self.config, trio.current_time()
+        deadline = self._deadline(p, now)
         data = None
+        rest = 0.0  # > 0: paused by the event rate for this long
+        reading = False
         with trio.CancelScope(deadline=deadline) as scope:
             p.scope = scope
             try:
@@ -250,26 +271,65 @@ class RealtimeServer:
                     await trio.sleep_forever()  # until wake() or a timer
                 elif not self.writer.has_room(1):
                     await self.writer.wait_room(give_up=False)
+                elif self.rate_waits and (rest := self.rates.due(p, rt.analytics_id, now)):
+                    scope.deadline = now + rest  # read nothing until the debt is repaid
+                    await trio.sleep_forever()  # (or wake(): a batch to answer)
                 elif p.frames.ready():
                     pass  # frames already read, waiting for room that is there now
                 else:
+                    reading = True
+                    if p.since is not None:  # a message under way
+                        scope.deadline = min(deadline, p.since + c.ws_message_timeout_s)
                     data = await stream.receive_some(c.ws_receive_buffer_bytes)
             except ApiError:  # the writer is closing
                 p.stop = True
             finally:
                 p.scope = None
+        if not reading:
+            self._paused(p, trio.current_time() - now, rest > 0)
+            if rest > 0:
+                return True
         if data is not None:
             if not data:
                 return False  # EOF: the peer is gone
             p.frames.feed(data)
-        elif scope.cancelled_caught and trio.current_time() >= deadline:
+        elif scope.cancelled_caught and trio.current_time() >= scope.deadline:
             return self._timer(p, out)
         return True
 
+    def _deadline(self, p: _Peer, now: float) -> float:
+        """When the next timer is due: a pong, a ping or the idle timeout (the message
+        timer applies only while reading); starts or ends the message's clock."""
+        c = self.config
+        if not p.frames.holding():
+            p.since = None
+        elif p.since is None:  # part of a message came since the last wait: its clock starts
+            p.since = now
+        if p.pong_due is not None:
+            return p.pong_due
+        if p.pending or p.stop:
+            return math.inf
+        return min(p.quiet + c.ws_ping_interval_s, p.last + c.ws_idle_timeout_s)
+
+    def _paused(self, p: _Peer, waited: float, by_rate: bool) -> None:
+        """The task did not read for `waited` s: a message under way is not the peer's
+        delay; nor, for a rate limit's pause, are its missing pongs and messages."""
+        if p.since is not None:
+            p.since += waited
+        if by_rate:
+            p.last += waited
+            p.quiet += waited
+            if p.pong_due is not None:
+                p.pong_due += waited
+
     def _timer(self, p: _Peer, out: list) -> bool:
-        """A deadline passed: a missed pong (False: drop the peer), the idle timeout, or
-        the next ping."""
+        """A deadline passed: a message too slow (close 1008), a missed pong (False: drop
+        the peer), the idle timeout, or the next ping."""
         c, now = self.config, trio.current_time()
+        if p.since is not None and now >= p.since + c.ws_message_timeout_s:
+            p.stop, p.close = True, (CLOSE_POLICY, f"message not whole within "
+                                     f"{c.ws_message_timeout_s:g} s (ws_message_timeout_s)")
+            return True
         if p.pong_due is not None:
             log.info("dropping a WebSocket peer that did not answer a ping")
             return False
@@ -289,15 +349,20 @@ class RealtimeServer:
                 opcode, payload = got
                 if opcode == TEXT or opcode == BINARY:
                     p.last = p.quiet = trio.current_time()
+                    p.since = None  # (the next message's clock starts when it is seen)
                     self._batch(rt, p, payload)
                     if p.stop:
                         return
-                    if not self._may_take(p):
+                    if not self._may_take(rt, p):
                         return  # the rest waits in the frame reader
                 elif opcode == PING:
                     out.append(frame(PONG, payload))
+                    if frames.opcode is None:  # between messages, not inside one
+                        p.since = None
                 elif opcode == PONG:
                     p.pong_due = None
+                    if frames.opcode is None:
+                        p.since = None
                 elif opcode == CLOSE:  # the peer closes: answer, echoing its code
                     out.append(close_frame(close_code(payload)))
                     p.stop, p.open = True, False
@@ -308,16 +373,26 @@ class RealtimeServer:
 
     def _batch(self, rt: Realtime, p: _Peer, data: bytes | str) -> None:
         """Validate one message and submit its rows; a refusal is queued in order."""
-        writer = self.writer
+        writer, rates = self.writer, self.rates
+        if rates is not None:
+            now = trio.current_time()
+            if not self.rate_waits and rates.due(p, rt.analytics_id, now):
+                p.stop, p.close = True, (CLOSE_POLICY, "events over the rate limit "
+                                         "(ws_max_events_per_s, ws_id_max_events_per_s)")
+                return
         intake = Intake(writer.dedup, self.sessions, self.clock() // 1000)
         try:
             batch = rt.batch(data, intake)
         except FrameError as exc:
+            if rates is not None:
+                rates.spend(p, rt.analytics_id, 1, now)
             if exc.seq is None:
                 p.stop, p.close = True, (exc.close_code, exc.error.message)
                 return
             p.pending.append((None, exc))
             return
+        if rates is not None:
+            rates.spend(p, rt.analytics_id, batch.events, now)
         p.pending.append((batch, writer.submit(batch.system_rows, batch.keys, batch.columns,
                                                notify=p)))
 

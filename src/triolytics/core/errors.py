@@ -30,7 +30,9 @@ STATUS: dict[str, int] = {
     "unsupported_encoding": 415,
     "rate_limited": 429,
     "header_too_large": 431,
+    "not_implemented": 501,
     "overloaded": 503,
+    "too_many_connections": 503,
     "unavailable": 503,
 }
 

@@ -217,6 +217,18 @@ async def test_header_lines_over_the_count_limit_are_431(nursery, autojump_clock
     assert fake.calls == []
 
 
+@pytest.mark.parametrize("lines,status", [(100, 404), (101, 431)])
+async def test_the_shortest_lines_are_counted_too(nursery, autojump_clock, lines, status):
+    """Small heads skip the count only when they are too short to hold more lines than
+    the limit: the shortest request line and header lines (`a:`) are still counted."""
+    server, _ = make_server(max_header_count=100)
+    client = open_client(nursery, server)
+    with trio.fail_after(10):
+        await client.stream.send_all(b"A * HTTP/1.1\nHost:x\n" + b"a:\n" * (lines - 1) + b"\n")
+        received = await client.stream.receive_some(65536)
+    assert received.startswith(b"HTTP/1.1 %d " % status)
+
+
 async def test_a_head_at_the_limits_is_served_and_a_byte_more_is_not(nursery,
                                                                       autojump_clock):
     """Exactly max_header_bytes bytes (the blank line included) in max_header_count

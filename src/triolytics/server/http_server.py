@@ -196,6 +196,10 @@ class HttpServer:
         self.trusted = parse_networks(config.trusted_proxies)
         self.date = DateHeader()
         self.connections = Connections(config)
+        self.max_lines = config.max_header_count
+        # A shorter head cannot hold more lines (a request line takes 13 bytes or more,
+        # a header line 3: `a:` and LF), so the common small head is not counted.
+        self._countable = 13 + 3 * (self.max_lines + 1)
         retry = ((b"retry-after", str(config.retry_after_s).encode()),)
         self.full = ApiError("too_many_connections", "the server has too many connections "
                              "(max_connections); retry later", headers=retry)
@@ -313,7 +317,7 @@ class HttpServer:
         arrives (431); this costs a search for the blank line h11 repeats."""
         limit = self.config.max_header_bytes
         data = c.rest
-        found = _HEAD_END.search(data)
+        found = _HEAD_END.search(data) if data else None
         while found is None:
             if len(data) > limit:
                 raise ApiError("header_too_large", f"request head exceeds {limit} bytes "
@@ -340,9 +344,9 @@ class HttpServer:
         if end > limit:
             raise ApiError("header_too_large", f"request head exceeds {limit} bytes "
                            "(max_header_bytes)")
-        if data.count(b"\n", 0, end) - 2 > self.config.max_header_count:  # (request
-            raise ApiError("header_too_large", "request head has more than "  # line, end)
-                           f"{self.config.max_header_count} header lines (max_header_count)")
+        if end > self._countable and data.count(b"\n", 0, end) - 2 > self.max_lines:
+            raise ApiError("header_too_large", f"request head has more than {self.max_lines}"
+                           " header lines (max_header_count)")  # (-2: request line, end)
         return data, end
 
     async def _exchange(self, conn, stream, peer: str, event, c: _Conn) -> bool:

@@ -8,7 +8,8 @@ completes every handshake (101), then holds them all idle. Reports:
     last 101, with at most --concurrency handshakes under way at once
   - that every connection is still open at the end: none was closed while held, and each
     answers a ping with a pong
-The server is `triolytics serve` (with TRIOLYTICS_MAX_CONNECTIONS raised above N); with
+The server is `triolytics serve` (with TRIOLYTICS_MAX_CONNECTIONS and
+TRIOLYTICS_MAX_CONNECTIONS_PER_IP raised above N); with
 --probe, bench/probe_ws.py's trio-websocket probe is measured the same way in the same run.
 The server runs on CPU 0 and this script on CPU 1. Both get RLIMIT_NOFILE raised (this
 script for itself, the server through preexec_fn), and the client sockets are bound to
@@ -241,7 +242,8 @@ def measure(target: str, args: argparse.Namespace, tmp: Path) -> dict:
     port, run_dir = free_port(), tmp / target
     data = run_dir / "data"
     argv = server_argv(target, port, data, "always", args.target_cmd)
-    env = {"TRIOLYTICS_MAX_CONNECTIONS": str(max(20_000, 2 * args.connections))}
+    cap = str(max(20_000, 2 * args.connections))  # (all from a few source addresses)
+    env = {"TRIOLYTICS_MAX_CONNECTIONS": cap, "TRIOLYTICS_MAX_CONNECTIONS_PER_IP": cap}
     server = Server(target, argv, port, run_dir, healthz=target == "triolytics",
                     env=env if target == "triolytics" else None, nofile=args.nofile)
     n = args.connections

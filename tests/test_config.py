@@ -130,3 +130,14 @@ def test_port_zero_allowed():
     # range check in Config.__post_init__ explicitly allows it.
     assert load_config(overrides={"port": 0}).port == 0
     assert Config(port=0).port == 0
+
+
+@pytest.mark.parametrize("name", ["max_connections", "max_connections_per_ip",
+                                  "max_header_count", "head_timeout_s",
+                                  "min_body_rate_bytes_s", "body_rate_grace_s"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_connection_and_request_limits_must_be_positive(name, value):
+    if value == "nan" and not name.endswith("_s"):
+        value = "1.5"  # (an integer setting refuses a fraction by its type)
+    with pytest.raises(ConfigError, match=name):
+        load_config("", {f"TRIOLYTICS_{name.upper()}": value})

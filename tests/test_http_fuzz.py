@@ -2,7 +2,8 @@
 
 Hypothesis writes request heads with odd lines and bodies, and raw garbage, to an
 `HttpServer` over an in-memory stream whose routes run the real `Collector` (no writer).
-Each exchange must end with well-formed 2xx/4xx responses or a closed connection.
+Each exchange must end with well-formed 2xx/4xx responses (or 501 for a transfer coding
+not implemented) or a closed connection.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def test_no_request_gets_a_500(head, body, tail):
     statuses = trio.run(exchange, head + body + tail,
                         clock=trio.testing.MockClock(autojump_threshold=0))
     assert all(s != 500 for s in statuses), statuses
-    assert all(100 <= s < 500 for s in statuses), statuses
+    # (501: a transfer coding not implemented, as RFC 9112 asks; a client's fault too)
+    assert all(100 <= s < 500 or s == 501 for s in statuses), statuses
 
 
 def test_the_harness_sees_answers():

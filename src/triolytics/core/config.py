@@ -36,7 +36,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # --- listening
     host: str = "127.0.0.1"
     port: int = 3000
-    max_connections: int = 10_000  # open sockets; bounds fds and per-connection memory
+    max_connections: int = 10_000  # open at once (WebSockets too); bounds fds and memory
+    max_connections_per_ip: int = 256  # open at once from one client address (IPv6: /64)
     # --- storage
     data_dir: str = "./data"
     write_keys: list[str] = []  # registered for project `default` at start
@@ -58,7 +59,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_decompressed_bytes: int = 2 * MiB  # body after gzip
     max_batch_events: int = 2_500
     max_header_bytes: int = 16 * KiB  # request line + headers
-    request_timeout_s: float = 30.0  # to receive one whole request
+    max_header_count: int = 100  # header lines in one request head
+    head_timeout_s: float = 10.0  # to receive a request head (the first: from accept)
+    request_timeout_s: float = 30.0  # to receive a body once its head is in; to send
+    min_body_rate_bytes_s: int = 1024  # a body slower than this on average...
+    body_rate_grace_s: float = 5.0  # ...once this long has passed is cut with a 408
     keepalive_timeout_s: float = 75.0  # idle keep-alive connection is closed after this
     shutdown_grace_s: float = 10.0  # in-flight requests get this long on SIGINT/SIGTERM
     # --- client-facing behaviour
@@ -98,6 +103,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "load_interval_ms", "duckdb_threads", "max_pending_rows", "max_unloaded_rows",
                     "max_unloaded_bytes", "max_event_bytes", "max_request_bytes",
                     "max_decompressed_bytes", "max_batch_events", "max_header_bytes",
+                    "max_connections_per_ip", "max_header_count", "head_timeout_s",
+                    "min_body_rate_bytes_s", "body_rate_grace_s",
                     "fsync_interval_ms", "dedup_max_ids", "max_query_rows", "query_timeout_s",
                     "session_timeout_s",
                     "session_end_chunk_rows", "ws_max_message_bytes", "ws_max_batch_events",
@@ -106,7 +113,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "ws_max_fragments", "ws_message_timeout_s", "ws_burst_events",
                     "ws_id_burst_events", "create_burst")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # (NaN too)
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("ws_max_events_per_s", "ws_id_max_events_per_s"):  # 0: no limit
             if not 0 <= getattr(self, name) < math.inf:

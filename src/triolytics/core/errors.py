@@ -33,7 +33,9 @@ STATUS: dict[str, int] = {
     "unsupported_encoding": 415,
     "rate_limited": 429,
     "header_too_large": 431,
+    "not_implemented": 501,
     "overloaded": 503,
+    "too_many_connections": 503,
     "unavailable": 503,
     # /admin/query ran past query_timeout_s and was interrupted: a limit of the server,
     # hit after the whole request arrived (a 408 says the request did not arrive, and

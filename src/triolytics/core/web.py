@@ -96,11 +96,11 @@ class Cors:
 def client_ip(peer: str, forwarded_for: bytes | None, trusted: list) -> str:
     """The client address: the peer, or, when the peer is a trusted proxy, the right-most
     address in X-Forwarded-For that is not itself a trusted proxy."""
-    if not trusted or not forwarded_for or not _in(peer, trusted):
+    if not trusted or not forwarded_for or not in_networks(peer, trusted):
         return peer
     hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _in(hop, trusted):
+        if not in_networks(hop, trusted):
             return hop
     return hops[0] if hops else peer
 
@@ -109,7 +109,7 @@ def parse_networks(items: list[str]) -> list:
     return [ipaddress.ip_network(item, strict=False) for item in items]
 
 
-def _in(address: str, networks: list) -> bool:
+def in_networks(address: str, networks: list) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

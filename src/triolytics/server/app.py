@@ -11,7 +11,9 @@
              │              deadline, stores session_end rows (runs until drained)
              ├─ acceptors   one per listening socket; cancelled first on shutdown
              └─ handlers    one task per connection; get `shutdown_grace_s` to finish
-                            (a WebSocket connection: its task reads, an acker answers)
+                            (a WebSocket connection: its task reads, an acker answers).
+                            Over a connection cap, the task answers 503 and closes
+                            (`HttpServer.serve`): no client waits in the backlog
 
 Start-up (before listening): open the store, replay the journal's unloaded suffix,
 resume the sessions open in storage, register write keys, write
@@ -180,23 +182,20 @@ async def _listen(config: Config, http: HttpServer, realtime: RealtimeServer, re
     (Path(config.data_dir) / "server.json").write_text(
         json.dumps({"host": bound.host, "port": bound.port, "pid": os.getpid()}))
     log.info("listening on http://%s:%d", bound.host, bound.port)
-    limiter = trio.CapacityLimiter(config.max_connections)
     async with trio.open_nursery() as timers:
         timers.start_soon(http.sweep)
         timers.start_soon(reaper)
-        await _serve_until(listeners, http, realtime, limiter, stop, config, bound,
-                           task_status)
+        await _serve_until(listeners, http, realtime, stop, config, bound, task_status)
         timers.cancel_scope.cancel()
     (Path(config.data_dir) / "server.json").unlink(missing_ok=True)
 
 
 async def _serve_until(listeners, http: HttpServer, realtime: RealtimeServer,
-                       limiter: trio.CapacityLimiter, stop: trio.Event, config: Config,
-                       bound: Bound, task_status) -> None:
+                       stop: trio.Event, config: Config, bound: Bound, task_status) -> None:
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptors:
             for listener in listeners:
-                acceptors.start_soon(_accept, listener, handlers, http, limiter)
+                acceptors.start_soon(_accept, listener, handlers, http)
             task_status.started(bound)
             await stop.wait()
             acceptors.cancel_scope.cancel()
@@ -209,36 +208,29 @@ async def _serve_until(listeners, http: HttpServer, realtime: RealtimeServer,
         handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s
 
 
-async def _accept(listener: trio.SocketListener, handlers: trio.Nursery, http: HttpServer,
-                  limiter: trio.CapacityLimiter) -> None:
+async def _accept(listener: trio.SocketListener, handlers: trio.Nursery,
+                  http: HttpServer) -> None:
+    """Accept every connection; `http.serve` applies the connection caps (a refused one
+    is answered at once rather than left waiting in the listen backlog)."""
     while True:
-        token = object()  # one connection slot
-        await limiter.acquire_on_behalf_of(token)
         try:
             stream = await listener.accept()
         except OSError as exc:
-            limiter.release_on_behalf_of(token)
             if exc.errno not in _CAPACITY_ERRNOS:
                 raise
             log.error("accept failed (%s); retrying in %.1fs", exc, ACCEPT_RETRY_S)
             await trio.sleep(ACCEPT_RETRY_S)
             continue
-        except BaseException:
-            limiter.release_on_behalf_of(token)
-            raise
-        handlers.start_soon(_connection, http, stream, limiter, token)
+        handlers.start_soon(_connection, http, stream)
 
 
-async def _connection(http: HttpServer, stream: trio.SocketStream,
-                      limiter: trio.CapacityLimiter, token: object) -> None:
+async def _connection(http: HttpServer, stream: trio.SocketStream) -> None:
     try:
-        try:
-            peer = stream.socket.getpeername()[0]
-        except OSError:
-            return
-        await http.serve(stream, peer)
-    finally:
-        limiter.release_on_behalf_of(token)
+        peer = stream.socket.getpeername()[0]
+    except OSError:
+        await trio.aclose_forcefully(stream)
+        return
+    await http.serve(stream, peer)
 
 
 async def _watch_signals(signals, stop: trio.Event, service: trio.CancelScope) -> None:

@@ -3,17 +3,28 @@
 Rules:
 - This module owns the socket of its connection and nothing else; what a request means
   is the route handler's business (`web.Routes`).
-- h11 parses request heads (and chunked bodies); a Content-Length body is sliced from
-  the bytes read, and responses are written here, each with one `send_all` (see
-  `_loop` and `_head`). Keep-alive and pipelining follow h11's rules. Limits: head
-  size, body size (checked against Content-Length before reading, and while reading),
-  whole-request and idle timeouts.
-- Timeouts cost the request path nothing but two attribute stores: each connection
+- A request head is framed here (read until its blank line, its bytes and lines
+  counted: 431 past `max_header_bytes` or `max_header_count`, however the bytes arrive),
+  then h11 parses it (and chunked bodies); a Content-Length body is sliced from the
+  bytes read, and responses are written here, each with one `send_all` (see `_loop`
+  and `_head`). Keep-alive and pipelining follow h11's rules. Body size is checked
+  against Content-Length before reading, and while reading.
+- Framing is never ambiguous (RFC 9112 section 6): Transfer-Encoding with
+  Content-Length, or in HTTP/1.0, is a 400; a transfer coding other than `chunked`
+  alone a 400 or 501 (h11 refuses it, `protocol_error` says which). Either closes.
+- Timeouts cost the request path nothing but a few attribute stores: each connection
   records its phase and when it entered it, and one sweeper task (`sweep`) cancels the
-  connections that overstayed. A phase's timeout: idle, `keepalive_timeout_s` (closed
-  quietly; `drain()` closes idle connections at once); receiving or sending,
-  `request_timeout_s` (a 408 while receiving); handling, none — the writer's waits are
-  bounded, and a request whose rows reached the writer is never abandoned.
+  connections that overstayed. A phase's timeout: fresh (accepted, nothing received)
+  and head, `head_timeout_s` from accept for a connection's first request, from its
+  first byte for later ones (a 408 once a byte came, else closed quietly); idle
+  (between requests), `keepalive_timeout_s` (closed quietly; `drain()` closes idle
+  connections at once); body, `request_timeout_s`, and `min_body_rate_bytes_s` on
+  average once `body_rate_grace_s` has passed (a 408); sending, `request_timeout_s`;
+  handling, none — the writer's waits are bounded, and a request whose rows reached
+  the writer is never abandoned.
+- Connection caps (`max_connections`, `max_connections_per_ip`; `admission.Caps`) are
+  taken when a connection starts and given back when it closes, upgraded or not. Over
+  a cap: a 503 with Retry-After, written without reading the request, then close.
 - Every client fault is answered with its status; a handler's unexpected exception is
   a 500 for that request only (logged), never the process.
 """
@@ -27,6 +38,7 @@ from http import HTTPStatus
 import h11
 import trio
 
+from triolytics.core.admission import Caps, client_key
 from triolytics.core.config import Config
 from triolytics.core.errors import ApiError
 from triolytics.core.web import (
@@ -38,6 +50,7 @@ from triolytics.core.web import (
     allowed_methods,
     client_ip,
     error_response,
+    in_networks,
     parse_networks,
     route,
 )
@@ -45,21 +58,18 @@ from triolytics.core.web import (
 log = logging.getLogger("triolytics.http")
 RECV_BYTES = 64 * 1024  # one read; also the most h11 buffers beyond a request head
 SWEEP_S = 0.5  # how often timeouts are checked: each timeout is late by at most this
+REFUSALS_LOG_S = 10.0  # connections refused at a cap: one log line per this, with counts
 LINGER_S = 2.0  # how long a refused upload is read and discarded before closing
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _NO_BODY_OK = {b"GET", b"HEAD", b"OPTIONS", b"DELETE"}
 INTERNAL = b'{"error":{"code":"internal","message":"internal error; see the server log"}}'
-IDLE, RECEIVING, HANDLING, SENDING = range(4)
+IDLE, FRESH, HEAD, BODY, HANDLING, SENDING = range(6)  # a connection's phases
 HEAD_CACHE_SIZE = 64  # distinct plain response heads kept per second
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _UNSAFE = re.compile(rb"[\r\n\0]")  # never in a header we write
-
-
-def _head_size(target: bytes, headers: dict[bytes, bytes]) -> int:
-    """A parsed head's size (near enough: separators not counted). Only computed when
-    more than `max_header_bytes` arrived with the head, so the limit is exact without
-    costing the common request anything."""
-    return len(target) + sum(map(len, headers)) + sum(map(len, headers.values()))
+_HEAD_END = re.compile(rb"\n\r?\n")  # a head's blank line, as h11 finds it
+_TE_LINE = re.compile(rb"^transfer-encoding:(.*)$", re.I | re.M)
+_CL_LINE = re.compile(rb"^content-length:", re.I | re.M)
 
 
 def header_dict(headers: h11._headers.Headers) -> dict[bytes, bytes]:
@@ -76,16 +86,16 @@ class _Conn:
     """One connection: what the sweeper and `drain()` need to know, and the bytes read
     past the request being served."""
 
-    __slots__ = ("scope", "phase", "since", "origin", "why", "head_bytes", "upgrade", "rest",
+    __slots__ = ("scope", "phase", "since", "origin", "why", "got", "upgrade", "rest",
                  "eof", "unread", "continued")
 
     def __init__(self, tick: int) -> None:
         self.scope = trio.CancelScope()
-        self.phase = IDLE
+        self.phase = FRESH
         self.since = tick  # sweeper tick at which `phase` began
         self.origin: bytes | None = None  # of the request being received (for a 408)
         self.why: ApiError | None = None  # the answer owed if cancelled mid-request
-        self.head_bytes = 0
+        self.got = 0  # body bytes received since the body phase began (its rate)
         self.upgrade: tuple | None = None  # (handler, trailing, checked) once upgraded
         self.rest = b""  # received after the current request (pipelined requests)
         self.eof = False  # the peer has closed its side
@@ -94,14 +104,20 @@ class _Conn:
 
 
 class Connections:
-    """The open connections, their timeouts, and shutdown's drain."""
+    """The open connections, their timeouts and caps, and shutdown's drain."""
 
-    def __init__(self, keepalive_s: float, request_s: float) -> None:
-        self.open: set[_Conn] = set()
+    def __init__(self, config: Config) -> None:
+        self.open: set[_Conn] = set()  # served as HTTP now (not upgraded)
+        self.caps = Caps(config.max_connections, config.max_connections_per_ip)
         self.draining = False
         self.tick = 0
-        self.keepalive_ticks = keepalive_s / SWEEP_S
-        self.request_ticks = request_s / SWEEP_S
+        self.keepalive_ticks = config.keepalive_timeout_s / SWEEP_S
+        self.head_ticks = config.head_timeout_s / SWEEP_S
+        self.request_ticks = config.request_timeout_s / SWEEP_S
+        self.grace_ticks = config.body_rate_grace_s / SWEEP_S
+        self.rate_per_tick = config.min_body_rate_bytes_s * SWEEP_S
+        self.report_tick = 0  # refusals are next logged at this tick or later
+        self.reported_tick = 0
 
     @property
     def count(self) -> int:
@@ -109,7 +125,7 @@ class Connections:
 
     @property
     def idle(self) -> list[_Conn]:
-        return [c for c in self.open if c.phase == IDLE]
+        return [c for c in self.open if c.phase < HEAD]
 
     def drain(self) -> None:
         self.draining = True
@@ -118,18 +134,50 @@ class Connections:
             c.scope.cancel()
 
     def sweep(self) -> None:
-        """One tick: cancel every connection past its phase's timeout."""
+        """One tick: cancel every connection past its phase's timeout; log refusals."""
         self.tick = tick = self.tick + 1
         for c in self.open:
-            if c.phase == IDLE:
-                if tick - c.since > self.keepalive_ticks:
+            phase, age = c.phase, tick - c.since
+            if phase == IDLE:
+                if age > self.keepalive_ticks:
                     c.scope.cancel()
-            elif c.phase != HANDLING and tick - c.since > self.request_ticks:
-                c.why = TIMED_OUT
+            elif phase == FRESH:
+                if age > self.head_ticks:
+                    c.scope.cancel()  # nothing came: closed quietly
+            elif phase == HEAD:
+                if age > self.head_ticks:
+                    c.why = HEAD_TIMED_OUT
+                    c.scope.cancel()
+            elif phase == BODY:
+                if age > self.request_ticks:
+                    c.why = BODY_TIMED_OUT
+                    c.scope.cancel()
+                elif c.got < (age - self.grace_ticks) * self.rate_per_tick:
+                    c.why = BODY_TOO_SLOW
+                    c.scope.cancel()
+            elif phase == SENDING and age > self.request_ticks:
                 c.scope.cancel()
+        if tick >= self.report_tick:
+            self._report_refusals(tick)
+
+    def _report_refusals(self, tick: int) -> None:
+        """One warning for the connections refused since the last one, if any."""
+        total, per_ip = self.caps.take_refused()
+        if total or per_ip:
+            log.warning("refused %d connections in the last %.1fs: %d at max_connections "
+                        "(%d), %d at max_connections_per_ip (%d; last from %s)",
+                        total + per_ip, (tick - self.reported_tick) * SWEEP_S, total,
+                        self.caps.total, per_ip, self.caps.per_key, self.caps.last_refused)
+            self.reported_tick = tick
+            self.report_tick = tick + REFUSALS_LOG_S / SWEEP_S
 
 
-TIMED_OUT = ApiError("request_timeout", "request not received in time")
+HEAD_TIMED_OUT = ApiError("request_timeout", "request head not received in time "
+                          "(head_timeout_s)")
+BODY_TIMED_OUT = ApiError("request_timeout", "request body not received in time "
+                          "(request_timeout_s)")
+BODY_TOO_SLOW = ApiError("request_timeout", "request body arriving too slowly "
+                         "(min_body_rate_bytes_s)")
 UNAVAILABLE = ApiError("unavailable", "server is shutting down; retry",
                        headers=((b"retry-after", b"1"),))
 
@@ -147,7 +195,16 @@ class HttpServer:
         self.cors = Cors(config.cors_origins)
         self.trusted = parse_networks(config.trusted_proxies)
         self.date = DateHeader()
-        self.connections = Connections(config.keepalive_timeout_s, config.request_timeout_s)
+        self.connections = Connections(config)
+        self.max_lines = config.max_header_count
+        # A shorter head cannot hold more lines (a request line takes 13 bytes or more,
+        # a header line 3: `a:` and LF), so the common small head is not counted.
+        self._countable = 13 + 3 * (self.max_lines + 1)
+        retry = ((b"retry-after", str(config.retry_after_s).encode()),)
+        self.full = ApiError("too_many_connections", "the server has too many connections "
+                             "(max_connections); retry later", headers=retry)
+        self.full_ip = ApiError("too_many_connections", "too many connections from your "
+                                "address (max_connections_per_ip); retry later", headers=retry)
         self._heads: dict[tuple, bytes] = {}  # plain response heads, this second
         self._heads_date = b""
 
@@ -159,13 +216,39 @@ class HttpServer:
             self.connections.sweep()
 
     async def serve(self, stream: trio.abc.Stream, peer: str) -> None:
+        """Serve one connection (`peer`: its address) until it closes, or refuse it
+        over a connection cap."""
+        key = None if self.trusted and in_networks(peer, self.trusted) else client_key(peer)
+        caps = self.connections.caps
+        if not caps.admit(key):
+            await self._turn_away(stream)
+            return
+        try:
+            await self._serve(stream, peer)
+        finally:
+            caps.release(key)
+
+    async def _turn_away(self, stream: trio.abc.Stream) -> None:
+        """Refuse a connection over a cap at once: a 503, written without reading the
+        request (a fast answer beats a hang), then close."""
+        full = self.full if self.connections.caps.open >= self.connections.caps.total \
+            else self.full_ip
+        try:
+            with trio.move_on_after(LINGER_S):
+                await self._send_error(stream, full)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
         c = _Conn(self.connections.tick)
         self.connections.open.add(c)
         upgraded = None
         try:
             with c.scope:
                 upgraded = await self._loop(stream, peer, c)
-            if c.scope.cancelled_caught and c.phase == RECEIVING and c.why is not None:
+            if c.scope.cancelled_caught and c.phase in (HEAD, BODY) and c.why is not None:
                 with trio.move_on_after(LINGER_S):
                     await self._send_error(stream, c.why, c.origin)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -188,44 +271,83 @@ class HttpServer:
         """Serve requests until the connection must close; an accepted upgrade is
         returned as (handler, bytes read past the head, checked) for `serve` to run.
 
-        h11 parses each request head, on a fresh `h11.Connection` fed with what was read
-        past the previous request (which costs less than `start_next_cycle`). Bodies
-        with a Content-Length are sliced from those bytes here, and responses are
-        written here, so h11 is not on the path of either (see `_respond`)."""
+        Each request head is read whole (`_receive_head`), then parsed by h11 on a
+        fresh `h11.Connection` fed with it and what came after it (which costs less
+        than `start_next_cycle`). Bodies with a Content-Length are sliced from those
+        bytes here, and responses are written here, so h11 is not on the path of
+        either (see `_respond`). A refused head closes the connection."""
         conns = self.connections
-        limit = self.config.max_header_bytes
         while not conns.draining:
-            c.phase = IDLE
-            c.since = conns.tick
+            if c.phase != FRESH:
+                c.phase = IDLE
+                c.since = conns.tick
             c.origin = None
-            c.head_bytes = 0  # read for this head; 0: it was already buffered (pipelined)
             c.continued = False
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-            if c.rest:
-                conn.receive_data(c.rest)
-            if c.eof:
-                conn.receive_data(b"")
-            while True:  # the next request's head
+            try:
+                data, end = await self._receive_head(stream, c)
+                conn = h11.Connection(h11.SERVER,
+                                      max_incomplete_event_size=self.config.max_header_bytes)
+                conn.receive_data(data)
+                if c.eof:
+                    conn.receive_data(b"")
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
-                    await self._protocol_error(stream, exc)
-                    return
-                if event is not h11.NEED_DATA:
-                    break
-                data = await stream.receive_some(RECV_BYTES)
-                c.head_bytes += len(data)
-                if c.phase == IDLE:
-                    c.phase = RECEIVING
-                    c.since = conns.tick
-                conn.receive_data(data)
+                    raise protocol_error(exc, data[:end] if end >= 0 else b"") from None
+            except ApiError as exc:
+                c.unread = True  # what follows is read away before closing (`_linger`)
+                c.phase = SENDING
+                c.since = conns.tick
+                await self._send_error(stream, exc)
+                return None
             if type(event) is not h11.Request:
-                return  # ConnectionClosed
-            if c.phase == IDLE:  # a pipelined request, already buffered
-                c.phase = RECEIVING
+                return None  # ConnectionClosed
+            if c.phase < HEAD:  # a pipelined request, already buffered
+                c.phase = HEAD
                 c.since = conns.tick
             if not await self._exchange(conn, stream, peer, event, c):
                 return c.upgrade
+        return None
+
+    async def _receive_head(self, stream, c: _Conn) -> tuple[bytes | bytearray, int]:
+        """Read until a request head is in: (the bytes read, the head first; where the
+        head ends), or where -1 when the peer closed first or the bytes cannot begin a
+        request (then h11 tells which). Bytes and header lines are counted here, before
+        h11 sees them, so `max_header_bytes` and `max_header_count` hold however the head
+        arrives (431); this costs a search for the blank line h11 repeats."""
+        limit = self.config.max_header_bytes
+        data = c.rest
+        found = _HEAD_END.search(data) if data else None
+        while found is None:
+            if len(data) > limit:
+                raise ApiError("header_too_large", f"request head exceeds {limit} bytes "
+                               "(max_header_bytes)")
+            if c.eof or (data and data[0] < 0x21):  # no request line starts so
+                return data, -1
+            if data and c.phase < HEAD:  # a request has begun: its head is due (the
+                if c.phase == IDLE:  # first request's since accept)
+                    c.since = self.connections.tick
+                c.phase = HEAD
+            more = await stream.receive_some(RECV_BYTES)
+            if not more:
+                c.eof = True
+                continue
+            searched = max(0, len(data) - 2)
+            if not data:
+                data = more
+            else:  # a head in pieces: grown in place, searched where not yet searched
+                if type(data) is bytes:
+                    data = bytearray(data)
+                data += more
+            found = _HEAD_END.search(data, searched)
+        end = found.end()
+        if end > limit:
+            raise ApiError("header_too_large", f"request head exceeds {limit} bytes "
+                           "(max_header_bytes)")
+        if end > self._countable and data.count(b"\n", 0, end) - 2 > self.max_lines:
+            raise ApiError("header_too_large", f"request head has more than {self.max_lines}"
+                           " header lines (max_header_count)")  # (-2: request line, end)
+        return data, end
 
     async def _exchange(self, conn, stream, peer: str, event, c: _Conn) -> bool:
         """Read one request, answer it. False: the connection must close now."""
@@ -235,11 +357,11 @@ class HttpServer:
         method = event.method
         origin = c.origin = headers.get(b"origin")
         upgrade = self.upgrades.get(path) if b"upgrade" in headers else None
-        c.unread = b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
+        chunked = b"transfer-encoding" in headers  # (h11 let only `chunked` through)
+        c.unread = chunked or headers.get(b"content-length", b"0") != b"0"
+        if chunked and (b"content-length" in headers or event.http_version < b"1.1"):
+            return await self._ambiguous(stream, c, headers)
         try:
-            if not 0 < c.head_bytes <= self.config.max_header_bytes and \
-                    _head_size(target, headers) > self.config.max_header_bytes:
-                raise ApiError("header_too_large", "request head exceeds max_header_bytes")
             if upgrade is not None:  # refused, it closes as a failed handshake does
                 request = Request(method, path, query, headers, b"",
                                   client_ip(peer, headers.get(b"x-forwarded-for"), self.trusted))
@@ -272,9 +394,6 @@ class HttpServer:
             log.exception("unhandled error on %s %s", method.decode(), path.decode("latin-1"))
             response = Response(500, INTERNAL)
         if c.unread and response.status not in (400, 413, 431):  # (400: h11 gave up)
-            if c.phase == HANDLING:  # reading again: the receive timeout applies
-                c.phase = RECEIVING
-                c.since = self.connections.tick
             try:  # read past the body we refused, to keep the connection usable
                 await self._body(conn, stream, headers, c, invite=False)
             except ApiError:
@@ -284,6 +403,19 @@ class HttpServer:
         c.phase = SENDING
         c.since = self.connections.tick
         return await self._respond(stream, response, origin, close, method == b"HEAD")
+
+    async def _ambiguous(self, stream, c: _Conn, headers: dict[bytes, bytes]) -> bool:
+        """Refuse a request whose body has no one length (RFC 9112 section 6.3: a 400,
+        then close): chunked with a Content-Length beside it (which one a proxy in
+        front believed is unknown: the bytes after may be a smuggled request), or in
+        HTTP/1.0. Nothing after the head is read as a request."""
+        why = "Transfer-Encoding with Content-Length" if b"content-length" in headers \
+            else "Transfer-Encoding in an HTTP/1.0 request"
+        c.phase = SENDING
+        c.since = self.connections.tick
+        await self._send_error(stream, ApiError("bad_request", f"bad HTTP request: {why}; "
+                                                "send one of them"), c.origin)
+        return False
 
     async def _refuse(self, stream, c: _Conn) -> bool:
         """Answer a request the sweeper or drain cancelled before it reached its handler."""
@@ -330,6 +462,7 @@ class HttpServer:
                     return None
                 c.continued = True
                 await stream.send_all(CONTINUE)
+            self._body_begins(c)
             chunks = [data]
             have = len(data)
             while have < length:
@@ -338,10 +471,17 @@ class HttpServer:
                     return None
                 chunks.append(more)
                 have += len(more)
+                c.got += len(more)
             data = b"".join(chunks)
         c.rest = data[length:]
         c.eof = closed
         return data[:length] if len(data) > length else data
+
+    def _body_begins(self, c: _Conn) -> None:
+        """The body is being waited for: its timeout and rate run from now."""
+        c.phase = BODY
+        c.since = self.connections.tick
+        c.got = 0
 
     async def _chunked(self, conn, stream, c: _Conn, limit: int, invite: bool) -> bytes | None:
         chunks = []
@@ -357,7 +497,11 @@ class HttpServer:
                         return None
                     c.continued = True
                     await stream.send_all(CONTINUE)
-                conn.receive_data(await stream.receive_some(RECV_BYTES))
+                if c.phase != BODY:
+                    self._body_begins(c)
+                more = await stream.receive_some(RECV_BYTES)
+                c.got += len(more)
+                conn.receive_data(more)
                 continue
             if type(event) is h11.EndOfMessage:
                 c.rest, c.eof = conn.trailing_data
@@ -421,20 +565,35 @@ class HttpServer:
             self._heads[key] = built
         return built
 
-    async def _protocol_error(self, stream, exc: h11.RemoteProtocolError) -> None:
-        """Answer what h11 could not parse with the status it suggests."""
-        await self._send_error(stream, protocol_error(exc))
-
     async def _send_error(self, stream, exc: ApiError, origin: bytes | None = None) -> None:
         """Answer with an error, then the connection closes."""
         await self._respond(stream, error_response(exc), origin, close=True)
 
 
-def protocol_error(exc: h11.RemoteProtocolError) -> ApiError:
-    """What h11 could not parse, with the status it suggests."""
+def protocol_error(exc: h11.RemoteProtocolError, head: bytes | bytearray = b"") -> ApiError:
+    """What h11 could not parse, with the status it suggests; a Transfer-Encoding it
+    refused (`head`: the request head) with the one RFC 9112 asks for."""
+    if exc.error_status_hint == 501 and head:
+        return transfer_coding_error(head)
     code = {431: "header_too_large", 413: "payload_too_large"}.get(
         exc.error_status_hint, "bad_request")
     return ApiError(code, f"bad HTTP request: {exc}")
+
+
+def transfer_coding_error(head: bytes | bytearray) -> ApiError:
+    """The answer to a Transfer-Encoding other than `chunked` alone (h11 refuses every
+    one): 400 when the body's length cannot be known (chunked absent, not last, or
+    twice; or a Content-Length beside it; RFC 9112 section 6.3), else 501, a coding not
+    implemented before the final chunked (section 6.1)."""
+    codings = [t.strip().lower() for line in _TE_LINE.findall(head)
+               for t in line.split(b",") if t.strip()]
+    if codings[-1:] != [b"chunked"] or codings.count(b"chunked") > 1 or \
+            _CL_LINE.search(head):
+        return ApiError("bad_request", "bad HTTP request: Transfer-Encoding must be "
+                        "chunked, once and last, without Content-Length")
+    names = ", ".join(bytes(t).decode("latin-1") for t in codings[:-1])
+    return ApiError("not_implemented", f"transfer coding not implemented: {names} "
+                    "(send chunked alone)")
 
 
 def _keeps_alive(event: h11.Request, headers: dict[bytes, bytes]) -> bool:

@@ -234,3 +234,20 @@ def test_store_loads_rows_and_both_kinds_of_columns_in_one_transaction(tmp_path)
     assert got == [("page", "a", True), ("page", "a", True), ("page", "b", True),
                    ("ws_e", "0.a", True)]
     assert store.loaded_position() == Position(1, 10)
+
+
+def test_open_sessions_carry_their_start_and_latest_stamps(store):
+    """What a restart resumes a session with: activity in receive time, and the start
+    row's timestamp and the session's latest timestamp (client clocks, years off)."""
+    received, year = T0 + 2 * 365 * 86_400_000_000, 365 * 86_400_000_000
+
+    def row(kind: str, session: str, timestamp: int, at: int) -> Row:
+        return make_row(0, received=at)._replace(
+            message_id=f"{session}-{kind}-{at}", type=kind, anonymous_id="a",
+            session_id=session, timestamp=timestamp)
+    store.load([row("session_start", "s1", T0, received), row("track", "s1", T0 + 5, received),
+                row("track", "s1", T0 + year, received + 10_000_000),
+                row("session_start", "s2", T0, received), row("session_end", "s2", T0, received)],
+               Position(1, 1))
+    assert store.open_sessions() == [
+        ("default", "http", "a", None, "s1", received, received + 10_000_000, 2, T0, T0 + year)]

@@ -366,9 +366,9 @@ async def test_a_full_writer_stops_reading_and_nothing_is_refused(tmp_path, monk
     gate = threading.Event()
     real_load = Store.load
 
-    def held_load(self, rows, position, columns=None):
+    def held_load(self, rows, position, *parts):
         gate.wait(30)
-        return real_load(self, rows, position, columns)
+        return real_load(self, rows, position, *parts)
 
     monkeypatch.setattr(Store, "load", held_load)
     async with running(tmp_path, max_unloaded_rows=50, max_pending_rows=20,

@@ -295,7 +295,8 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
     """Validate one decoded event and normalize it into a stored row.
 
     With an `intake`, the valid event is admitted there: None if its `messageId` is a
-    repeat, else the row gets its session and is appended to `intake.rows` (after the
+    repeat, else the row gets its session (and a `timestamp` no earlier than the
+    session's start, see sessions.py) and is appended to `intake.rows` (after the
     session's start row, if it opens one). Field paths in errors are relative to the
     event (`$.userId`); a batch prefixes them. Without `make_id`, an event the client gave
     no `messageId` keeps `None` and DuckDB makes its UUID at load (for batches, whose

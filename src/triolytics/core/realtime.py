@@ -8,6 +8,8 @@ Rules:
   client asked for answers, and `close_code` is what to close with when it did not.
 - Every event of a connection shares the key `analytics_id`, so its session is touched
   once per batch; ids (`id`) are deduplicated per event before that, like `messageId`.
+  The session also stamps the batch's times: a `ts` before the session's start is
+  stored at the start (`original_timestamp` keeps the `ts`; see sessions.py).
 - Time comes in as `now` (µs); nothing here reads a clock.
 """
 

@@ -126,18 +126,17 @@ def wide_to_arrow(parts: list[Columns]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
 
 
-def arrival_numbers(first: int, count: int, ends: list[int], skips: list[int]) -> pa.Array:
-    """`count` arrival numbers from `first` on, for rows that arrived in runs with rows
-    of another table in between: the rows before `ends[0]` skip `skips[0]` numbers, then
-    those before `ends[1]` skip `skips[1]`, and so on (an int64 array, built in C++)."""
+def arrival_numbers(counting: pa.Array, first: int, ends: list[int],
+                    skips: list[int]) -> pa.Array:
+    """Arrival numbers from `first` on for `ends[-1]` rows that arrived in runs, with
+    rows of another table in between: the rows before `ends[0]` skip `skips[0]`
+    numbers, then those before `ends[1]` skip `skips[1]`, and so on. `counting` is
+    0, 1, 2, ... (at least `ends[-1]` long): one C++ add of a slice of it (~2 ns a row)."""
+    numbers = counting.slice(0, ends[-1])
     if skips.count(skips[0]) == len(skips):  # one run, or runs back to back
-        first += skips[0]
-        skips = None
-    numbers = pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), count), start=first - 1)
-    if skips is None:
-        return numbers
+        return pc.add(numbers, pa.scalar(first + skips[0], pa.int64()))
     return pc.add(numbers, pc.run_end_decode(pa.RunEndEncodedArray.from_arrays(
-        pa.array(ends, pa.int32()), pa.array(skips, pa.int64()))))
+        pa.array(ends, pa.int32()), pa.array([first + k for k in skips], pa.int64()))))
 
 
 class SchemaError(Exception):
@@ -150,6 +149,7 @@ class Store:
         self.conn = duckdb.connect(self.path, read_only=read_only,
                                    config={"threads": threads})
         self.last_seq = 0  # the last `ingest_seq` stored (kept by loads, read at open)
+        self._counting = pa.array([], pa.int64())  # 0, 1, 2, ...: arrival numbers' base
         if not read_only:
             self._create()
             self.last_seq = self.conn.execute(
@@ -225,19 +225,22 @@ class Store:
             rows_before = [len(rows)] * len(wide)
         counts = [p.count for p in wide]
         first = self.last_seq + 1
+        if len(self._counting) < max(len(rows), sum(counts)):  # (grown rarely: doubled)
+            self._counting = pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), max(
+                len(rows), sum(counts), 2 * len(self._counting), 1 << 16)), start=-1)
         c = self.conn
         c.execute("BEGIN")
         try:
             if rows:
                 ends, skips = _runs(rows_before, counts, len(rows))
                 self._insert(rows_to_arrow(rows),
-                             arrival_numbers(first, len(rows), ends, skips))
+                             arrival_numbers(self._counting, first, ends, skips))
             if sum(counts):
                 shown = [(n, before) for n, before in zip(counts, rows_before, strict=True)
                          if n]  # (wide_to_arrow leaves out batches of no rows)
-                ends = list(accumulate(n for n, _ in shown))
                 self._insert(wide_to_arrow(wide), arrival_numbers(
-                    first, ends[-1], ends, [before for _, before in shown]))
+                    self._counting, first, list(accumulate(n for n, _ in shown)),
+                    [before for _, before in shown]))
             c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
             c.execute("COMMIT")
         except BaseException:

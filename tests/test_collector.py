@@ -331,3 +331,71 @@ def test_batch_event_deep_but_parseable_rejected_alone():
 def test_capture_invalid_utf8_is_400():
     err = refusal(capture, b'{"type":"track","event":"\xff","userId":"u"}')
     assert (err.code, err.status) == ("invalid_json", 400)
+
+
+# --- a session's rows sort as a session, whatever the clients' clocks say ---------------
+
+LATER = RECEIVED + 2 * 365 * 86_400_000_000  # received two years after the events' times
+
+
+def stored_order(accepted: list) -> list:
+    """`ORDER BY timestamp, ingest_seq` of what the requests stored, in arrival order."""
+    rows = [r for a in accepted for r in a.rows + (a.columns.rows() if a.columns else [])]
+    return [r for _, r in sorted(enumerate(rows), key=lambda p: (p[1].timestamp, p[0]))]
+
+
+HOUR, YEAR = 3600_000_000, 365 * 86_400_000_000
+
+
+@pytest.mark.parametrize("by_column", [True, False], ids=["by_column", "by_event"])
+def test_http_sessions_sort_start_first_and_end_last_whatever_the_clocks(by_column):
+    c = collector()
+    meta = RequestMeta(LATER, "198.51.100.4", "curl/8.5.0")
+    one = json.dumps({**EVENT, "event": "one", "timestamp": "2024-05-01T12:00:05Z",
+                      "sentAt": "2024-05-01T12:00:10Z"}).encode()  # a clock 2 years slow
+    first = c.capture(None, JSON_HEADERS, one, meta)
+    start, event = first.rows
+    assert start.timestamp == event.timestamp == LATER - 5_000_000  # skew-corrected
+    assert start.received_at == LATER
+    # Sent a minute later, with sentAt: after skew correction one event predates the
+    # session's start, one is a year ahead. Taken by column, or event by event.
+    later = RequestMeta(LATER + 60_000_000, "198.51.100.4", "curl/8.5.0")
+    events = [{**EVENT, "event": "before", "timestamp": "2024-05-01T11:00:00Z"},
+              {**EVENT, "event": "ahead", "timestamp": "2025-05-01T13:00:00Z"}]
+    if not by_column:
+        events.append({"type": "group", "groupId": 7, "anonymousId": "a"})  # (by event)
+    body = json.dumps({"sentAt": "2024-05-01T13:00:00Z", "batch": events}).encode()
+    second = c.batch(JSON_HEADERS, body, later)
+    assert (second.columns is not None) == by_column
+    before, ahead = second.events()[:2]
+    assert before.original_timestamp == RECEIVED - HOUR  # the client's own time, kept
+    assert before.timestamp == start.timestamp  # (corrected: LATER - 2 h, also before)
+    assert ahead.timestamp == LATER + 60_000_000 + YEAR
+    [end] = c.sessions.expire(LATER + 2 * YEAR, 10)
+    assert end.timestamp == ahead.timestamp  # after its latest event, not before
+    assert json.loads(end.properties) == {"duration_ms": 60_000,
+                                          "event_count": 3 + (not by_column)}
+    types = [r.event or r.type for r in stored_order([first, second]) + [end]]
+    assert types[0] == "session_start" and types[-1] == "session_end"
+    assert types.index("one") < types.index("before")  # a tie, broken by arrival
+    assert {r.session_id for r in first.rows + second.events() + [end]} == {start.session_id}
+
+
+def test_a_capture_without_sent_at_years_before_receipt_starts_its_session_then():
+    c = collector()
+    got = c.capture(None, JSON_HEADERS, PY_BODY, RequestMeta(LATER, "198.51.100.4", None))
+    start, row = got.rows
+    assert start.timestamp == row.timestamp == row.original_timestamp < LATER
+
+
+def test_a_batch_for_many_users_starts_each_session_at_its_own_earliest_time():
+    body = {"batch": [{**EVENT, "anonymousId": a, "timestamp": t} for a, t in [
+        ("a", "2024-05-01T11:00:00Z"), ("b", "2024-05-01T11:30:00Z"),
+        ("a", "2024-05-01T10:00:00Z"), ("b", "2024-05-01T13:00:00Z")]]}
+    got = batch(body)
+    assert got.columns is not None
+    starts = {r.anonymous_id: r.timestamp for r in got.rows}
+    assert starts == {"a": RECEIVED - 7200_000_000, "b": RECEIVED - 1800_000_000}
+    assert [r.timestamp for r in got.events()] == [
+        RECEIVED - 3600_000_000, RECEIVED - 1800_000_000, RECEIVED - 7200_000_000,
+        RECEIVED + 3600_000_000]  # none moved: their sessions start here

@@ -97,7 +97,8 @@ def test_arbitrary_bytes_are_refused_cleanly(raw):
 
 # --- a batch by column (`batch_columns`) makes the rows `to_row` makes, event by event
 
-times = {"timestamp": st.sampled_from(["2024-05-01T12:00:00", "2024-05-01T12:00:00.5+02:00"]),
+times = {"timestamp": st.sampled_from(["2024-05-01T12:00:00", "2024-05-01T12:00:00.5+02:00",
+                                       "2019-01-01T00:00:00Z", "2031-01-01T00:00:00Z"]),
          "originalTimestamp": st.just("2024-05-01T11:00:00Z"),
          "sentAt": st.just("2024-05-01T12:00:03Z")}
 plain_fields = {  # values the by-column path takes
@@ -134,17 +135,20 @@ envelopes = st.fixed_dictionaries({}, optional={
 
 
 def fresh_collector() -> Collector:
-    """A collector whose session ids count up (so two runs can be compared) and which
-    has stored message id "seen" already."""
+    """A collector whose session ids count up (so two runs can be compared), which
+    has stored message id "seen" already, and whose anonymous id "b" has a live session
+    that started at 11:30Z (so some events of "b" are before its start)."""
     ids = iter(range(10**6))
     sessions = Sessions(1_800_000_000, lambda: f"id{next(ids)}")
+    sessions.touch(("default", "http", "b"), "b", None, META.received_at - 60_000_000, [],
+                   first=META.received_at - 1_800_000_000)
     dedup = Dedup(86_400_000_000, 1000)
     dedup.admit(dedup_key("default", "seen"), META.received_at)
     return Collector(Config(), {KEY: "default"}, sessions, dedup)
 
 
 def session_counts(c: Collector) -> dict:
-    return {key: (s.id, s.count) for key, s in c.sessions.live.items()}
+    return {key: (s.id, s.count, s.first, s.latest) for key, s in c.sessions.live.items()}
 
 
 def by_events(body: bytes) -> tuple[list[Row], list[int], dict]:

@@ -38,6 +38,32 @@ def test_kill_9_mid_stream_loses_and_doubles_nothing(tmp_path):
     assert summary["final_exit_code"] == 0, report
     assert summary["stored"] >= summary["acked"] > 0, report
     assert summary["ok"], report
+    assert arrival_faults(tmp_path / "data") == {}, report
+
+
+def arrival_faults(data_dir) -> dict[str, int]:
+    """What breaks the arrival order: `ingest_seq` not exactly 1..n (gaps, repeats,
+    nulls), a batch whose events are not consecutive in their order, a session whose
+    start is not its first row or whose end is not its last."""
+    con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
+    try:
+        rows, distinct, low, high = con.execute(
+            "SELECT count(*), count(DISTINCT ingest_seq), min(ingest_seq), max(ingest_seq) "
+            "FROM events").fetchone()
+        faults = {"not_1_to_n": int((rows, distinct, low, high) != (rows, rows, 1, rows))}
+        faults["batches_not_consecutive"] = con.execute(  # (ids: client-serial-index)
+            "SELECT count(*) FROM (SELECT regexp_replace(message_id, '-[0-9]+$', '') AS "
+            "batch FROM events WHERE type = 'track' GROUP BY batch HAVING count(DISTINCT "
+            "ingest_seq - CAST(regexp_extract(message_id, '[0-9]+$') AS BIGINT)) > 1)"
+        ).fetchone()[0]
+        faults["sessions_out_of_order"] = con.execute(
+            "SELECT count(*) FROM (SELECT session_id, arg_min(type, ingest_seq) AS first, "
+            "arg_max(type, ingest_seq) AS last, bool_or(type = 'session_end') AS ended "
+            "FROM events GROUP BY session_id) WHERE first != 'session_start' "
+            "OR (ended AND last != 'session_end')").fetchone()[0]
+    finally:
+        con.close()
+    return {k: v for k, v in faults.items() if v}
 
 
 def test_the_checks_flag_loss_doubles_and_strangers(tmp_path):
@@ -55,6 +81,18 @@ def test_the_checks_flag_loss_doubles_and_strangers(tmp_path):
     counts = crash_loop.stored_counts(data)
     assert counts == {"a": 2, "c": 1, "x": 1}
     assert crash_loop.check(ledger, counts) == ({"a": 2}, ["b"], ["x"])
+
+
+def test_the_arrival_checks_flag_gaps_split_batches_and_misplaced_session_rows(tmp_path):
+    con = duckdb.connect(str(tmp_path / "events.duckdb"))
+    con.execute("CREATE TABLE events (message_id VARCHAR, type VARCHAR, session_id VARCHAR, "
+                "ingest_seq BIGINT)")
+    con.execute("INSERT INTO events VALUES ('c0-1-0', 'track', 's', 1), "
+                "('s0', 'session_start', 's', 2), ('c0-1-1', 'track', 's', 3), "
+                "('e0', 'session_end', 's', 5), ('c0-2-0', 'track', 's', 6)")
+    con.close()
+    assert arrival_faults(tmp_path) == {"not_1_to_n": 1, "batches_not_consecutive": 1,
+                                        "sessions_out_of_order": 1}
 
 
 def test_sigterm_exits_0_and_keeps_every_acknowledged_event(tmp_path):

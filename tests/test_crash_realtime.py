@@ -198,4 +198,15 @@ async def test_kill_9_mid_websocket_stream_keeps_acked_events_once_and_sessions(
         assert "session_end" not in [r[0] for r in mine]
         assert {r[2] for r in mine} == {before_kill[s.name]}
     assert {r[1] for r in rows} == {s.analytics_id for s in streams}
+    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
+    try:  # arrival order: exactly 1..n; each session sorts and arrives start first
+        assert con.execute("SELECT count(*) = count(DISTINCT ingest_seq) AND "
+                           "min(ingest_seq) = 1 AND max(ingest_seq) = count(*) FROM events"
+                           ).fetchone() == (True,)
+        assert set(con.execute(
+            "SELECT first(type ORDER BY timestamp, ingest_seq), first(type ORDER BY "
+            "ingest_seq) FROM events GROUP BY session_id").fetchall()) == \
+            {("session_start", "session_start")}
+    finally:
+        con.close()
     assert time.monotonic() - began < TIME_LIMIT_S

@@ -662,14 +662,14 @@ async def test_readyz_fails_while_duckdb_refuses_loads(tmp_path, monkeypatch):
     retrying = threading.Event()
     gate = threading.Event()
 
-    def flaky_load(self, rows, position, columns=None):
+    def flaky_load(self, rows, position, *parts):
         calls.append(len(rows))
         if len(calls) == 1:
             raise duckdb.IOException("disk full (injected)")
         if len(calls) == 2:
             retrying.set()  # the first failure has been reported by now
             gate.wait(30)
-        return real_load(self, rows, position, columns)
+        return real_load(self, rows, position, *parts)
 
     monkeypatch.setattr(Store, "load", flaky_load)
     event = {"type": "track", "event": "E", "anonymousId": "a", "messageId": "kept"}

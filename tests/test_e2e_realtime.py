@@ -366,9 +366,9 @@ async def test_a_full_writer_stops_reading_and_nothing_is_refused(tmp_path, monk
     gate = threading.Event()
     real_load = Store.load
 
-    def held_load(self, rows, position, columns=None):
+    def held_load(self, rows, position, *parts):
         gate.wait(30)
-        return real_load(self, rows, position, columns)
+        return real_load(self, rows, position, *parts)
 
     monkeypatch.setattr(Store, "load", held_load)
     async with running(tmp_path, max_unloaded_rows=50, max_pending_rows=20,
@@ -600,3 +600,78 @@ async def test_garbage_after_the_handshake_costs_that_connection_only(tmp_path, 
             await conn.send_message(json.dumps({"events": [{"type": "e"}], "seq": 1}))
             assert (await ack(conn))["stored"] == 1
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+# --- a session's rows sort as a session, whatever the clients' clocks say
+
+YEARS_LATER_S = 2.5 * 365 * 86_400  # the server's clock in 2026; the document's ts is 2024
+
+
+def session_order(data_dir: Path, session_id: str) -> list[dict]:
+    """The session's rows as `ORDER BY timestamp, ingest_seq` gives them."""
+    con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
+    try:
+        cur = con.execute(
+            "SELECT type, epoch_ms(timestamp) AS ts, epoch_ms(original_timestamp) AS original,"
+            " ingest_seq FROM events WHERE session_id = ? ORDER BY timestamp, ingest_seq",
+            [session_id])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        con.close()
+
+
+async def test_the_document_flow_years_later_sorts_as_a_session_across_a_restart(tmp_path,
+                                                                                   clock):
+    async with running(tmp_path, YEARS_LATER_S, session_timeout_s=60) as server:
+        aid = await server.create()
+        async with ws(server, aid) as conn:
+            await conn.send_message(DOC_PAYLOAD)  # verbatim: no seq, no answer
+            await conn.send_message('{"events":[{"type":"offline","ts":1600000000000}],'
+                                    '"seq":1}')  # buffered on the device since 2020
+            session = (await ack(conn))["session_id"]
+        await server.wait_journaled(4)
+    async with running(tmp_path, YEARS_LATER_S + 10, session_timeout_s=60) as server:
+        async with ws(server, aid) as conn:  # resumed after the restart, with its stamps
+            await conn.send_message('{"events":[{"type":"older","ts":1500000000000},'
+                                    '{"type":"ahead","ts":1900000000000}],"seq":1}')
+            assert (await ack(conn))["session_id"] == session
+        await trio.sleep(61)  # idle past the timeout: the reaper ends it
+        await server.wait_journaled(3)
+    rows = session_order(tmp_path, session)
+    assert [r["type"] for r in rows] == ["session_start", "screen_view", "offline", "older",
+                                          "button_click", "ahead", "session_end"]
+    start = rows[0]["ts"]
+    assert start == 1706859000000  # the opening batch's earliest ts, not receipt (2026)
+    by_type = {r["type"]: r for r in rows}
+    assert (by_type["offline"]["ts"], by_type["offline"]["original"]) == (start,
+                                                                          1600000000000)
+    assert (by_type["older"]["ts"], by_type["older"]["original"]) == (start, 1500000000000)
+    assert by_type["session_end"]["ts"] == by_type["ahead"]["ts"] == 1900000000000
+    assert sorted(r["ingest_seq"] for r in rows) == list(range(1, 8))  # arrival, no gaps
+    assert [r["type"] for r in sorted(rows, key=lambda r: r["ingest_seq"])] == [
+        "session_start", "screen_view", "button_click", "offline", "older", "ahead",
+        "session_end"]
+
+
+async def test_http_sessions_sort_as_sessions_through_the_server(tmp_path, clock):
+    async with running(tmp_path, YEARS_LATER_S, write_keys=["wk_1"],
+                       session_timeout_s=60) as server:
+        async def send(path: bytes, body: dict) -> int:
+            status, _, _ = await server.http(b"POST", path, [(b"x-write-key", b"wk_1")],
+                                             json.dumps(body).encode())
+            return status
+        event = {"type": "track", "anonymousId": "a"}
+        assert await send(b"/v1/capture", {**event, "event": "first",
+                                           "timestamp": "2024-02-02T07:30:00Z"}) == 201
+        assert await send(b"/v1/batch", {"batch": [
+            {**event, "event": "late", "timestamp": "2023-01-01T00:00:00Z"},
+            {**event, "event": "ahead", "timestamp": "2031-01-01T00:00:00Z"}]}) == 200
+        await trio.sleep(61)
+        await server.wait_journaled(5)
+    (session,) = {r["session_id"] for r in stored(tmp_path)}
+    rows = session_order(tmp_path, session)
+    assert [r["type"] for r in rows] == ["session_start", "track", "track", "track",
+                                          "session_end"]
+    assert rows[0]["ts"] == rows[1]["ts"] == rows[2]["ts"] == 1706859000000
+    assert rows[2]["original"] == 1672531200000  # "late", stored at the session's start

@@ -46,9 +46,9 @@ class Env:
         self.touches: list[int] = []
         touch = self.sessions.touch_session
 
-        def counting_touch(key, anonymous_id, user_id, now, rows, events=1):
+        def counting_touch(key, anonymous_id, user_id, now, rows, events=1, first=None):
             self.touches.append(events)
-            return touch(key, anonymous_id, user_id, now, rows, events)
+            return touch(key, anonymous_id, user_id, now, rows, events, first)
         self.sessions.touch_session = counting_touch
         self.rt = Realtime(Config(ws_max_batch_events=max_events), "default", AID, CONTEXT)
 
@@ -326,3 +326,55 @@ def test_invalid_utf8_in_a_type_names_where_it_is():
     assert exc.error.code == "invalid_json"
     assert f"invalid UTF-8 at byte {at}" == exc.error.message, exc.error
     assert exc.error.field in ("$", "$.events[1].type")
+
+
+# --- a session's rows sort as a session, whatever the clients' clocks say
+
+NOW_2026 = 1_780_000_000_000_000  # 2026-05-28, µs: the document's ts (2024) is 2 years old
+DOC_TS = [1706859000000 * 1000, 1706859005000 * 1000]  # its two events' ts, µs
+
+
+def by_timestamp(rows: list) -> list:
+    """`ORDER BY timestamp, ingest_seq` of rows listed in arrival order."""
+    return [r for _, r in sorted(enumerate(rows), key=lambda p: (p[1].timestamp, p[0]))]
+
+
+def test_the_documents_payload_received_years_later_sorts_start_first_and_end_last():
+    env = Env()
+    first = env.batch(DOC_PAYLOAD, NOW_2026)
+    start, view, click = first.rows
+    assert start.type == "session_start" and start.received_at == NOW_2026
+    assert start.timestamp == DOC_TS[0]  # its opening events' earliest ts, not receipt
+    assert [view.timestamp, click.timestamp] == [view.original_timestamp,
+                                                 click.original_timestamp] == DOC_TS
+    # A buffered batch sent later carries earlier times; one more comes a year ahead.
+    late = env.batch(frame(ev("offline", ts=1_600_000_000_000), ev("now")), NOW_2026 + 60 * S)
+    ahead = env.batch(frame(ev("ahead", ts=1_811_536_000_000)), NOW_2026 + 70 * S)
+    offline, now = late.rows
+    assert (offline.timestamp, offline.original_timestamp) == (DOC_TS[0],
+                                                               1_600_000_000_000_000)
+    assert (now.timestamp, now.original_timestamp) == (NOW_2026 + 60 * S, None)
+    [end] = env.sessions.expire(NOW_2026 + 70 * S + 1800 * S, 10)
+    assert end.timestamp == 1_811_536_000_000_000  # the latest event time it stored
+    assert json.loads(end.properties) == {"duration_ms": 70_000, "event_count": 5}
+    rows = first.rows + late.rows + ahead.rows + [end]
+    assert {r.session_id for r in rows} == {first.session_id}
+    assert [r.type for r in by_timestamp(rows)] == [
+        "session_start", "screen_view", "offline", "button_click", "now", "ahead",
+        "session_end"]
+
+
+def test_a_batch_of_times_out_of_order_starts_its_session_at_the_earliest():
+    b = Env().batch(frame(ev("b", ts=1_700_000_002_000), ev("a", ts=1_700_000_001_000)),
+                    NOW_2026)
+    assert [r.timestamp for r in b.rows] == [1_700_000_001_000_000, 1_700_000_002_000_000,
+                                             1_700_000_001_000_000]
+    assert [r.type for r in by_timestamp(b.rows)] == ["session_start", "a", "b"]
+
+
+def test_a_clock_ahead_starts_the_session_at_receipt_and_ends_it_after_its_events():
+    env = Env()
+    b = env.batch(frame(ev(ts=MAX_TS_MS)), NOW)
+    assert b.rows[0].timestamp == NOW and b.rows[1].timestamp == MAX_TS_MS * 1000
+    [end] = env.sessions.expire(NOW + 1800 * S, 10)
+    assert end.timestamp == MAX_TS_MS * 1000

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from itertools import count
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -364,7 +364,7 @@ def test_intake_a_repeated_id_touches_no_session_and_is_not_in_keys():
     dedup, sessions = Dedup(60 * S, 100), make()
     first = Intake(dedup, sessions, T0)
     assert first.fresh("default", "m-1") is True
-    sid = first.session(K, K[2], None)
+    sid, _ = first.session(K, K[2], None, T0)
     assert first.keys == [dedup_key("default", "m-1")] and first.duplicates == 0
     assert [r.type for r in first.rows] == ["session_start"]
 
@@ -379,7 +379,8 @@ def test_intake_a_repeated_id_touches_no_session_and_is_not_in_keys():
 def test_intake_session_uses_its_receive_time_and_collects_rows_in_order():
     dedup, sessions = Dedup(60 * S, 100), make()
     intake = Intake(dedup, sessions, T0 + 5 * S)
-    sid = intake.session(K, K[2], None, events=3)
+    sid, times = intake.session(K, K[2], None, T0 + 5 * S, events=3)
+    assert times == T0 + 5 * S
     assert sessions.live[K].last_seen == T0 + 5 * S and sessions.live[K].count == 3
     assert intake.rows[0].received_at == T0 + 5 * S and intake.rows[0].session_id == sid
 
@@ -387,7 +388,111 @@ def test_intake_session_uses_its_receive_time_and_collects_rows_in_order():
 def test_an_intake_reuses_the_previous_events_session_only_for_the_same_key():
     sessions = make()
     intake = Intake(Dedup(3600 * S, 100), sessions, T0)
-    got = [intake.session(k, k[2], None) for k in (K, K, K2, K, K)]
+    got = [intake.session(k, k[2], None, T0)[0] for k in (K, K, K2, K, K)]
     assert got[0] == got[1] == got[3] == got[4] != got[2]
     assert sessions.live[K].count == 4 and sessions.live[K2].count == 1
     assert [r.type for r in intake.rows] == ["session_start", "session_start"]
+
+
+# --- a session's rows sort as a session, whatever the clients' clocks say
+YEAR = 365 * 86_400 * S
+
+
+def by_timestamp(rows: list[Row]) -> list[Row]:
+    """`ORDER BY timestamp, ingest_seq` of rows listed in arrival order."""
+    return [r for _, r in sorted(enumerate(rows), key=lambda p: (p[1].timestamp, p[0]))]
+
+
+def assert_sorts_as_sessions(rows: list[Row]) -> None:
+    """Every session among `rows` (in arrival order) sorts start first, end last."""
+    for sid in {r.session_id for r in rows}:
+        types = [r.type for r in by_timestamp([r for r in rows if r.session_id == sid])]
+        assert types[0] == "session_start", types
+        assert "session_start" not in types[1:] and "session_end" not in types[:-1], types
+
+
+def test_a_session_starts_at_its_opening_events_time_unless_that_is_later_than_receipt():
+    sessions, rows = make(), []
+    sessions.touch(K, K[2], None, T0, rows, first=T0 - 2 * YEAR)  # a clock years behind
+    sessions.touch(K2, "anon-2", None, T0, rows, first=T0 + YEAR)  # one a year ahead
+    assert [(r.timestamp, r.received_at) for r in rows] == [(T0 - 2 * YEAR, T0), (T0, T0)]
+    assert sessions.live[K].first == T0 - 2 * YEAR and sessions.live[K2].first == T0
+    assert sessions.live[K].started == T0  # activity is receive time
+
+
+def test_an_intake_restamps_the_start_it_made_when_a_later_event_is_earlier():
+    sessions = make()
+    intake = Intake(Dedup(60 * S, 100), sessions, T0)
+    sid, t = intake.session(K, K[2], None, T0 - 10 * S)
+    assert t == T0 - 10 * S and intake.rows[0].timestamp == T0 - 10 * S
+    intake.rows.append("event 1")  # (the caller's rows follow the start)
+    assert intake.session(K, K[2], None, [T0 - 5 * S, T0 - 30 * S], 2) == \
+        (sid, [T0 - 5 * S, T0 - 30 * S])  # not moved: the start moves instead
+    assert intake.rows[0].timestamp == T0 - 30 * S and intake.rows[1] == "event 1"
+    s = sessions.live[K]
+    assert (s.first, s.latest, s.count) == (T0 - 30 * S, T0 - 5 * S, 3)
+
+
+def test_a_later_request_with_earlier_times_is_stored_at_the_sessions_start():
+    sessions = make()
+    first = Intake(Dedup(60 * S, 100), sessions, T0)
+    sid, _ = first.session(K, K[2], None, [T0 - 10 * S, T0 - 9 * S], 2)
+    later = Intake(Dedup(60 * S, 100), sessions, T0 + 60 * S)  # a buffered batch, sent late
+    assert later.session(K, K[2], None, [T0 - 3600 * S, T0 + 50 * S], 2) == \
+        (sid, [T0 - 10 * S, T0 + 50 * S])
+    assert later.session(K, K[2], None, T0 - YEAR) == (sid, T0 - 10 * S)  # one for all
+    assert later.rows == [] and first.rows[0].timestamp == T0 - 10 * S
+
+
+def test_session_end_sorts_after_events_stamped_in_the_future():
+    sessions = make()
+    intake = Intake(Dedup(60 * S, 100), sessions, T0)
+    intake.session(K, K[2], None, [T0, T0 + YEAR], 2)  # a clock a year ahead
+    intake.session(K2, "anon-2", None, T0 + 5 * S)  # a clock a little ahead
+    ends = {r.anonymous_id: r for r in sessions.expire(T0 + T, ALL)}
+    assert ends[K[2]].timestamp == T0 + YEAR  # after its latest event, not before
+    assert ends["anon-2"].timestamp == T0 + T  # last activity + timeout, as before
+    assert json.loads(ends[K[2]].properties) == {"duration_ms": 0, "event_count": 2}
+
+
+def test_restored_sessions_keep_their_start_and_latest_stamps():
+    sessions = make()
+    sessions.restore([Session(K, "old", T0, K[2], None, T0 + 5 * S, 3,
+                              first=T0 - YEAR, latest=T0 + YEAR)])
+    intake = Intake(Dedup(60 * S, 100), sessions, T0 + 10 * S)
+    assert intake.session(K, K[2], None, T0 - 2 * YEAR) == ("old", T0 - YEAR)
+    [end] = sessions.expire(T0 + 10 * S + T, ALL)
+    assert end.timestamp == T0 + YEAR
+
+
+def test_a_restored_session_without_stamps_starts_at_its_start():
+    s = Session(K, "s", T0, K[2], None, T0 + 5 * S, 2)
+    assert s.first == s.latest == T0
+
+
+times_of_a_request = st.lists(st.integers(-3 * YEAR, 3 * YEAR), min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(requests=st.lists(st.tuples(st.integers(0, 2000 * S), st.sampled_from([K, K2]),
+                                   times_of_a_request, st.booleans()),
+                         min_size=1, max_size=12))
+def test_any_clocks_sort_every_session_start_first_and_end_last(requests):
+    """Requests at any receive times (gaps past the timeout too), with event times years
+    off either way, given as a list or as one shared value: ended or not, each session's
+    rows sort by (timestamp, arrival) with its start first and its end last."""
+    sessions, now, stored = make(), T0, []
+    for gap, key, offsets, shared in requests:
+        now += gap
+        stored += sessions.expire(now, ALL)  # (the reaper, when it is due)
+        intake = Intake(Dedup(60 * S, 100), sessions, now)
+        times = now + offsets[0] if shared else [now + o for o in offsets]
+        sid, stamped = intake.session(key, key[2], None, times, len(offsets))
+        stamped = [stamped] * len(offsets) if shared else stamped
+        if not shared:
+            assert len(stamped) == len(offsets)
+        events = [Row(None, *key[:2], "e", *[None] * 6, sid, t, None, None, now,
+                      *[None] * 4) for t in stamped]
+        stored += intake.rows + events
+    stored += sessions.expire(now + 10 * T, ALL)
+    assert_sorts_as_sessions(stored)

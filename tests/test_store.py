@@ -216,3 +216,136 @@ def test_store_loads_rows_and_both_kinds_of_columns_in_one_transaction(tmp_path)
     assert got == [("page", "a", True), ("page", "a", True), ("page", "b", True),
                    ("ws_e", "0.a", True)]
     assert store.loaded_position() == Position(1, 10)
+
+
+def test_open_sessions_carry_their_start_and_latest_stamps(store):
+    """What a restart resumes a session with: activity in receive time, and the start
+    row's timestamp and the session's latest timestamp (client clocks, years off)."""
+    received, year = T0 + 2 * 365 * 86_400_000_000, 365 * 86_400_000_000
+
+    def row(kind: str, session: str, timestamp: int, at: int) -> Row:
+        return make_row(0, received=at)._replace(
+            message_id=f"{session}-{kind}-{at}", type=kind, anonymous_id="a",
+            session_id=session, timestamp=timestamp)
+    store.load([row("session_start", "s1", T0, received), row("track", "s1", T0 + 5, received),
+                row("track", "s1", T0 + year, received + 10_000_000),
+                row("session_start", "s2", T0, received), row("session_end", "s2", T0, received)],
+               Position(1, 1))
+    assert store.open_sessions() == [
+        ("default", "http", "a", None, "s1", received, received + 10_000_000, 2, T0, T0 + year)]
+
+
+# --- ingest_seq: the arrival order of every row
+
+
+def arrival(store: Store) -> list[tuple[str, int]]:
+    return store.conn.execute(
+        "SELECT message_id, ingest_seq FROM events ORDER BY ingest_seq").fetchall()
+
+
+def wide_of(*ids: str) -> Columns:
+    return Columns(len(ids), [list(ids), "p", "http", "track", "E", None, "a", None, None,
+                              None, "s", 1_000, None, None, 1_000, None, None, "{}", None])
+
+
+def test_ingest_seq_numbers_rows_and_batches_by_column_in_journal_order(store):
+    ws = RtColumns("p", "0.a", "s", 1_000, "{}", ["w1", "w2"], ["x", "y"], [5, 6],
+                   [None, None], [None, None])
+    rows = [make_row(i)._replace(message_id=f"r{i}") for i in range(1, 6)]
+    # journaled: r1, W(b1 b2), r2 r3, (an empty batch), C(w1 w2), W(b3), r4 r5
+    store.load(rows, Position(1, 10), [wide_of("b1", "b2"), wide_of(), ws, wide_of("b3")],
+               rows_before=[1, 3, 3, 3])
+    assert arrival(store) == [(m, n) for n, m in enumerate(
+        ["r1", "b1", "b2", "r2", "r3", "w1", "w2", "b3", "r4", "r5"], 1)]
+    store.load([make_row(9)], Position(1, 20), [wide_of("b9")])  # default: rows first
+    assert arrival(store)[-2:] == [("m9", 11), ("b9", 12)]
+
+
+def test_ingest_seq_continues_after_reopen_and_skips_nothing_for_a_failed_load(tmp_path):
+    s = Store(tmp_path / "e.duckdb")
+    s.load([make_row(1), make_row(2)], Position(1, 1))
+    s.close()
+    s = Store(tmp_path / "e.duckdb")
+    assert s.last_seq == 2
+    with pytest.raises(Exception):  # noqa: B017 (rolled back: DuckDB's own error)
+        s.load([make_row(3)], Position("not-a-segment", 2))
+    s.load([make_row(4)], Position(1, 3), [wide_of("b5")])
+    assert arrival(s) == [("m1", 1), ("m2", 2), ("m4", 3), ("b5", 4)]
+    s.close()
+
+
+V1_EVENTS = ("CREATE TABLE events (" + ", ".join(
+    f'"{name}" {sql}' for name, sql in COLUMNS.items()) + ")")  # schema version 1
+
+
+def test_a_version_1_file_is_migrated_numbering_its_rows_in_stored_order(tmp_path):
+    import duckdb
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))  # a file as the first schema made it
+    con.execute(V1_EVENTS)
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute("CREATE TABLE journal_mark (id INTEGER PRIMARY KEY, segment BIGINT NOT NULL,"
+                " byte_offset BIGINT NOT NULL)")
+    con.execute("INSERT INTO journal_mark VALUES (1, 4, 400)")
+    for i in (3, 1, 2):  # stored in this order (not the order of their ids or times)
+        r = make_row(i)
+        con.execute(f"INSERT INTO events VALUES ({', '.join(['?'] * len(r))})",
+                    [*r[:11], *(str(make_timestamp(t)) if t else None for t in r[11:15]),
+                     *r[15:]])
+    con.execute("DELETE FROM events WHERE message_id = 'm1'")  # (a gap in rowids)
+    con.execute("INSERT INTO events (message_id, project, channel, type, timestamp, "
+                "received_at) VALUES ('m4', 'default', 'http', 'track', now(), now())")
+    con.close()
+    s = Store(path)
+    assert arrival(s) == [("m3", 1), ("m2", 2), ("m4", 3)]
+    assert s.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+        == (store_mod.SCHEMA_VERSION,)
+    assert s.loaded_position() == Position(4, 400)  # the rest of the file is as it was
+    s.load([make_row(5)], Position(4, 500))
+    assert arrival(s)[-1] == ("m5", 4) and s.count() == 4
+    s.close()
+    s = Store(path)  # opening it again migrates nothing more
+    assert arrival(s) == [("m3", 1), ("m2", 2), ("m4", 3), ("m5", 4)]
+    with pytest.raises(Exception, match="NOT NULL"):
+        s.conn.execute("INSERT INTO events (project, channel, type, timestamp, received_at) "
+                       "VALUES ('p', 'http', 'track', now(), now())")
+    s.close()
+
+
+def make_timestamp(us: int) -> str:
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
+
+
+def test_a_file_of_a_newer_schema_is_refused_and_left_alone(tmp_path):
+    s = Store(tmp_path / "new.duckdb")
+    s.conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    s.close()
+    with pytest.raises(store_mod.SchemaError, match="schema version 99"):
+        Store(tmp_path / "new.duckdb")
+    s = Store(tmp_path / "new.duckdb", read_only=True)
+    assert s.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+        == ("99",)
+    s.close()
+
+
+def test_a_migration_cut_after_numbering_finishes_at_the_next_open(tmp_path):
+    import duckdb
+    path = tmp_path / "cut.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(V1_EVENTS)
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute("INSERT INTO events (message_id, project, channel, type, timestamp, "
+                "received_at) VALUES ('m1', 'p', 'http', 'track', now(), now())")
+    con.execute("ALTER TABLE events ADD COLUMN ingest_seq BIGINT")  # the first step, done
+    con.execute("UPDATE events SET ingest_seq = 1")
+    con.close()
+    s = Store(path)
+    assert arrival(s) == [("m1", 1)] and s.last_seq == 1
+    assert s.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+        == (store_mod.SCHEMA_VERSION,)
+    assert s.conn.execute("SELECT is_nullable FROM duckdb_columns() WHERE table_name = "
+                          "'events' AND column_name = 'ingest_seq'").fetchone() == (False,)
+    s.close()

@@ -212,11 +212,11 @@ async def test_failed_load_keeps_rows_and_reports_unhealthy(tmp_path, clock,
     real_load = writer.store.load
     failures = []
 
-    def flaky(rows, position, columns=None):
+    def flaky(rows, position, *parts):
         if len(failures) < 2:
             failures.append(1)
             raise OSError("disk full")
-        real_load(rows, position, columns)
+        real_load(rows, position, *parts)
     monkeypatch.setattr(writer.store, "load", flaky)
 
     async def body():
@@ -254,7 +254,7 @@ def test_loaded_rows_are_freed_on_the_loading_thread(tmp_path, monkeypatch):
     """Not where the load's last reference goes (the event loop, in `_load_some`):
     freeing a whole load there held the GIL for up to 40 ms (bench/sessions.py)."""
     writer = make_writer(tmp_path)
-    monkeypatch.setattr(writer.store, "load", lambda rows, position, columns=None: None)
+    monkeypatch.setattr(writer.store, "load", lambda rows, position, *parts: None)
     freed: list[threading.Thread] = []
 
     class Tracked:
@@ -270,3 +270,63 @@ def test_loaded_rows_are_freed_on_the_loading_thread(tmp_path, monkeypatch):
     assert load.rows == [] and load.columns == []
     writer.journal.close()
     writer.store.close()
+
+
+# --- ingest_seq: arrival order, through the loader and through replay
+
+
+def arrival_via(writer: Writer) -> list[tuple[str, int]]:
+    return writer.store.conn.execute(
+        "SELECT message_id, ingest_seq FROM events ORDER BY ingest_seq").fetchall()
+
+
+def by_column(*ids: str):
+    from triolytics.core.rows import Columns
+    return Columns(len(ids), [list(ids), *row(0)[1:]])
+
+
+def test_a_load_keeps_the_order_parts_were_journaled_in():
+    load = _Load()
+    parts = [[row(1)], by_column("b1"), by_column("b2"), [row(2), row(3)], by_column(), [row(4)]]
+    for part in parts:
+        load.add(part)
+    assert (load.rows_before, load.count) == ([1, 1, 3], 6)
+    assert load.parts() == parts[:4] + [by_column(), [row(4)]]
+
+
+def test_ingest_seq_is_gap_free_and_in_journal_order_across_a_crash_and_replay(tmp_path):
+    from triolytics.core.rows import RtColumns, encode_part
+    ws = RtColumns("default", "0.a", "s", T0, "{}", ["w1", "w2"], ["x", "y"], [T0, T0],
+                   [None, None], [None, None])
+    writer = make_writer(tmp_path)  # journaled and loaded while running
+    writer.journal.append([encode_part(p) for p in ([row(1)], by_column("b1", "b2"), ws)])
+    writer.journal.sync()
+    writer.close()
+    writer.journal.close()
+    writer.store.close()
+    replayed = make_writer(tmp_path)  # the first start replays them
+    assert [m for m, _ in arrival_via(replayed)] == ["m1", "b1", "b2", "w1", "w2"]
+    # Journaled, not loaded, then kill -9: the next start replays the rest.
+    replayed.journal.append([encode_part(p) for p in ([row(3)], by_column("b3"), [row(4)])])
+    replayed.journal.sync()
+    replayed.journal.close()
+    replayed.store.close()
+    again = make_writer(tmp_path)
+    assert arrival_via(again) == [(m, n) for n, m in enumerate(
+        ["m1", "b1", "b2", "w1", "w2", "m3", "b3", "m4"], 1)]
+    again.journal.close()
+    again.store.close()
+
+
+async def test_the_running_loader_numbers_submissions_in_journal_order(tmp_path):
+    writer = make_writer(tmp_path, load_interval_ms=60_000)  # one load, at close
+
+    async def body():
+        for i in range(3):  # each request: a session row, then its batch by column
+            await writer.wait_durable(writer.submit([row(i)], None,
+                                                    by_column(f"b{i}", f"c{i}")))
+    await run_writer(writer, body)
+    assert writer.stats.loads == 1
+    writer = make_writer(tmp_path)
+    assert arrival_via(writer) == [(m, n) for n, m in enumerate(
+        ["m0", "b0", "c0", "m1", "b1", "c1", "m2", "b2", "c2"], 1)]

@@ -295,7 +295,8 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
     """Validate one decoded event and normalize it into a stored row.
 
     With an `intake`, the valid event is admitted there: None if its `messageId` is a
-    repeat, else the row gets its session and is appended to `intake.rows` (after the
+    repeat, else the row gets its session (and a `timestamp` no earlier than the
+    session's start, see sessions.py) and is appended to `intake.rows` (after the
     session's start row, if it opens one). Field paths in errors are relative to the
     event (`$.userId`); a batch prefixes them. Without `make_id`, an event the client gave
     no `messageId` keeps `None` and DuckDB makes its UUID at load (for batches, whose
@@ -348,9 +349,9 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
     if intake is not None:
         if message_id and not intake.fresh(project, message_id):
             return None
-        session_id = intake.session(
+        session_id, timestamp = intake.session(
             (project, "http", anonymous_id if anonymous_id is not None else user_id),
-            anonymous_id, user_id)
+            anonymous_id, user_id, timestamp)
     row = _new_row(Row, (
         message_id or (new_id() if make_id else None), project, "http", kind, ev.event,
         ev.name, anonymous_id, user_id, group_id, previous_id, session_id,
@@ -438,11 +439,15 @@ def batch_columns(events: list[WireEvent], project: str, meta: RequestMeta,
     keys = anon if None not in anon else \
         [a if a is not None else u for a, u in zip(anon, users, strict=True)]
     if keys.count(keys[0]) == n:  # one client's batch: one session, one lookup
-        columns[10] = intake.session((project, "http", keys[0]), anon[0], users[0], n)
-    else:
+        columns[10], columns[11] = intake.session((project, "http", keys[0]), anon[0],
+                                                  users[0], columns[11], n)
+    else:  # each event on its own, as `to_row` goes (the same start and event stamps)
         session = intake.session
-        columns[10] = [session((project, "http", k), a, u)
-                       for k, a, u in zip(keys, anon, users, strict=True)]
+        times = columns[11] if type(columns[11]) is list else [columns[11]] * n
+        stamped = [session((project, "http", k), a, u, t)
+                   for k, a, u, t in zip(keys, anon, users, times, strict=True)]
+        columns[10] = [sid for sid, _ in stamped]
+        columns[11] = [t for _, t in stamped]
     return Columns(n, [_shared_or_list(c, n) if type(c) in (list, tuple) else c
                        for c in columns])
 

@@ -8,6 +8,8 @@ Rules:
   client asked for answers, and `close_code` is what to close with when it did not.
 - Every event of a connection shares the key `analytics_id`, so its session is touched
   once per batch; ids (`id`) are deduplicated per event before that, like `messageId`.
+  The session also stamps the batch's times: a `ts` before the session's start is
+  stored at the start (`original_timestamp` keeps the `ts`; see sessions.py).
 - Time comes in as `now` (µs); nothing here reads a clock.
 """
 
@@ -140,19 +142,18 @@ class Realtime:
                 types = [types[i] for i in kept]
                 payloads = [payloads[i] for i in kept]
                 ids = [ids[i] for i in kept]
-        # A batch stored before (a resend) touches nothing: it names the live session.
-        sid = intake.session(self.key, aid, None, len(events)) if events else \
-            intake.sessions.current(self.key)
-        columns = None
-        if events:
-            originals = [e.ts for e in events]
-            if None in originals:
-                stamps = [now if ts is None else ts * 1000 for ts in originals]
-                originals = [None if ts is None else ts * 1000 for ts in originals]
-            else:  # (one list for both columns: nothing changes it once built)
-                stamps = originals = [ts * 1000 for ts in originals]
-            columns = RtColumns(project, aid, sid, now, self.context, ids, types, stamps,
-                                originals, payloads)
+        if not events:  # a batch stored before (a resend) touches nothing
+            return Batch(intake.rows, intake.keys, frame.seq, len(frame.events),
+                         intake.sessions.current(self.key), None)  # (the live session)
+        originals = [e.ts for e in events]
+        if None in originals:
+            stamps = [now if ts is None else ts * 1000 for ts in originals]
+            originals = [None if ts is None else ts * 1000 for ts in originals]
+        else:  # (one list for both columns: nothing changes it once built)
+            stamps = originals = [ts * 1000 for ts in originals]
+        sid, stamps = intake.session(self.key, aid, None, stamps, len(events))
+        columns = RtColumns(project, aid, sid, now, self.context, ids, types, stamps,
+                            originals, payloads)
         return Batch(intake.rows, intake.keys, frame.seq, len(frame.events), sid, columns)
 
     @staticmethod

@@ -10,8 +10,18 @@ Rules:
   re-pushes those active since (lazy invalidation, as trio's own deadline heap does).
   Only deadlines that pop cost O(log n).
 - Opening a session appends its `session_start` row to the caller's row list, just
-  before the event that opened it; ending one makes its `session_end` row, stamped at
-  last activity + timeout. Both are ordinary rows: the journal makes them durable.
+  before the event that opened it; ending one makes its `session_end` row. Both are
+  ordinary rows: the journal makes them durable.
+- A session's rows sort as a session by `timestamp` (then `ingest_seq`, the arrival
+  order the store assigns), whatever the clients' clocks say:
+  - `session_start` is stamped `first` = the earliest event time of the request or frame
+    that opened it (for its key), or its receive time if that is earlier;
+  - a later event whose time is before `first` is stored at `first` (the client's own
+    time stays in `original_timestamp`); ties sort by arrival, and the start arrives
+    just before its opening event;
+  - `session_end` is stamped last activity + timeout, or the latest event time stored
+    in the session (`latest`) if that is later. It arrives after all its events.
+  Activity (`started`, `last_seen`, the timeout, `duration_ms`) is receive time only.
 """
 
 from __future__ import annotations
@@ -25,16 +35,19 @@ from triolytics.core.dedup import Dedup, dedup_key, dedup_keys
 from triolytics.core.rows import Row
 
 Key = tuple[str, str, str]  # (project, channel, id)
+Times = int | list[int]  # event times (µs): one for all of some events, or one each
 SESSION_TYPES = frozenset({"session_start", "session_end"})  # the rows made here
 _new_row = tuple.__new__
 _ENCODE = msgspec.json.Encoder()
 
 
 class Session:
-    __slots__ = ("key", "id", "started", "last_seen", "count", "anonymous_id", "user_id")
+    __slots__ = ("key", "id", "started", "last_seen", "count", "anonymous_id", "user_id",
+                 "first", "latest")
 
     def __init__(self, key: Key, session_id: str, started: int, anonymous_id: str | None,
-                 user_id: str | None, last_seen: int | None = None, events: int = 0) -> None:
+                 user_id: str | None, last_seen: int | None = None, events: int = 0,
+                 first: int | None = None, latest: int | None = None) -> None:
         self.key = key
         self.id = session_id
         self.started = started  # µs: receive time of its first event
@@ -42,12 +55,15 @@ class Session:
         self.count = events
         self.anonymous_id = anonymous_id
         self.user_id = user_id
+        self.first = started if first is None else first  # µs: its start row's timestamp
+        # µs: the latest timestamp stored in the session (never before `first`)
+        self.latest = self.first if latest is None else max(latest, self.first)
 
 
 class SessionEnd(msgspec.Struct):
     """The `properties` of a `session_end` row."""
 
-    duration_ms: int  # first event to last event
+    duration_ms: int  # receive time of its first event to that of its last
     event_count: int
 
 
@@ -66,15 +82,18 @@ class Sessions:
         return len(self.live)
 
     def touch(self, key: Key, anonymous_id: str | None, user_id: str | None, now: int,
-              rows: list[Row], events: int = 1) -> str:
+              rows: list[Row], events: int = 1, first: int | None = None) -> str:
         """The session id for `events` events of `key` received at `now` (see below)."""
-        return self.touch_session(key, anonymous_id, user_id, now, rows, events).id
+        return self.touch_session(key, anonymous_id, user_id, now, rows, events, first).id
 
     def touch_session(self, key: Key, anonymous_id: str | None, user_id: str | None,
-                      now: int, rows: list[Row], events: int = 1) -> Session:
-        """The session of `key` for `events` events received at `now`. Opening a
-        session (or replacing one that timed out but was not reaped yet) appends its
-        `session_end`/`session_start` rows to `rows`."""
+                      now: int, rows: list[Row], events: int = 1,
+                      first: int | None = None) -> Session:
+        """The session of `key` for `events` events received at `now`, the earliest of
+        them at event time `first` (None: `now`). Opening a session (or replacing one
+        that timed out but was not reaped yet) appends its `session_end`/`session_start`
+        rows to `rows`; the start is stamped at `first`, or `now` if that is earlier.
+        Stamping the events (`Intake.session`) is the caller's part."""
         s = self.live.get(key)
         if s is not None:
             if now - s.last_seen < self.timeout:
@@ -83,13 +102,14 @@ class Sessions:
                 s.count += events
                 return s
             rows.append(self._end(s, now))
-        s = Session(key, self.new_id(), now, anonymous_id, user_id, events=events)
+        start = now if first is None or first > now else first
+        s = Session(key, self.new_id(), now, anonymous_id, user_id, events=events, first=start)
         self.live[key] = s
         self.opened += 1
         self._push(s)
         rows.append(_new_row(Row, (
             self.new_id(), key[0], key[1], "session_start", None, None, anonymous_id,
-            user_id, None, None, s.id, now, None, None, now, None, None, None, None)))
+            user_id, None, None, s.id, start, None, None, now, None, None, None, None)))
         return s
 
     def current(self, key: Key) -> str | None:
@@ -126,11 +146,14 @@ class Sessions:
         return ended
 
     def _end(self, s: Session, now: int) -> Row:
-        """Its `session_end` row: event time last activity + timeout, received `now`."""
+        """Its `session_end` row, received `now`: stamped at last activity + timeout, or
+        at the latest event time stored in the session if that is later."""
         if self.live.get(s.key) is s:
             del self.live[s.key]
         self.ended += 1
         end = s.last_seen + self.timeout
+        if s.latest > end:
+            end = s.latest
         props = _ENCODE.encode(SessionEnd((s.last_seen - s.started) // 1000, s.count))
         return _new_row(Row, (
             self.new_id(), s.key[0], s.key[1], "session_end", None, None, s.anonymous_id,
@@ -154,7 +177,8 @@ class Intake:
     included. Nothing may refuse the rows after this (the caller waited for room first),
     except a journal failure, which forgets `keys` again."""
 
-    __slots__ = ("rows", "keys", "now", "duplicates", "dedup", "sessions", "_last")
+    __slots__ = ("rows", "keys", "now", "duplicates", "dedup", "sessions", "_last",
+                 "_opened")
 
     def __init__(self, dedup: Dedup, sessions: Sessions, now: int) -> None:
         self.rows: list[Row] = []
@@ -164,6 +188,7 @@ class Intake:
         self.dedup = dedup
         self.sessions = sessions
         self._last: Session | None = None  # the session the previous event touched
+        self._opened: dict[Session, int] | None = None  # opened here -> its start row's index
 
     def fresh(self, project: str, message_id: str) -> bool:
         """False if `message_id` was stored recently (the event is answered as stored)."""
@@ -187,14 +212,44 @@ class Intake:
         return [True if m is None else next(given) for m in message_ids]
 
     def session(self, key: Key, anonymous_id: str | None, user_id: str | None,
-                events: int = 1) -> str:
-        """The session id for `events` more events of `key`. A batch's events mostly
+                times: Times, events: int = 1) -> tuple[str, Times]:
+        """(session id, event times to store) for `events` more events of `key` at event
+        times `times`: one value for all of them, or a list, one per event.
+
+        A session opened by this intake starts at the earliest time its events carry
+        here (or the receive time, if earlier): when a later event of the same intake is
+        earlier still, the start row is restamped, so no event of the opening request is
+        moved. In a session opened before, an event earlier than the start is stored at
+        the start. Either way the session's `latest` follows. A batch's events mostly
         share one key: the previous event's session is reused without a lookup (same
         receive time, so still live)."""
-        last = self._last
-        if last is not None and last.key == key:
-            last.count += events
-            return last.id
-        self._last = s = self.sessions.touch_session(key, anonymous_id, user_id, self.now,
-                                                     self.rows, events)
-        return s.id
+        if type(times) is int:
+            low = high = times
+        else:
+            low, high = min(times), max(times)
+        s = self._last
+        if s is not None and s.key == key:
+            s.count += events
+        else:
+            rows = self.rows
+            n = len(rows)
+            self._last = s = self.sessions.touch_session(key, anonymous_id, user_id, self.now,
+                                                         rows, events, low)
+            if len(rows) != n:  # it opened here: its start is the last row
+                if self._opened is None:
+                    self._opened = {}
+                self._opened[s] = len(rows) - 1
+        if low < s.first:
+            at = self._opened.get(s) if self._opened is not None else None
+            if at is not None:
+                s.first = low
+                self.rows[at] = self.rows[at]._replace(timestamp=low)
+            else:
+                first = s.first
+                times = first if type(times) is int else \
+                    [t if t >= first else first for t in times]
+                if high < first:
+                    high = first
+        if high > s.latest:
+            s.latest = high
+        return s.id, times

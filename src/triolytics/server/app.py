@@ -109,9 +109,10 @@ def prepare(config: Config) -> Prepared:
               f"header); `{_keys_list_command(config)}` shows it again", flush=True)
     sessions = Sessions(round(config.session_timeout_s * 1_000_000), new_id)
     sessions.restore([Session((project, channel, anonymous_id or user_id), session_id,
-                              started, anonymous_id, user_id, last_seen, events)
+                              started, anonymous_id, user_id, last_seen, events, first,
+                              latest)
                       for project, channel, anonymous_id, user_id, session_id, started,
-                      last_seen, events in store.open_sessions()])
+                      last_seen, events, first, latest in store.open_sessions()])
     if len(sessions):
         log.info("resumed %d open sessions", len(sessions))
     identities = Identities(_secret_file(data / "analytics.secret").encode(),

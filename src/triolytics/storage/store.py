@@ -5,6 +5,12 @@ Rules:
   worker thread, one at a time. Readers go through the server or open read-only.
 - `load(rows, position)` inserts columnar (Arrow) and records the journal position in the
   same transaction: a crash either keeps both or neither, so replay is exactly once.
+- Every row gets `ingest_seq`, its arrival order: 1, 2, 3, ... in journal order (which is
+  acknowledgement order), numbered at load from the last one stored. Loads are exactly
+  once and in journal order, so the numbers have no gaps and no repeats, across
+  restarts and replays too; nothing about them travels through the journal.
+- The schema is migrated on open (`meta.schema_version`); a file of a newer version is
+  refused. Version 2 added `ingest_seq`, numbering older rows in their stored order.
 - Key management works on a closed server too (the CLI opens the file itself).
 - The owner's queries are checked, time-limited and rolled back by query.py.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from itertools import accumulate
 from pathlib import Path
 
 import duckdb
@@ -25,7 +32,8 @@ from triolytics.core.rows import COLUMNS, Columns, Row, RtColumns
 from triolytics.storage import query
 from triolytics.storage.query import QueryResult
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 1: the first; 2: events.ingest_seq
+ARRIVAL = "ingest_seq"  # the events column numbering rows in arrival order
 _ARROW_TYPES = {
     "VARCHAR": pa.string(),
     "JSON": pa.string(),
@@ -34,8 +42,12 @@ _ARROW_TYPES = {
 ARROW_SCHEMA = pa.schema([(name, _ARROW_TYPES[sql]) for name, sql in COLUMNS.items()])
 _ROW_TYPE = pa.struct(list(ARROW_SCHEMA))
 # Rows arrive without a message id when the client sent none and no answer needed one.
-_SELECT = ", ".join(["coalesce(message_id, CAST(uuid() AS VARCHAR))"]
-                    + [f'"{name}"' for name in list(COLUMNS)[1:]])
+_NAMES = [f'"{name}"' for name in [*COLUMNS, ARRIVAL]]
+_EVENTS_COLUMNS = ", ".join([f'"{name}" {sql}' for name, sql in COLUMNS.items()]
+                            + [f"{ARRIVAL} BIGINT NOT NULL"])
+_INSERT = (f"INSERT INTO events ({', '.join(_NAMES)}) SELECT "
+           f"{', '.join(['coalesce(message_id, CAST(uuid() AS VARCHAR))', *_NAMES[1:]])} "
+           "FROM batch")
 
 
 class KeyInfo(msgspec.Struct):
@@ -62,6 +74,23 @@ def rows_to_arrow(rows: list[Row]) -> pa.Table:
 
 
 _TYPES = ARROW_SCHEMA.types
+
+
+def _runs(rows_before: list[int], counts: list[int], n: int) -> tuple[list[int], list[int]]:
+    """`rows` in runs between batches by column: where each run ends, and how many
+    rows of those batches came before it (see `Store.load`)."""
+    ends: list[int] = []
+    skips: list[int] = []
+    done = 0  # rows of batches by column so far
+    for before, count in zip(rows_before, counts, strict=True):
+        if count and before > (ends[-1] if ends else 0):
+            ends.append(before)
+            skips.append(done)
+        done += count
+    if n > (ends[-1] if ends else 0):
+        ends.append(n)
+        skips.append(done)
+    return ends, skips
 
 
 def wide_to_arrow(parts: list[Columns]) -> pa.Table:
@@ -100,6 +129,23 @@ def wide_to_arrow(parts: list[Columns]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
 
 
+def arrival_numbers(counting: pa.Array, first: int, ends: list[int],
+                    skips: list[int]) -> pa.Array:
+    """Arrival numbers from `first` on for `ends[-1]` rows that arrived in runs, with
+    rows of another table in between: the rows before `ends[0]` skip `skips[0]`
+    numbers, then those before `ends[1]` skip `skips[1]`, and so on. `counting` is
+    0, 1, 2, ... (at least `ends[-1]` long): one C++ add of a slice of it (~2 ns a row)."""
+    numbers = counting.slice(0, ends[-1])
+    if skips.count(skips[0]) == len(skips):  # one run, or runs back to back
+        return pc.add(numbers, pa.scalar(first + skips[0], pa.int64()))
+    return pc.add(numbers, pc.run_end_decode(pa.RunEndEncodedArray.from_arrays(
+        pa.array(ends, pa.int32()), pa.array([first + k for k in skips], pa.int64()))))
+
+
+class SchemaError(Exception):
+    """The file was written by a newer version of triolytics."""
+
+
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
         self.path = str(path)
@@ -111,16 +157,20 @@ class Store:
         # DuckDB draws a progress bar on stdout for statements past 2 s; its cursors
         # (queries) inherit this.
         self.conn.execute("SET enable_progress_bar = false")
+        self.last_seq = 0  # the last `ingest_seq` stored (kept by loads, read at open)
+        self._counting = pa.array([], pa.int64())  # 0, 1, 2, ...: arrival numbers' base
         if not read_only:
             self._create()
+            self.last_seq = self.conn.execute(
+                f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
 
     def close(self) -> None:
         self.conn.close()
 
     def _create(self) -> None:
-        cols = ", ".join(f'"{name}" {sql}' for name, sql in COLUMNS.items())
+        """Create what is missing, then migrate what is old."""
         c = self.conn
-        c.execute(f"CREATE TABLE IF NOT EXISTS events ({cols})")
+        c.execute(f"CREATE TABLE IF NOT EXISTS events ({_EVENTS_COLUMNS})")
         c.execute("CREATE TABLE IF NOT EXISTS write_keys (key VARCHAR PRIMARY KEY, "
                   "project VARCHAR NOT NULL, created_at TIMESTAMPTZ NOT NULL, "
                   "revoked_at TIMESTAMPTZ)")
@@ -129,26 +179,87 @@ class Store:
         c.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         c.execute("CREATE TABLE IF NOT EXISTS analytics_ids (analytics_id VARCHAR PRIMARY KEY, "
                   "issued_at TIMESTAMPTZ NOT NULL, ip VARCHAR)")
-        c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+        self._migrate()
 
-    # --- events
-    def load(self, rows: list[Row], position: Position,
-             columns: list[RtColumns | Columns] | None = None) -> None:
-        """Insert rows (and batches by column) and move the journal mark to `position`,
-        atomically."""
-        wide = [p if type(p) is Columns else p.columns() for p in columns or ()]
+    def _migrate(self) -> None:
+        """Bring the file to `SCHEMA_VERSION`. Each step is a transaction that can be
+        interrupted and redone: a step is taken by what the file lacks, not by its number
+        (about 1 s per million rows)."""
+        c = self.conn
+        got = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if got is not None and int(got[0]) > int(SCHEMA_VERSION):
+            raise SchemaError(f"{self.path} has schema version {got[0]}; this triolytics "
+                              f"knows up to {SCHEMA_VERSION}: upgrade triolytics to open it")
+        if got is not None and got[0] == SCHEMA_VERSION:
+            return
+        nullable = dict(c.execute(
+            "SELECT column_name, is_nullable FROM duckdb_columns() WHERE database_name = "
+            "current_database() AND schema_name = 'main' AND table_name = 'events'").fetchall())
+        c.execute("SET enable_progress_bar = false")  # (a long step would draw one)
+        if ARRIVAL not in nullable:  # 1 -> 2: number the rows in their stored order
+            self._in_transaction(
+                f"ALTER TABLE events ADD COLUMN {ARRIVAL} BIGINT",
+                f"UPDATE events SET {ARRIVAL} = o.n FROM (SELECT rowid AS r, row_number() "
+                "OVER (ORDER BY rowid) AS n FROM events) AS o WHERE events.rowid = o.r")
+        # (a step of its own: DuckDB refuses a constraint over rows updated in the same
+        # transaction)
+        self._in_transaction(
+            *([f"ALTER TABLE events ALTER {ARRIVAL} SET NOT NULL"]
+              if nullable.get(ARRIVAL, True) else []),
+            f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}')")
+        c.execute("RESET enable_progress_bar")
+
+    def _in_transaction(self, *statements: str) -> None:
         c = self.conn
         c.execute("BEGIN")
         try:
-            for parts, to_arrow in ((rows, rows_to_arrow), (wide, wide_to_arrow)):
-                if parts:
-                    batch = to_arrow(parts)  # noqa: F841 (read by name in the SQL below)
-                    c.execute(f"INSERT INTO events SELECT {_SELECT} FROM batch")
+            for sql in statements:
+                c.execute(sql)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    # --- events
+    def load(self, rows: list[Row], position: Position,
+             columns: list[RtColumns | Columns] | None = None,
+             rows_before: list[int] | None = None) -> None:
+        """Insert rows (and batches by column) and move the journal mark to `position`,
+        atomically. They arrived (were journaled) in this order: `rows[:rows_before[0]]`,
+        `columns[0]`, `rows[rows_before[0]:rows_before[1]]`, `columns[1]`, ..., the rest
+        of `rows`; `ingest_seq` numbers them so, after the last number stored (None:
+        every row arrived before `columns`)."""
+        wide = [p if type(p) is Columns else p.columns() for p in columns or ()]
+        if rows_before is None:
+            rows_before = [len(rows)] * len(wide)
+        counts = [p.count for p in wide]
+        first = self.last_seq + 1
+        if len(self._counting) < max(len(rows), sum(counts)):  # (grown rarely: doubled)
+            self._counting = pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), max(
+                len(rows), sum(counts), 2 * len(self._counting), 1 << 16)), start=-1)
+        c = self.conn
+        c.execute("BEGIN")
+        try:
+            if rows:
+                ends, skips = _runs(rows_before, counts, len(rows))
+                self._insert(rows_to_arrow(rows),
+                             arrival_numbers(self._counting, first, ends, skips))
+            if sum(counts):
+                shown = [(n, before) for n, before in zip(counts, rows_before, strict=True)
+                         if n]  # (wide_to_arrow leaves out batches of no rows)
+                self._insert(wide_to_arrow(wide), arrival_numbers(
+                    self._counting, first, list(accumulate(n for n, _ in shown)),
+                    [before for _, before in shown]))
             c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        self.last_seq += len(rows) + sum(counts)
+
+    def _insert(self, table: pa.Table, numbers: pa.Array) -> None:
+        batch = table.append_column(ARRIVAL, numbers)  # noqa: F841 (read by name in the SQL)
+        self.conn.execute(_INSERT)
 
     def loaded_position(self) -> Position:
         got = self.conn.execute("SELECT segment, byte_offset FROM journal_mark").fetchone()
@@ -164,15 +275,18 @@ class Store:
 
     def open_sessions(self) -> list[tuple]:
         """Sessions with a start and no end: (project, channel, anonymous_id, user_id,
-        session_id, started µs, last event µs, events), for resuming after a restart."""
+        session_id, started µs, last event µs, events, first µs, latest µs), for resuming
+        after a restart. `started` and the last event are receive times; `first` is the
+        start row's timestamp and `latest` the latest timestamp of the session's rows."""
         return self.conn.execute(
             "WITH open AS ("
             "  SELECT session_id, project, channel, anonymous_id, user_id,"
-            "         epoch_us(received_at) AS started FROM events"
-            "  WHERE type = 'session_start' AND session_id NOT IN"
+            "         epoch_us(received_at) AS started, epoch_us(timestamp) AS first"
+            "  FROM events WHERE type = 'session_start' AND session_id NOT IN"
             "    (SELECT session_id FROM events WHERE type = 'session_end'))"
             "SELECT o.project, o.channel, o.anonymous_id, o.user_id, o.session_id, o.started,"
-            "       epoch_us(max(e.received_at)), count(*) - 1"
+            "       epoch_us(max(e.received_at)), count(*) - 1, o.first,"
+            "       epoch_us(max(e.timestamp))"
             " FROM open o JOIN events e ON e.session_id = o.session_id"
             " WHERE e.received_at >= (SELECT make_timestamptz(min(started)) FROM open)"
             " GROUP BY ALL").fetchall()

@@ -58,21 +58,37 @@ class _Group:
 
 
 class _Load:
-    """Journaled parts gathered for one DuckDB load: rows, and batches by column."""
+    """Journaled parts gathered for one DuckDB load: rows, and batches by column, with
+    where each batch came among the rows (the arrival order `ingest_seq` numbers)."""
 
-    __slots__ = ("rows", "columns", "count")
+    __slots__ = ("rows", "columns", "rows_before", "count")
 
     def __init__(self) -> None:
         self.rows: list[Row] = []
         self.columns: list[RtColumns | Columns] = []
+        self.rows_before: list[int] = []  # per batch by column: rows journaled before it
         self.count = 0
 
     def add(self, part: Part) -> None:
         if type(part) is not list:
             self.columns.append(part)
+            self.rows_before.append(len(self.rows))
         else:
             self.rows.extend(part)  # one copy per row, here, for the whole load
         self.count += len(part)
+
+    def parts(self) -> list[Part]:
+        """The parts again, in journal order (to load them later)."""
+        parts: list[Part] = []
+        done = 0
+        for before, batch in zip(self.rows_before, self.columns, strict=True):
+            if before > done:
+                parts.append(self.rows[done:before])
+                done = before
+            parts.append(batch)
+        if len(self.rows) > done:
+            parts.append(self.rows[done:])
+        return parts
 
     def free(self) -> None:
         """Drop the loaded rows a slice at a time, on the worker thread that loaded them.
@@ -136,11 +152,11 @@ class Writer:
             batch.add(decode_part(payload))
             end = position
             if batch.count >= self.config.load_batch_rows:
-                self.store.load(batch.rows, end, batch.columns)
+                self.store.load(batch.rows, end, batch.columns, batch.rows_before)
                 replayed += batch.count
                 batch = _Load()
         if end != self._loaded or batch.count:
-            self.store.load(batch.rows, end, batch.columns)
+            self.store.load(batch.rows, end, batch.columns, batch.rows_before)
             replayed += batch.count
         self._loaded = end
         self.journal.release(end)
@@ -371,7 +387,7 @@ class Writer:
             log.error("DuckDB load of %d rows failed: %s", load.count, exc)
             self.stats.load_errors += 1
             self.healthy = False
-            self._unloaded.appendleft(([load.rows, *load.columns], end, size))
+            self._unloaded.appendleft((load.parts(), end, size))
             if not self._drained:
                 await trio.sleep(LOAD_RETRY_S)
             return False
@@ -386,7 +402,7 @@ class Writer:
         return True
 
     def _load(self, load: _Load, end: Position) -> None:
-        self.store.load(load.rows, end, load.columns)
+        self.store.load(load.rows, end, load.columns, load.rows_before)
         self.journal.release(end)
         load.free()
 

@@ -194,6 +194,15 @@ def test_an_unwritable_data_dir_is_one_line(tmp_path):
     assert not data.exists()
 
 
+def test_a_data_file_of_a_newer_schema_is_one_line(tmp_path):
+    from triolytics.storage.store import Store
+    store = Store(tmp_path / "events.duckdb")
+    store.conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    store.close()
+    line = one_line(run_serve("--port", "0", "--data", str(tmp_path)))
+    assert "has schema version 99" in line and "upgrade triolytics" in line, line
+
+
 def test_a_bad_config_value_is_one_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("session_timeout_s = -5\n")

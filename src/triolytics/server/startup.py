@@ -59,9 +59,11 @@ def open_store(path: Path, threads: int) -> Store:
     opened (DuckDB names the lock holder's PID)."""
     import duckdb
 
-    from triolytics.storage.store import Store
+    from triolytics.storage.store import SchemaError, Store
     try:
         return Store(path, threads=threads)
+    except SchemaError as exc:  # a file of a newer triolytics: left as it is
+        raise StartupError(str(exc)) from exc
     except duckdb.IOException as exc:
         message = str(exc)
         holder = _LOCK_HOLDER.search(message)

@@ -399,3 +399,22 @@ def test_a_batch_for_many_users_starts_each_session_at_its_own_earliest_time():
     assert [r.timestamp for r in got.events()] == [
         RECEIVED - 3600_000_000, RECEIVED - 1800_000_000, RECEIVED - 7200_000_000,
         RECEIVED + 3600_000_000]  # none moved: their sessions start here
+
+
+# --- duplicate JSON keys: msgspec keeps the last value of a field; nested objects are
+# stored as sent (DuckDB's JSON functions then read the first). docs/api.md says so.
+
+def test_a_duplicate_top_level_key_resolves_to_the_last_value():
+    body = (b'{"type":"track","event":"first","event":"last","userId":"u1","userId":"u2",'
+            b'"properties":{"k":1,"k":2}}')
+    row = capture(body).rows[-1]
+    assert (row.event, row.user_id) == ("last", "u2")
+    assert row.properties == '{"k":1,"k":2}'  # kept as sent, duplicates and all
+
+
+def test_a_duplicate_key_in_a_batch_envelope_resolves_to_the_last_value():
+    body = (b'{"batch":[{"type":"track","event":"a","userId":"u"}],'
+            b'"batch":[{"type":"track","event":"b","userId":"u"},'
+            b'{"type":"track","event":"c","userId":"u"}]}')
+    accepted = batch(body)
+    assert [r.event for r in accepted.events()] == ["b", "c"]

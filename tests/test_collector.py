@@ -358,10 +358,11 @@ def test_http_sessions_sort_start_first_and_end_last_whatever_the_clocks(by_colu
     assert start.timestamp == event.timestamp == LATER - 5_000_000  # skew-corrected
     assert start.received_at == LATER
     # Sent a minute later, with sentAt: after skew correction one event predates the
-    # session's start, one is a year ahead. Taken by column, or event by event.
+    # session's start, one is 20 h ahead (under max_future_skew_s). Taken by column,
+    # or event by event.
     later = RequestMeta(LATER + 60_000_000, "198.51.100.4", "curl/8.5.0")
     events = [{**EVENT, "event": "before", "timestamp": "2024-05-01T11:00:00Z"},
-              {**EVENT, "event": "ahead", "timestamp": "2025-05-01T13:00:00Z"}]
+              {**EVENT, "event": "ahead", "timestamp": "2024-05-02T09:00:00Z"}]
     if not by_column:
         events.append({"type": "group", "groupId": 7, "anonymousId": "a"})  # (by event)
     body = json.dumps({"sentAt": "2024-05-01T13:00:00Z", "batch": events}).encode()
@@ -370,7 +371,7 @@ def test_http_sessions_sort_start_first_and_end_last_whatever_the_clocks(by_colu
     before, ahead = second.events()[:2]
     assert before.original_timestamp == RECEIVED - HOUR  # the client's own time, kept
     assert before.timestamp == start.timestamp  # (corrected: LATER - 2 h, also before)
-    assert ahead.timestamp == LATER + 60_000_000 + YEAR
+    assert ahead.timestamp == LATER + 60_000_000 + 20 * HOUR
     [end] = c.sessions.expire(LATER + 2 * YEAR, 10)
     assert end.timestamp == ahead.timestamp  # after its latest event, not before
     assert json.loads(end.properties) == {"duration_ms": 60_000,
@@ -418,3 +419,82 @@ def test_a_duplicate_key_in_a_batch_envelope_resolves_to_the_last_value():
             b'{"type":"track","event":"c","userId":"u"}]}')
     accepted = batch(body)
     assert [r.event for r in accepted.events()] == ["b", "c"]
+
+
+# --- the input policy: event times in the future or outside 1970-9999 are replaced by
+# the receive time and flagged in context; messageId has at most 100 characters.
+
+HOUR_S = 3600
+
+
+def _iso(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_a_time_more_than_23_hours_ahead_is_stored_as_the_receive_time_and_flagged():
+    ahead, ok = RECEIVED + 23 * HOUR_S * 10**6 + 1, RECEIVED + 23 * HOUR_S * 10**6
+    events = [{**EVENT, "event": "ahead", "timestamp": _iso(ahead)},
+              {**EVENT, "event": "ok", "timestamp": _iso(ok)}]
+    got = batch({"batch": events})
+    assert got.columns is None  # (a time to replace: the batch goes event by event)
+    row, kept = got.events()[:2]
+    assert (row.timestamp, row.original_timestamp) == (RECEIVED, ahead)
+    assert json.loads(row.context) == {"timestamp_adjusted": True, "ip": "198.51.100.4",
+                                       "userAgent": "curl/8.5.0"}
+    assert (kept.timestamp, kept.original_timestamp) == (ok, ok)
+    assert "timestamp_adjusted" not in json.loads(kept.context)
+    start = got.rows[0]
+    assert start.type == "session_start" and start.timestamp == RECEIVED
+
+
+def test_a_skewed_sent_at_cannot_make_the_year_12025():
+    # sentAt 10,000 years before the event's own time: the corrected time is year 12025.
+    body = json.dumps({**EVENT, "timestamp": "2025-01-01T00:00:00Z",
+                       "sentAt": "0024-05-01T12:00:00Z"}).encode()
+    row = capture(body).rows[-1]
+    assert row.timestamp == RECEIVED
+    assert row.original_timestamp == int(datetime(2025, 1, 1, tzinfo=UTC).timestamp()) * 10**6
+    assert json.loads(row.context)["timestamp_adjusted"] is True
+
+
+def test_a_time_before_1970_is_stored_as_the_receive_time_and_flagged():
+    body = json.dumps({**EVENT, "timestamp": "1969-12-31T23:59:59Z"}).encode()
+    row = capture(body).rows[-1]
+    assert (row.timestamp, row.original_timestamp) == (RECEIVED, -1_000_000)
+    assert json.loads(row.context)["timestamp_adjusted"] is True
+
+
+def test_the_flag_replaces_a_timestamp_adjusted_key_the_client_sent():
+    body = json.dumps({**EVENT, "timestamp": "2030-01-01T00:00:00Z",
+                       "context": {"timestamp_adjusted": False, "app": 1}}).encode()
+    ctx = json.loads(capture(body).rows[-1].context)
+    assert ctx == {"timestamp_adjusted": True, "app": 1, "ip": "198.51.100.4",
+                   "userAgent": "curl/8.5.0"}
+
+
+def test_max_future_skew_s_is_the_limit():
+    body = json.dumps({**EVENT, "timestamp": _iso(RECEIVED + 61_000_000)}).encode()
+    assert capture(body, max_future_skew_s=60).rows[-1].timestamp == RECEIVED
+    assert capture(body, max_future_skew_s=61).rows[-1].timestamp == RECEIVED + 61_000_000
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain", "mixed"])
+def test_a_message_id_over_100_characters_rejects_that_event_only(plain):
+    events = [{**EVENT, "messageId": "m" * 100}, {**EVENT, "messageId": "é" * 101},
+              {**EVENT, "messageId": "x"}]
+    if not plain:
+        events.append({"type": "group", "groupId": 7, "anonymousId": "a"})  # (by event)
+    got = batch({"batch": events})
+    reply = json.loads(got.body)
+    assert reply["stored"] == len(events) - 1
+    assert reply["rejected"] == [{
+        "index": 1, "code": "invalid_event", "field": "$.batch[1].messageId",
+        "message": "messageId is longer than 100 characters (max_message_id_chars)"}]
+    assert [r.message_id for r in got.events()[:2]] == ["m" * 100, "x"]
+
+
+def test_a_long_message_id_is_refused_on_capture_and_the_limit_is_configurable():
+    body = json.dumps({**EVENT, "messageId": "m" * 37}).encode()
+    err = refusal(capture, body, max_message_id_chars=36)
+    assert (err.status, err.code, err.field) == (400, "invalid_event", "$.messageId")
+    assert capture(body).rows[-1].message_id == "m" * 37

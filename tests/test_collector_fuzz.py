@@ -98,13 +98,16 @@ def test_arbitrary_bytes_are_refused_cleanly(raw):
 # --- a batch by column (`batch_columns`) makes the rows `to_row` makes, event by event
 
 times = {"timestamp": st.sampled_from(["2024-05-01T12:00:00", "2024-05-01T12:00:00.5+02:00",
-                                       "2019-01-01T00:00:00Z", "2031-01-01T00:00:00Z"]),
+                                       "2019-01-01T00:00:00Z", "2031-01-01T00:00:00Z",
+                                       # 23 h after receipt (kept), later, before 1970:
+                                       "2024-05-02T11:00:00Z", "2024-05-02T11:00:01Z",
+                                       "1969-12-31T23:59:59Z"]),
          "originalTimestamp": st.just("2024-05-01T11:00:00Z"),
          "sentAt": st.just("2024-05-01T12:00:03Z")}
 plain_fields = {  # values the by-column path takes
     "event": st.sampled_from(["E", "F"]), "name": st.sampled_from(["Home", None]),
     "anonymousId": st.sampled_from(["a", "b", None]), "userId": st.sampled_from(["u", None]),
-    "messageId": st.sampled_from(["m1", "m2", "seen", "", None]), **times,
+    "messageId": st.sampled_from(["m1", "m2", "seen", "", None, "m" * 101]), **times,
     "context": st.sampled_from([{}, {"library": {"name": "js"}}, {"ip": "10.0.0.1"}, None]),
     "properties": st.sampled_from([{"a": 1}, {}, None, {"é": "\u2603"}]),
     "traits": st.sampled_from([{"plan": "pro"}, None]),

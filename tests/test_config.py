@@ -110,6 +110,9 @@ def test_malformed_toml():
     ("ws_burst_events = 0\n", {}, "ws_burst_events"),
     ("ws_id_burst_events = 0\n", {}, "ws_id_burst_events"),
     ('ws_rate_limit_action = "drop"\n', {}, "ws_rate_limit_action"),
+    ("max_future_skew_s = 0\n", {}, "max_future_skew_s"),
+    ("", {"TRIOLYTICS_MAX_FUTURE_SKEW_S": "-1"}, "max_future_skew_s"),
+    ("max_message_id_chars = 0\n", {}, "max_message_id_chars"),
 ])
 def test_bad_values_rejected_with_name(toml, env, name):
     with pytest.raises(ConfigError, match=name):
@@ -141,3 +144,9 @@ def test_connection_and_request_limits_must_be_positive(name, value):
         value = "1.5"  # (an integer setting refuses a fraction by its type)
     with pytest.raises(ConfigError, match=name):
         load_config("", {f"TRIOLYTICS_{name.upper()}": value})
+
+
+def test_input_policy_defaults_and_overrides():
+    assert (Config().max_future_skew_s, Config().max_message_id_chars) == (82_800, 100)
+    config = load_config("max_message_id_chars = 36\n", {"TRIOLYTICS_MAX_FUTURE_SKEW_S": "60"})
+    assert (config.max_future_skew_s, config.max_message_id_chars) == (60, 36)

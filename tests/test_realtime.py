@@ -39,7 +39,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "realtime-api.md"
 class Env:
     """One connection's `Realtime` with the server's dedup and sessions."""
 
-    def __init__(self, max_events: int = 2500) -> None:
+    def __init__(self, max_events: int = 2500, **config) -> None:
         ids = count(1)
         self.dedup = Dedup(86_400 * S, 10_000)
         self.sessions = Sessions(1800 * S, lambda: f"sid-{next(ids)}")
@@ -50,7 +50,8 @@ class Env:
             self.touches.append(events)
             return touch(key, anonymous_id, user_id, now, rows, events, first)
         self.sessions.touch_session = counting_touch
-        self.rt = Realtime(Config(ws_max_batch_events=max_events), "default", AID, CONTEXT)
+        self.rt = Realtime(Config(ws_max_batch_events=max_events, **config), "default", AID,
+                           CONTEXT)
 
     def batch(self, data, now: int = NOW):
         return self.rt.batch(data, Intake(self.dedup, self.sessions, now))
@@ -182,9 +183,10 @@ def test_ts_out_of_range_is_refused(ts):
                    5, CLOSE_INVALID)
 
 
-def test_ts_at_the_ends_of_the_range_is_stored():
+def test_ts_at_the_ends_of_the_range_is_accepted():
     b = Env().batch(frame(ev(ts=0), ev(ts=MAX_TS_MS)))
-    assert [r.timestamp for r in b.rows[1:]] == [0, MAX_TS_MS * 1000]
+    assert [r.original_timestamp for r in b.rows[1:]] == [0, MAX_TS_MS * 1000]
+    assert [r.timestamp for r in b.rows[1:]] == [0, NOW]  # the year 9999: in the future
 
 
 @pytest.mark.parametrize("payload", [[1, 2], "text", 3, True])
@@ -340,7 +342,7 @@ def by_timestamp(rows: list) -> list:
 
 
 def test_the_documents_payload_received_years_later_sorts_start_first_and_end_last():
-    env = Env()
+    env = Env(max_future_skew_s=2 * 365 * 86_400)  # (a clock a year ahead is kept)
     first = env.batch(DOC_PAYLOAD, NOW_2026)
     start, view, click = first.rows
     assert start.type == "session_start" and start.received_at == NOW_2026
@@ -373,8 +375,38 @@ def test_a_batch_of_times_out_of_order_starts_its_session_at_the_earliest():
 
 
 def test_a_clock_ahead_starts_the_session_at_receipt_and_ends_it_after_its_events():
-    env = Env()
+    env = Env(max_future_skew_s=10**12)  # (else the year 9999 is in the future: replaced)
     b = env.batch(frame(ev(ts=MAX_TS_MS)), NOW)
     assert b.rows[0].timestamp == NOW and b.rows[1].timestamp == MAX_TS_MS * 1000
     [end] = env.sessions.expire(NOW + 1800 * S, 10)
     assert end.timestamp == MAX_TS_MS * 1000
+
+
+# --- the input policy: a ts more than max_future_skew_s ahead is stored as the receive
+# time, flagged in that event's context; an id has at most max_message_id_chars.
+
+def test_a_ts_more_than_23_hours_ahead_is_stored_as_the_receive_time_and_flagged():
+    limit_ms = (NOW + 82_800 * S) // 1000
+    b = Env().batch(frame(ev("ok", ts=limit_ms), ev("ahead", ts=limit_ms + 1), ev("none")))
+    start, ok, ahead, none = b.rows
+    assert (ok.timestamp, ok.original_timestamp) == (limit_ms * 1000, limit_ms * 1000)
+    assert (ahead.timestamp, ahead.original_timestamp) == (NOW, (limit_ms + 1) * 1000)
+    assert json.loads(ahead.context) == {"timestamp_adjusted": True, **json.loads(CONTEXT)}
+    assert ok.context == none.context == CONTEXT
+    assert start.timestamp == NOW
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(b.columns),
+                                  type=type(b.columns)) == b.columns  # (journaled as is)
+
+
+def test_max_future_skew_s_is_the_websocket_limit_too():
+    b = Env(max_future_skew_s=60).batch(frame(ev(ts=(NOW + 61 * S) // 1000)))
+    assert b.rows[1].timestamp == NOW
+
+
+def test_an_id_over_max_message_id_chars_refuses_the_batch():
+    env = Env()
+    assert_refused(env, frame(ev(id="a" * 100), ev(id="b" * 101), seq=3), "invalid_event",
+                   "$.events[1].id", 3, CLOSE_INVALID)
+    assert env.batch(frame(ev(id="a" * 100))).rows[1].message_id == "a" * 100
+    assert_refused(Env(max_message_id_chars=5), frame(ev(id="abcdef")), "invalid_event",
+                   "$.events[0].id", None, CLOSE_INVALID)

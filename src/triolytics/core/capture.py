@@ -84,6 +84,13 @@ _new_row = tuple.__new__  # Row(*values) without NamedTuple's Python-level __new
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
 _US = timedelta(microseconds=1)
+# The input policy (docs/api.md): defaults of Config's max_future_skew_s and
+# max_message_id_chars, and the latest time stored as an event's `timestamp`.
+MAX_FUTURE_SKEW_US = 82_800 * 1_000_000  # 23 h, PostHog's rule
+MAX_MESSAGE_ID_CHARS = 100  # Segment's limit
+MAX_TIME_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+ADJUSTED = "timestamp_adjusted"  # the context key that flags a replaced timestamp
+_FLAG = '{"' + ADJUSTED + '":true'
 
 
 def _id_prefix() -> str:
@@ -283,6 +290,17 @@ class ContextEnricher:
         return _JSON.encode(ctx).decode()
 
 
+def flag_adjusted(context: str) -> str:
+    """`context` (an object's text) with `"timestamp_adjusted": true` in it: the event's
+    `timestamp` is its receive time, not the (future or out-of-range) time it sent."""
+    if f'"{ADJUSTED}"' in context:  # (the client's own key: replaced, not doubled)
+        data = msgspec.json.decode(context)
+        data[ADJUSTED] = True
+        return _JSON.encode(data).decode()
+    rest = context[1:]
+    return _FLAG + ("}" if rest.lstrip()[:1] == "}" else "," + rest)
+
+
 def _need(value: object, kind: str, field: str) -> None:
     if value is None or value == "":
         raise ApiError("invalid_event", f"{field} is required for {kind}", field=f"$.{field}")
@@ -291,7 +309,8 @@ def _need(value: object, kind: str, field: str) -> None:
 def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnricher,
            intake: Intake | None = None, *, kind: str | None = None,
            sent_at: datetime | None = None, integrations: msgspec.Raw = NO_JSON,
-           make_id: bool = True) -> Row | None:
+           make_id: bool = True, max_skew_us: int = MAX_FUTURE_SKEW_US,
+           max_id_chars: int = MAX_MESSAGE_ID_CHARS) -> Row | None:
     """Validate one decoded event and normalize it into a stored row.
 
     With an `intake`, the valid event is admitted there: None if its `messageId` is a
@@ -300,7 +319,9 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
     session's start row, if it opens one). Field paths in errors are relative to the
     event (`$.userId`); a batch prefixes them. Without `make_id`, an event the client gave
     no `messageId` keeps `None` and DuckDB makes its UUID at load (for batches, whose
-    answer names no ids: far cheaper there).
+    answer names no ids: far cheaper there). A `timestamp` more than `max_skew_us` after
+    the receive time, or outside 1970-9999, is stored as the receive time, flagged in
+    `context` (`flag_adjusted`); a `messageId` over `max_id_chars` is refused.
     This runs once per stored event: keep it free of needless calls and formatting.
     """
     kind = kind or ev.type
@@ -339,12 +360,20 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
         original = to_micros(client_time)
         # Segment's skew correction: the device clock's error is sentAt - receivedAt.
         timestamp = original if sent_us is None else received - (sent_us - original)
+    adjusted = timestamp > received + max_skew_us or timestamp < 0 or timestamp > MAX_TIME_US
+    if adjusted:
+        timestamp = received
+    message_id = ev.messageId
+    if message_id is not None and len(message_id) > max_id_chars:
+        raise ApiError("invalid_event", f"messageId is longer than {max_id_chars} characters "
+                       "(max_message_id_chars)", field="$.messageId")
     # Every check is done before the intake: an admitted event is always stored.
     properties = _object(ev.properties, "$.properties") if ev.properties else None
     traits = _object(ev.traits, "$.traits") if ev.traits else None
     context = enrich(ev.context, "$.context")
+    if adjusted:
+        context = flag_adjusted(context)
     integrations = _object(integrations, "$.integrations") if integrations else None
-    message_id = ev.messageId
     session_id = None
     if intake is not None:
         if message_id and not intake.fresh(project, message_id):
@@ -370,7 +399,8 @@ _BAD = object()  # a value `to_row` would refuse
 
 def batch_columns(events: list[WireEvent], project: str, meta: RequestMeta,
                   enrich: ContextEnricher, intake: Intake, *, sent_at: datetime | None = None,
-                  integrations: msgspec.Raw = NO_JSON) -> Columns | None:
+                  integrations: msgspec.Raw = NO_JSON, max_skew_us: int = MAX_FUTURE_SKEW_US,
+                  max_id_chars: int = MAX_MESSAGE_ID_CHARS) -> Columns | None:
     """The rows of a batch whose events are all plainly valid, by column, checked with
     C-speed list and set operations instead of `to_row` per event. None, with nothing
     touched, when any event needs a closer look: `to_row` then goes event by event,
@@ -418,6 +448,10 @@ def batch_columns(events: list[WireEvent], project: str, meta: RequestMeta,
         original: list | None = None
     else:
         timestamp, original = _skew_corrected(stamps, originals, sent, received)
+        if max(timestamp) > min(received + max_skew_us, MAX_TIME_US) or min(timestamp) < 0:
+            return None  # a time to replace and flag: `to_row` does it
+    if mids.count(None) != n and max(map(len, filter(None, mids)), default=0) > max_id_chars:
+        return None  # an id too long: `to_row` names it
     # Every check is done: from here the events are admitted (as to_row does per event).
     ids: tuple | list | None = None
     keep = None

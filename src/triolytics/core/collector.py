@@ -168,7 +168,8 @@ class Collector:
         if not key:
             project = self.project(ev.writeKey)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
-        row = to_row(ev, project, meta, enricher_for(meta), intake, kind=kind)
+        row = to_row(ev, project, meta, enricher_for(meta), intake, kind=kind,
+                     **self._policy())
         quoted = _ENCODE.encode(row.message_id if row is not None else ev.messageId)
         if kind is None:  # {"ok":true,"id":"..."}
             return Accepted(intake.rows, intake.keys, 201, b'{"ok":true,"id":%b}' % quoted)
@@ -198,9 +199,10 @@ class Collector:
         enrich = enricher_for(meta, envelope.context)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
         sent_at, integrations = envelope.sentAt, envelope.integrations
+        policy = self._policy()
         if one_pass:  # try the whole batch by column
             columns = batch_columns(items, project, meta, enrich, intake, sent_at=sent_at,
-                                    integrations=integrations)
+                                    integrations=integrations, **policy)
             if columns is not None:
                 reply = _ENCODE.encode(SegmentReply(True, stored=len(items)))
                 return Accepted(intake.rows, intake.keys, 200, reply,
@@ -208,7 +210,7 @@ class Collector:
         for i, ev in events:
             try:
                 to_row(ev, project, meta, enrich, intake, sent_at=sent_at,
-                       integrations=integrations, make_id=False)
+                       integrations=integrations, make_id=False, **policy)
             except ApiError as exc:  # its field path is relative to the event
                 field = f"$.batch[{i}]" + (exc.field or "$")[1:]
                 rejected.append(Rejected(i, exc.code, exc.message, field))
@@ -218,6 +220,11 @@ class Collector:
         rejected.sort(key=lambda r: r.index)
         reply = SegmentReply(True, stored=len(items) - len(rejected), rejected=rejected or None)
         return Accepted(intake.rows, intake.keys, 200, _ENCODE.encode(reply))
+
+    def _policy(self) -> dict[str, int]:
+        """The input policy's limits, as `to_row` and `batch_columns` take them."""
+        return {"max_skew_us": self.config.max_future_skew_s * 1_000_000,
+                "max_id_chars": self.config.max_message_id_chars}
 
     def _decode_each(self, items: list[msgspec.Raw],
                      rejected: list[Rejected]) -> list[tuple[int, WireEvent]]:

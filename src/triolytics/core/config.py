@@ -73,6 +73,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedup_max_ids: int = 1_000_000  # remembered ids (memory); the oldest are forgotten first
     max_query_rows: int = 10_000  # rows one /admin/query (or `triolytics query`) returns
     query_timeout_s: float = 30.0  # a query still running after this is interrupted
+    max_future_skew_s: int = 82_800  # an event time later than receipt + this is replaced
+    max_message_id_chars: int = 100  # a longer messageId (WebSocket: id) is refused
     # --- the real-time API: POST /create and the WebSocket at /analytics
     analytics_shard: int = 0  # the <shard> of issued analytics_ids
     analytics_region: str = "global"  # metadata.region in POST /create's answer
@@ -111,7 +113,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "ws_max_in_flight", "ws_receive_buffer_bytes",
                     "ws_ping_interval_s", "ws_pong_timeout_s", "ws_idle_timeout_s",
                     "ws_max_fragments", "ws_message_timeout_s", "ws_burst_events",
-                    "ws_id_burst_events", "create_burst")
+                    "ws_id_burst_events", "create_burst", "max_future_skew_s",
+                    "max_message_id_chars")
         for name in positive:
             if not getattr(self, name) > 0:  # (NaN too)
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -10,6 +10,9 @@ Rules:
   once per batch; ids (`id`) are deduplicated per event before that, like `messageId`.
   The session also stamps the batch's times: a `ts` before the session's start is
   stored at the start (`original_timestamp` keeps the `ts`; see sessions.py).
+- Input policy (docs/websocket.md): an `id` over `max_message_id_chars` refuses the
+  batch; a `ts` more than `max_future_skew_s` after receipt is stored as the receive
+  time, and that event's context gets `"timestamp_adjusted": true`.
 - Time comes in as `now` (µs); nothing here reads a clock.
 """
 
@@ -20,7 +23,7 @@ from typing import Annotated
 
 import msgspec
 
-from triolytics.core.capture import BAD_JSON, _object, decode_error
+from triolytics.core.capture import BAD_JSON, _object, decode_error, flag_adjusted
 from triolytics.core.config import Config
 from triolytics.core.errors import ApiError
 from triolytics.core.rows import Row, RtColumns
@@ -115,6 +118,8 @@ class Realtime:
         self.analytics_id = analytics_id
         self.context = context  # {"ip": ..., "userAgent": ...} of the connection
         self.key = (project, "ws", analytics_id)
+        self.max_skew_us = config.max_future_skew_s * 1_000_000
+        self.max_id_chars = config.max_message_id_chars
 
     def batch(self, data: bytes | str, intake: Intake) -> Batch:
         """The batch's rows, admitted to `intake`; FrameError if any event is invalid.
@@ -134,6 +139,12 @@ class Realtime:
         project, aid, now = self.project, self.analytics_id, intake.now
         ids = [e.id for e in events]
         if ids.count(None) != len(ids):  # (opt-in ids: the common batch has none)
+            if max(map(len, filter(None, ids)), default=0) > self.max_id_chars:
+                i = next(i for i, v in enumerate(ids) if v and len(v) > self.max_id_chars)
+                raise FrameError(ApiError(
+                    "invalid_event", f"id is longer than {self.max_id_chars} characters "
+                    "(max_message_id_chars)", field=f"$.events[{i}].id"), frame.seq,
+                    CLOSE_INVALID)
             ids = [i or None for i in ids]
             admitted = intake.fresh_all(project, ids)
             if False in admitted:
@@ -151,8 +162,13 @@ class Realtime:
             originals = [None if ts is None else ts * 1000 for ts in originals]
         else:  # (one list for both columns: nothing changes it once built)
             stamps = originals = [ts * 1000 for ts in originals]
+        context: str | list[str] = self.context
+        latest = now + self.max_skew_us
+        if max(stamps) > latest:  # in the future: the receive time, flagged
+            context = [flag_adjusted(context) if t > latest else context for t in stamps]
+            stamps = [now if t > latest else t for t in stamps]
         sid, stamps = intake.session(self.key, aid, None, stamps, len(events))
-        columns = RtColumns(project, aid, sid, now, self.context, ids, types, stamps,
+        columns = RtColumns(project, aid, sid, now, context, ids, types, stamps,
                             originals, payloads)
         return Batch(intake.rows, intake.keys, frame.seq, len(frame.events), sid, columns)
 

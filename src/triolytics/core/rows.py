@@ -98,7 +98,7 @@ class RtColumns(msgspec.Struct, array_like=True, gc=False):
     analytics_id: str  # the anonymous_id column
     session_id: str | None
     received_at: int
-    context: str
+    context: str | list[str]  # one for all events, or one each (an event's flag)
     message_ids: list[str | None]
     types: list[str]
     timestamps: list[int]

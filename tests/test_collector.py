@@ -498,3 +498,46 @@ def test_a_long_message_id_is_refused_on_capture_and_the_limit_is_configurable()
     err = refusal(capture, body, max_message_id_chars=36)
     assert (err.status, err.code, err.field) == (400, "invalid_event", "$.messageId")
     assert capture(body).rows[-1].message_id == "m" * 37
+
+
+# --- a bad string in one event of a batch rejects that event only
+
+GOOD = b'{"type":"track","event":"ok","anonymousId":"a"}'
+
+
+@pytest.mark.parametrize("bad", [
+    rb'{"type":"track","event":"\ud800","anonymousId":"a"}',  # a lone high surrogate
+    rb'{"type":"track","event":"x\udc00","anonymousId":"a"}',  # a lone low one
+    rb'{"type":"track","event":"E","anonymousId":"a","properties":{"k":"\uD83D\uD83D"}}',
+    b'{"type":"track","event":"\xff","anonymousId":"a"}',  # invalid UTF-8 (as before)
+    b'{"type":"track","event":"E","anonymousId":"a","properties":{"k":"\xc3"}}',
+])
+@pytest.mark.parametrize("size", ["small", "large"])  # one decode, or sized event by event
+def test_a_bad_string_in_one_event_rejects_that_event_only(bad, size):
+    pad = {"small": b"", "large": b" " * 40_000}[size]
+    body = b'{"batch":[' + GOOD + b"," + bad + b"," + pad + GOOD + b"]}"
+    got = batch(body)
+    reply = json.loads(got.body)
+    assert reply["stored"] == 2
+    [rejected] = reply["rejected"]
+    assert (rejected["index"], rejected["code"]) == (1, "invalid_json"), rejected
+    assert rejected["field"] in ("$.batch[1]", "$.batch[1].properties"), rejected
+    assert [r.event for r in got.events()] == ["ok", "ok"]
+
+
+def test_a_surrogate_pair_and_escaped_backslashes_are_stored():
+    events = b'{"type":"track","event":"\\ud83d\\ude00 \\\\ud800","anonymousId":"a"}'
+    got = batch(b'{"batch":[' + events + b"," + GOOD + b"]}")
+    assert [r.event for r in got.events()] == ["\U0001F600 \\ud800", "ok"]
+
+
+@pytest.mark.parametrize("body", [
+    rb'{"batch":[{"type":"track","event":"\ud800","anonymousId":"a"}]}',  # its only event
+    rb'{"context":{"k":"\ud800"},"batch":[{"type":"track","event":"E","anonymousId":"a"}]}',
+    rb'{"batch":[{"type":"track","event":"\ud800","anonymousId":"a"},{]}',  # and broken
+])
+def test_a_lone_surrogate_outside_a_valid_event_still_refuses_the_request(body):
+    err = refusal(batch, body)
+    assert err.status == 400 and err.code in ("invalid_json", "invalid_event")
+    if b"{]" not in body and b"context" not in body:
+        assert isinstance(err, BatchRejected) and err.rejected[0].field == "$.batch[0]"

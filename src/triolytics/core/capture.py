@@ -15,6 +15,7 @@ import functools
 import itertools
 import random
 import re
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -165,7 +166,9 @@ def decode_batch(body: bytes, max_event_bytes: int) -> WireBatch | WireBatchEven
     try:
         envelope = BATCH_DECODER.decode(body)
     except BAD_JSON as exc:
-        raise decode_error(exc, "", body) from None
+        envelope = _without_lone_surrogates(body)
+        if envelope is None:
+            raise decode_error(exc, "", body) from None
     items = envelope.batch
     if items and max(map(len, items)) <= max_event_bytes:  # a larger body, sized events:
         try:  # all of them in one decode, as one array
@@ -174,6 +177,60 @@ def decode_batch(body: bytes, max_event_bytes: int) -> WireBatch | WireBatchEven
             return envelope
         return WireBatchEvents(events, envelope.context, envelope.integrations,
                                envelope.sentAt, envelope.writeKey)
+    return envelope
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][0-9a-fA-F]{2}")
+_LOW_ESCAPE = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+MAX_SURROGATE_ESCAPES = 10_000  # past this many, a batch that fails to decode is not split
+
+
+def _lone_surrogates(body: bytes) -> list[int]:
+    """Offsets of the `\\uD800`-`\\uDFFF` escapes not in a high-low pair (msgspec refuses
+    them); an escape after an odd run of backslashes is text (`\\\\ud800`), not one."""
+    lone: list[int] = []
+    paired = -1  # the offset of the low half of the last pair seen
+    for m in _SURROGATE_ESCAPE.finditer(body):
+        at = m.start()
+        j = at
+        while j and body[j - 1] == 92:  # (a backslash)
+            j -= 1
+        if (at - j) % 2 or at == paired:
+            continue
+        if body[at + 3] in b"89abAB" and _LOW_ESCAPE.match(body, at + 6):  # a pair
+            paired = at + 6
+            continue
+        lone.append(at)
+    return lone
+
+
+def _without_lone_surrogates(body: bytes) -> WireBatch | None:
+    """A batch that failed to decode, decoded again with its lone surrogate escapes
+    (which msgspec refuses) swapped for a marker, so that each event can be sized and
+    refused on its own: the events keep their own bytes, lone surrogates and all. None
+    when that does not help (no such escape, another fault, or one outside the events).
+    Runs only for a body that failed to decode: the common path never comes here."""
+    if not 0 < body.count(b"\\ud") + body.count(b"\\uD") <= MAX_SURROGATE_ESCAPES:
+        return None
+    lone = _lone_surrogates(body)
+    if not lone:
+        return None
+    marker = b"~lone-surrogate-" + secrets.token_hex(8).encode() + b"-"
+    pieces, last = [], 0
+    for at in lone:  # `\\ud800` -> marker + `d800`
+        pieces += (body[last:at], marker)
+        last = at + 2
+    pieces.append(body[last:])
+    fixed, n = b"".join(pieces), len(lone)
+    try:
+        envelope = BATCH_DECODER.decode(fixed)
+    except BAD_JSON:
+        return None
+    items = [bytes(raw) for raw in envelope.batch]
+    if sum(item.count(marker) for item in items) != n:
+        return None  # (one in the envelope: the request as a whole is at fault)
+    envelope.batch = [msgspec.Raw(item.replace(marker, b"\\u")) if marker in item else raw
+                      for item, raw in zip(items, envelope.batch, strict=True)]
     return envelope
 
 

@@ -410,6 +410,7 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
     client_time = ev.timestamp or ev.originalTimestamp
     sent = ev.sentAt or sent_at
     sent_us = to_micros(sent) if sent is not None else None
+    adjusted = False
     if client_time is None:
         original = None
         timestamp = received
@@ -417,9 +418,9 @@ def to_row(ev: WireEvent, project: str, meta: RequestMeta, enrich: ContextEnrich
         original = to_micros(client_time)
         # Segment's skew correction: the device clock's error is sentAt - receivedAt.
         timestamp = original if sent_us is None else received - (sent_us - original)
-    adjusted = timestamp > received + max_skew_us or timestamp < 0 or timestamp > MAX_TIME_US
-    if adjusted:
-        timestamp = received
+        if not 0 <= timestamp <= received + max_skew_us or timestamp > MAX_TIME_US:
+            adjusted = True
+            timestamp = received
     message_id = ev.messageId
     if message_id is not None and len(message_id) > max_id_chars:
         raise ApiError("invalid_event", f"messageId is longer than {max_id_chars} characters "

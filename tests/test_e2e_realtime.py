@@ -623,7 +623,9 @@ def session_order(data_dir: Path, session_id: str) -> list[dict]:
 
 async def test_the_document_flow_years_later_sorts_as_a_session_across_a_restart(tmp_path,
                                                                                    clock):
-    async with running(tmp_path, YEARS_LATER_S, session_timeout_s=60) as server:
+    skew = 10 * 365 * 86_400  # max_future_skew_s: the "ahead" clock (2030) is kept
+    async with running(tmp_path, YEARS_LATER_S, session_timeout_s=60,
+                       max_future_skew_s=skew) as server:
         aid = await server.create()
         async with ws(server, aid) as conn:
             await conn.send_message(DOC_PAYLOAD)  # verbatim: no seq, no answer
@@ -631,7 +633,8 @@ async def test_the_document_flow_years_later_sorts_as_a_session_across_a_restart
                                     '"seq":1}')  # buffered on the device since 2020
             session = (await ack(conn))["session_id"]
         await server.wait_journaled(4)
-    async with running(tmp_path, YEARS_LATER_S + 10, session_timeout_s=60) as server:
+    async with running(tmp_path, YEARS_LATER_S + 10, session_timeout_s=60,
+                       max_future_skew_s=skew) as server:
         async with ws(server, aid) as conn:  # resumed after the restart, with its stamps
             await conn.send_message('{"events":[{"type":"older","ts":1500000000000},'
                                     '{"type":"ahead","ts":1900000000000}],"seq":1}')

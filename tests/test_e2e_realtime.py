@@ -678,3 +678,33 @@ async def test_http_sessions_sort_as_sessions_through_the_server(tmp_path, clock
                                           "session_end"]
     assert rows[0]["ts"] == rows[1]["ts"] == rows[2]["ts"] == 1706859000000
     assert rows[2]["original"] == 1672531200000  # "late", stored at the session's start
+
+
+async def test_times_in_the_future_are_stored_at_receipt_and_flagged_in_duckdb(tmp_path,
+                                                                               clock):
+    async with running(tmp_path, write_keys=["wk_1"]) as server:
+        aid = await server.create()
+        async with ws(server, aid) as conn:
+            await conn.send_message('{"events":[{"type":"ok","ts":1700000000000},'
+                                    '{"type":"ahead","ts":4102444800000}],"seq":1}')  # 2100
+            assert (await ack(conn))["type"] == "ack"
+        status, _, _ = await server.http(b"POST", b"/v1/batch", [(b"x-write-key", b"wk_1")],
+                                         json.dumps({"batch": [
+                                             {"type": "track", "event": "ahead_http",
+                                              "anonymousId": "a",
+                                              "timestamp": "2100-01-01T00:00:00Z"},
+                                             {"type": "track", "event": "ok_http",
+                                              "anonymousId": "a", "messageId": "m" * 101},
+                                         ]}).encode())
+        assert status == 200
+        await server.wait_journaled(5)
+    con = duckdb.connect(str(tmp_path / "events.duckdb"), read_only=True)
+    try:
+        got = con.execute(
+            "SELECT coalesce(event, type), epoch_ms(timestamp) = epoch_ms(received_at),"
+            " epoch_ms(original_timestamp), context->>'timestamp_adjusted' FROM events"
+            " WHERE type NOT LIKE 'session_%' ORDER BY ingest_seq").fetchall()
+    finally:
+        con.close()
+    assert got == [("ok", False, 1700000000000, None), ("ahead", True, 4102444800000, "true"),
+                   ("ahead_http", True, 4102444800000, "true")]  # (ok_http: its id too long)

@@ -169,7 +169,8 @@ class Collector:
             project = self.project(ev.writeKey)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
         row = to_row(ev, project, meta, enricher_for(meta), intake, kind=kind,
-                     **self._policy())
+                     max_skew_us=self.config.max_future_skew_s * 1_000_000,
+                     max_id_chars=self.config.max_message_id_chars)
         quoted = _ENCODE.encode(row.message_id if row is not None else ev.messageId)
         if kind is None:  # {"ok":true,"id":"..."}
             return Accepted(intake.rows, intake.keys, 201, b'{"ok":true,"id":%b}' % quoted)
@@ -199,10 +200,12 @@ class Collector:
         enrich = enricher_for(meta, envelope.context)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
         sent_at, integrations = envelope.sentAt, envelope.integrations
-        policy = self._policy()
+        skew_us = self.config.max_future_skew_s * 1_000_000
+        id_chars = self.config.max_message_id_chars
         if one_pass:  # try the whole batch by column
             columns = batch_columns(items, project, meta, enrich, intake, sent_at=sent_at,
-                                    integrations=integrations, **policy)
+                                    integrations=integrations, max_skew_us=skew_us,
+                                    max_id_chars=id_chars)
             if columns is not None:
                 reply = _ENCODE.encode(SegmentReply(True, stored=len(items)))
                 return Accepted(intake.rows, intake.keys, 200, reply,
@@ -210,7 +213,8 @@ class Collector:
         for i, ev in events:
             try:
                 to_row(ev, project, meta, enrich, intake, sent_at=sent_at,
-                       integrations=integrations, make_id=False, **policy)
+                       integrations=integrations, make_id=False, max_skew_us=skew_us,
+                       max_id_chars=id_chars)
             except ApiError as exc:  # its field path is relative to the event
                 field = f"$.batch[{i}]" + (exc.field or "$")[1:]
                 rejected.append(Rejected(i, exc.code, exc.message, field))
@@ -220,11 +224,6 @@ class Collector:
         rejected.sort(key=lambda r: r.index)
         reply = SegmentReply(True, stored=len(items) - len(rejected), rejected=rejected or None)
         return Accepted(intake.rows, intake.keys, 200, _ENCODE.encode(reply))
-
-    def _policy(self) -> dict[str, int]:
-        """The input policy's limits, as `to_row` and `batch_columns` take them."""
-        return {"max_skew_us": self.config.max_future_skew_s * 1_000_000,
-                "max_id_chars": self.config.max_message_id_chars}
 
     def _decode_each(self, items: list[msgspec.Raw],
                      rejected: list[Rejected]) -> list[tuple[int, WireEvent]]:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from triolytics.core.config import Config
 from triolytics.core.errors import ApiError
 from triolytics.core.rows import Columns, Row
 from triolytics.core.sessions import Intake
@@ -85,10 +86,12 @@ _new_row = tuple.__new__  # Row(*values) without NamedTuple's Python-level __new
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
 _US = timedelta(microseconds=1)
-# The input policy (docs/api.md): defaults of Config's max_future_skew_s and
-# max_message_id_chars, and the latest time stored as an event's `timestamp`.
-MAX_FUTURE_SKEW_US = 82_800 * 1_000_000  # 23 h, PostHog's rule
-MAX_MESSAGE_ID_CHARS = 100  # Segment's limit
+# The input policy (docs/api.md): Config's defaults for max_future_skew_s (23 h,
+# PostHog's rule) and max_message_id_chars (Segment's limit), and the latest time stored
+# as an event's `timestamp`.
+_DEFAULTS = Config()
+MAX_FUTURE_SKEW_US = _DEFAULTS.max_future_skew_s * 1_000_000
+MAX_MESSAGE_ID_CHARS = _DEFAULTS.max_message_id_chars
 MAX_TIME_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 ADJUSTED = "timestamp_adjusted"  # the context key that flags a replaced timestamp
 _FLAG = '{"' + ADJUSTED + '":true'

@@ -140,6 +140,8 @@ class Collector:
             dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
         self.sessions = sessions
         self.dedup = dedup
+        self.max_skew_us = config.max_future_skew_s * 1_000_000  # the input policy
+        self.max_id_chars = config.max_message_id_chars
 
     def project(self, key: str | None) -> str:
         if not key:
@@ -169,8 +171,7 @@ class Collector:
             project = self.project(ev.writeKey)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
         row = to_row(ev, project, meta, enricher_for(meta), intake, kind=kind,
-                     max_skew_us=self.config.max_future_skew_s * 1_000_000,
-                     max_id_chars=self.config.max_message_id_chars)
+                     max_skew_us=self.max_skew_us, max_id_chars=self.max_id_chars)
         quoted = _ENCODE.encode(row.message_id if row is not None else ev.messageId)
         if kind is None:  # {"ok":true,"id":"..."}
             return Accepted(intake.rows, intake.keys, 201, b'{"ok":true,"id":%b}' % quoted)
@@ -200,8 +201,7 @@ class Collector:
         enrich = enricher_for(meta, envelope.context)
         intake = Intake(self.dedup, self.sessions, meta.received_at)
         sent_at, integrations = envelope.sentAt, envelope.integrations
-        skew_us = self.config.max_future_skew_s * 1_000_000
-        id_chars = self.config.max_message_id_chars
+        skew_us, id_chars = self.max_skew_us, self.max_id_chars
         if one_pass:  # try the whole batch by column
             columns = batch_columns(items, project, meta, enrich, intake, sent_at=sent_at,
                                     integrations=integrations, max_skew_us=skew_us,

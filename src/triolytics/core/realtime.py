@@ -165,7 +165,8 @@ class Realtime:
         context: str | list[str] = self.context
         latest = now + self.max_skew_us
         if max(stamps) > latest:  # in the future: the receive time, flagged
-            context = [flag_adjusted(context) if t > latest else context for t in stamps]
+            flagged = flag_adjusted(context)  # one context for the batch: flag it once
+            context = [flagged if t > latest else context for t in stamps]
             stamps = [now if t > latest else t for t in stamps]
         sid, stamps = intake.session(self.key, aid, None, stamps, len(events))
         columns = RtColumns(project, aid, sid, now, context, ids, types, stamps,

@@ -344,6 +344,24 @@ def test_read_segment_finds_records_past_damage():
         [(second, second + HDR + 1, b"b")], [(first, second)])
 
 
+def test_read_shows_a_segment_as_found_without_changing_anything(tmp_path, caplog):
+    recs, _ = written(tmp_path, 4)
+    flip(seg_path(tmp_path, 1), SEG + FRAMED + 2)
+    with open(seg_path(tmp_path, 1), "ab") as f:
+        f.write(b"\x01\x02")  # a torn tail, left alone by read
+    before = seg_path(tmp_path, 1).read_bytes()
+    j = Journal(tmp_path, 1 << 20)  # not opened: a script inspecting a journal
+    sync = (tmp_path / "marker").read_bytes()
+    assert j.read_marker() == sync
+    got = j.read(1)
+    assert (got.version, got.sync, got.intact) == (2, sync, True)
+    assert [p for _, _, p in got.records] == [recs[0]] + recs[2:]
+    assert got.damaged == [(SEG + FRAMED, SEG + 2 * FRAMED), (len(before) - 2, len(before))]
+    assert jmod.read_segment(before, sync) == (got.records, got.damaged)
+    assert seg_path(tmp_path, 1).read_bytes() == before
+    assert j.damage == [] and not (tmp_path / "quarantine").exists() and not caplog.records
+
+
 # --- version 1 segments
 
 

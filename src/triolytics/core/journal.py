@@ -1,18 +1,57 @@
-"""The write-ahead journal: numbered segment files of checksummed records.
+"""The write-ahead journal: numbered segment files of checksummed records that can be
+found again past damage.
 
-Rules:
-- A record is `<u32 length><u32 crc32(payload)><payload>`; the payload is opaque here.
+Format (version 2):
+- A segment `NNNNNNNNNNNN.journal` starts with a 16-byte header: `b"TLJ2"`, the
+  journal's 8-byte sync marker, u32 crc32 of those 12 bytes. It is written when the
+  segment is made, so a new segment's first record starts at offset 16 and an empty
+  journal opens at `Position(1, 16)`.
+- A record is `sync(8) | u32 length | u32 crc32(payload) | u32 crc32(those 16 bytes)`,
+  then the payload (opaque here). All integers are little-endian.
+- The sync marker is random per journal directory, made once in `journal/marker` (0600,
+  synced with the directory) and copied into every segment header. It is secret: a
+  client cannot put a record into an event's payload that resync would accept. The
+  marker is taken from the newest segment header that is intact, else from the marker
+  file; a marker file that is missing or disagrees with the headers is written again.
+- Version 1 segments (no `TLJ2` at offset 0 and no sync marker anywhere) hold
+  `u32 length | u32 crc32(payload) | payload` records from offset 0. They are read (up
+  to their first bad record: the rest of the segment is one damaged range) but never
+  appended to: `open` starts a new segment after a version 1 segment, and after one
+  whose header is damaged.
+
+Reading:
+- `read_segment(data, sync, start=16)` is pure: it returns `(records, damaged)`, records
+  as `(start, end, payload)` and damaged ranges as `(start, end)`, byte offsets in
+  `data`. A record is valid at an offset if its sync matches, its header crc matches, its
+  length fits in `data` and its payload crc matches. Past an invalid one the scan looks
+  for the next occurrence of the sync where a valid record starts; the bytes between are
+  a damaged range. `Journal.read(segment)` reads a segment file the same way (version 1,
+  a damaged header and all) without changing anything on disk, and `Journal.read_marker()`
+  gives a directory's sync marker: for scripts that inspect a journal.
+- `records(start)` yields every intact record after `start`, across segments.
+
+Damage:
+- Torn: invalid bytes at the end of the last segment with no valid record after them,
+  a write cut short by `kill -9` or a power cut. They were never acknowledged (acks
+  follow the write): `open` truncates them and logs a WARNING.
+- Damaged: any other invalid range (with valid records after it in the last segment, or
+  anywhere in an earlier segment, its end included). The records before and after it
+  are kept and the segment is never truncated or rewritten: DuckDB holds positions in
+  it. Logged as an ERROR.
+- Both are copied to `journal/quarantine/<segment>-<start>-<end>.bin` (once: an existing
+  copy is left alone), listed in `Journal.damage` and logged once per process.
+
+Writing and releasing:
 - One thread appends at a time (the writer's); `append` writes a whole group with one
-  `write` and returns the `Position` just past it. `sync` makes it durable (fdatasync).
+  `writev` and returns the `Position` just past it. `sync` makes it durable (fdatasync).
 - A `Position` is (segment number, byte offset). Everything before the position that
   DuckDB records as loaded is disposable: `release` deletes whole segments before it.
-- Opening truncates a torn tail (a record cut short or failing its checksum in the last
-  segment): it was never acknowledged, since acks follow the write.
 - No trio, no DuckDB: plain file I/O, so it is tested without an event loop.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -21,14 +60,40 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-HEADER = struct.Struct("<II")
+MAGIC = b"TLJ2"
+SYNC_SIZE = 8
+SEGMENT_HEADER = struct.Struct("<4s8sI")  # magic, sync marker, crc32 of the first 12 bytes
+HEADER = struct.Struct("<8sIII")  # a record's: sync, length, crc32(payload), crc32(16 bytes)
+V1_HEADER = struct.Struct("<II")  # a version 1 record's: length, crc32(payload)
+_SEALED = struct.Struct("<II")  # length, crc32(payload): with the sync, what the header crc covers
+_U32 = struct.Struct("<I")
 SUFFIX = ".journal"
+MARKER = "marker"
+QUARANTINE = "quarantine"
 MAX_RECORD = 1 << 31
+
+log = logging.getLogger("triolytics.journal")
 
 
 class Position(NamedTuple):
     segment: int
     offset: int
+
+
+class Damage(NamedTuple):
+    segment: int
+    start: int
+    end: int
+    kind: str  # "torn" or "damaged"
+    saved: Path | None  # the quarantine copy (None if it could not be written)
+
+
+class Segment(NamedTuple):
+    version: int  # 2, 1, or 0 for an empty file
+    sync: bytes | None  # what its records were read with (version 2)
+    intact: bool  # a version 2 header that checks: the segment can be appended to
+    records: list[tuple[int, int, bytes]]  # (start, end, payload)
+    damaged: list[tuple[int, int]]  # (start, end)
 
 
 class JournalError(Exception):
@@ -37,30 +102,133 @@ class JournalError(Exception):
 
 IOV_MAX = 1024  # buffers per writev (the Linux limit)
 
+# A span of a segment: (start, end, payload start), or (start, end, -1) for a damaged range.
+Span = tuple[int, int, int]
 
-def scan(data: bytes | memoryview, start: int = 0) -> Iterator[tuple[bytes, int]]:
-    """Yield (payload, end offset) for each valid record from `start`; stop at the first
-    incomplete or corrupt one."""
-    end = len(data)
+
+def segment_header(sync: bytes) -> bytes:
+    head = MAGIC + sync
+    return head + _U32.pack(zlib.crc32(head))
+
+
+def header_sync(data: bytes) -> bytes | None:
+    """The sync marker of an intact version 2 segment header, else None."""
+    if len(data) < SEGMENT_HEADER.size:
+        return None
+    magic, sync, crc = SEGMENT_HEADER.unpack_from(data)
+    if magic != MAGIC or zlib.crc32(data[:12]) != crc:
+        return None
+    return sync
+
+
+def _record_at(data: bytes, sync: bytes, at: int) -> int:
+    """The end of the valid record at `at`, or -1."""
+    if at + HEADER.size > len(data):
+        return -1
+    mark, length, crc, sealed = HEADER.unpack_from(data, at)
+    if mark != sync or zlib.crc32(data[at:at + 16]) != sealed:
+        return -1
+    begin = at + HEADER.size
+    end = begin + length
+    if end > len(data) or zlib.crc32(data[begin:end]) != crc:
+        return -1
+    return end
+
+
+def _resync(data: bytes, sync: bytes, at: int) -> int:
+    """The next offset from `at` where a valid record starts, else the end of `data`."""
+    while (at := data.find(sync, at)) >= 0:
+        if _record_at(data, sync, at) >= 0:
+            return at
+        at += 1
+    return len(data)
+
+
+def _spans(data: bytes, sync: bytes, start: int) -> Iterator[Span]:
     at = start
-    while at + HEADER.size <= end:
-        length, crc = HEADER.unpack_from(data, at)
-        stop = at + HEADER.size + length
-        if stop > end:
-            return
-        payload = bytes(data[at + HEADER.size:stop])
-        if zlib.crc32(payload) != crc:
-            return
-        yield payload, stop
-        at = stop
+    while at < len(data):
+        end = _record_at(data, sync, at)
+        if end >= 0:
+            yield at, end, at + HEADER.size
+        else:
+            end = _resync(data, sync, at + 1)
+            yield at, end, -1
+        at = end
 
 
-def _fsync_dir(path: Path) -> None:
+def _spans_v1(data: bytes, start: int) -> Iterator[Span]:
+    at = start
+    while at + V1_HEADER.size <= len(data):
+        length, crc = V1_HEADER.unpack_from(data, at)
+        begin = at + V1_HEADER.size
+        end = begin + length
+        if end > len(data) or zlib.crc32(data[begin:end]) != crc:
+            break
+        yield at, end, begin
+        at = end
+    if at < len(data):
+        yield at, len(data), -1
+
+
+def read_segment(data: bytes, sync: bytes, start: int = SEGMENT_HEADER.size
+                 ) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, int]]]:
+    """The valid records of a version 2 segment from `start`, as (start, end, payload),
+    and the damaged ranges between them, as (start, end)."""
+    return _split(data, _spans(data, sync, start))
+
+
+def _split(data: bytes, spans) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, int]]]:
+    records, damaged = [], []
+    for at, end, begin in spans:
+        if begin >= 0:
+            records.append((at, end, data[begin:end]))
+        else:
+            damaged.append((at, end))
+    return records, damaged
+
+
+class _Layout(NamedTuple):
+    version: int
+    sync: bytes | None
+    intact: bool
+    spans: list[Span]
+
+
+def _layout(data: bytes, marker: bytes | None, start: int) -> _Layout:
+    """How a segment's bytes read from `start` (see `Segment`), payloads not cut out."""
+    if not data:
+        return _Layout(0, marker, False, [])
+    own = header_sync(data)
+    if own is not None:
+        return _Layout(2, own, True, list(_spans(data, own, max(start, SEGMENT_HEADER.size))))
+    if data[:len(MAGIC)] == MAGIC or (marker is not None and marker in data):
+        if marker is None:
+            return _Layout(2, None, False, [(start, len(data), -1)] if start < len(data) else [])
+        return _Layout(2, marker, False, list(_spans(data, marker, start)))
+    return _Layout(1, None, False, list(_spans_v1(data, start)))
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write `path` whole (0600): a temporary file, fsync, rename, fsync the directory."""
+    temp = path.with_name(path.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    _fsync(path.parent)
 
 
 class Journal:
@@ -72,28 +240,35 @@ class Journal:
         self.fd = -1
         self.segment = 0
         self.offset = 0
+        self.marker: bytes | None = None  # the sync marker (set by `open`)
+        self._marker_crc = 0  # crc32(marker): the start of every record header's crc
         self.torn_bytes = 0  # dropped from the tail when opened
+        self.damage: list[Damage] = []  # torn and damaged ranges found, in order found
+        self._noted: set[tuple[int, int, int]] = set()
         self.lock = threading.Lock()  # held to sync or to close a segment (rotation)
 
     # --- lifecycle
     def open(self) -> Position:
         """Open for appending after the last valid record; returns that position."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.marker = self._open_marker()
+        self._marker_crc = zlib.crc32(self.marker)
         segments = self.segments()
-        self.segment = segments[-1] if segments else 1
-        path = self.path(self.segment)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        data = Path(path).read_bytes()
-        valid = 0
-        for _payload, end in scan(data):
-            valid = end
-        if valid < len(data):
-            self.torn_bytes = len(data) - valid
-            os.ftruncate(self.fd, valid)
-            os.fsync(self.fd)
-        self.offset = valid
         if not segments:
-            _fsync_dir(self.dir)
+            self._create(1)
+            return self.position
+        last = segments[-1]
+        data = self.path(last).read_bytes()
+        layout = _layout(data, self.marker, 0)
+        self._note(last, data, layout.spans, last=True)
+        size = self._cut_torn(last, layout.spans, len(data))
+        if size == 0:
+            self._create(last)
+        elif layout.intact:
+            self.fd = os.open(self.path(last), os.O_RDWR | os.O_APPEND)
+            self.segment, self.offset = last, size
+        else:
+            self._create(last + 1)
         return self.position
 
     def close(self) -> None:
@@ -106,6 +281,10 @@ class Journal:
     def position(self) -> Position:
         return Position(self.segment, self.offset)
 
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.dir / QUARANTINE
+
     def path(self, segment: int) -> Path:
         return self.dir / f"{segment:012d}{SUFFIX}"
 
@@ -113,17 +292,90 @@ class Journal:
         return sorted(int(p.name[: -len(SUFFIX)]) for p in self.dir.glob("*" + SUFFIX)
                       if p.name[: -len(SUFFIX)].isdigit())
 
+    def _create(self, segment: int) -> None:
+        """Make `segment` (or reuse it, empty) with its header, durably, and append to it."""
+        self._start(segment)
+        os.fdatasync(self.fd)
+        _fsync(self.dir)
+
+    def _start(self, segment: int) -> None:
+        fd = os.open(self.path(segment), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self.fd, self.segment, self.offset = fd, segment, 0
+        self._write_header()
+
+    def _write_header(self) -> None:
+        try:
+            self._write_all([segment_header(self.marker)])
+        except OSError:
+            self._undo(0)
+            raise
+        self.offset = SEGMENT_HEADER.size
+
+    def _cut_torn(self, segment: int, spans: list[Span], size: int) -> int:
+        """Truncate a torn tail (noted already); returns the size left."""
+        if not spans or spans[-1][2] >= 0 or spans[-1][1] != size:
+            return size
+        start = spans[-1][0]
+        self.torn_bytes += size - start
+        os.truncate(self.path(segment), start)
+        _fsync(self.path(segment))
+        return start
+
+    # --- the sync marker
+    def read_marker(self) -> bytes | None:
+        """The directory's sync marker, changing nothing: the newest intact segment
+        header's, else the marker file's; None if there is neither."""
+        return self._marker_in_headers() or self._marker_file()
+
+    def _open_marker(self) -> bytes:
+        stored = self._marker_file()
+        found = self._marker_in_headers()
+        if found is not None and stored != found:
+            log.error("journal marker file %s is %s; using the marker of the intact segment "
+                      "headers and writing it again", self.dir / MARKER,
+                      "missing or unreadable" if stored is None else "damaged")
+        marker = found or stored or os.urandom(SYNC_SIZE)
+        if marker != stored:
+            _write_file(self.dir / MARKER, marker)
+        return marker
+
+    def _marker_file(self) -> bytes | None:
+        try:
+            stored = (self.dir / MARKER).read_bytes()
+        except OSError:
+            return None
+        return stored if len(stored) == SYNC_SIZE else None
+
+    def _marker_in_headers(self) -> bytes | None:
+        for segment in reversed(self.segments()):
+            try:
+                with open(self.path(segment), "rb") as f:
+                    sync = header_sync(f.read(SEGMENT_HEADER.size))
+            except OSError:
+                continue
+            if sync is not None:
+                return sync
+        return None
+
     # --- writing (one thread at a time)
     def append(self, payloads: list[bytes]) -> Position:
         if not payloads:
             return self.position
-        if self.offset >= self.segment_bytes:
-            self._rotate()
+        try:
+            if self.offset >= self.segment_bytes:
+                self._rotate()
+            if self.offset == 0:  # a rotation that could not write the header
+                self._write_header()
+        except OSError as exc:
+            raise JournalError(f"journal rotation failed: {exc}") from exc
         # Headers and payloads go out as they are (writev): joining a group into one
         # buffer costs a copy, and page faults for every fresh large buffer.
+        sync, seed = self.marker, self._marker_crc
         parts: list[bytes] = []
         for p in payloads:
-            parts.append(HEADER.pack(len(p), zlib.crc32(p)))
+            length, crc = len(p), zlib.crc32(p)
+            sealed = zlib.crc32(_SEALED.pack(length, crc), seed)
+            parts.append(HEADER.pack(sync, length, crc, sealed))
             parts.append(p)
         size = sum(map(len, parts))
         try:
@@ -161,15 +413,14 @@ class Journal:
 
     def _rotate(self, segment: int | None = None) -> None:
         with self.lock:
+            if self.fd >= 0:  # not when a rotation failed to open the next segment
+                if self.sync_on_rotate:
+                    os.fdatasync(self.fd)
+                os.close(self.fd)
+                self.fd = -1
+            self._start(segment or self.segment + 1)
             if self.sync_on_rotate:
-                os.fdatasync(self.fd)
-            os.close(self.fd)
-            self.segment = segment or self.segment + 1
-            self.offset = 0
-            self.fd = os.open(self.path(self.segment),
-                              os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-            if self.sync_on_rotate:
-                _fsync_dir(self.dir)
+                _fsync(self.dir)
 
     def skip_past(self, position: Position) -> None:
         """Make the next append land after `position`. DuckDB may hold a mark beyond the
@@ -179,15 +430,28 @@ class Journal:
             self._rotate(position.segment + 1)
 
     # --- reading and releasing
+    def read(self, segment: int, start: int = 0) -> Segment:
+        """Segment `segment` from byte `start`, as found on disk (nothing is noted,
+        truncated or quarantined)."""
+        data = self.path(segment).read_bytes()
+        layout = _layout(data, self.marker or self.read_marker(), start)
+        return Segment(layout.version, layout.sync, layout.intact, *_split(data, layout.spans))
+
     def records(self, start: Position) -> Iterator[tuple[bytes, Position]]:
-        """Every record after `start`, with the position just past it."""
-        for segment in self.segments():
+        """Every intact record after `start`, with the position just past it; damage
+        on the way is noted (see the module docstring)."""
+        marker = self.marker or self.read_marker()
+        segments = self.segments()
+        for segment in segments:
             if segment < start.segment:
                 continue
             data = self.path(segment).read_bytes()
             begin = start.offset if segment == start.segment else 0
-            for payload, end in scan(data, begin):
-                yield payload, Position(segment, end)
+            spans = _layout(data, marker, begin).spans
+            self._note(segment, data, spans, last=segment == segments[-1])
+            for _at, end, payload in spans:
+                if payload >= 0:
+                    yield data[payload:end], Position(segment, end)
 
     def release(self, loaded: Position) -> int:
         """Delete segments wholly before `loaded`; returns how many."""
@@ -197,6 +461,54 @@ class Journal:
                 self.path(segment).unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    # --- damage
+    def damage_summary(self) -> dict:
+        damaged = [d for d in self.damage if d.kind == "damaged"]
+        return {
+            "journal_damaged_ranges": len(damaged),
+            "journal_damaged_bytes": sum(d.end - d.start for d in damaged),
+            "journal_torn_bytes": sum(d.end - d.start for d in self.damage if d.kind == "torn"),
+            "journal_quarantine_dir": str(self.quarantine_dir),
+        }
+
+    def _note(self, segment: int, data: bytes, spans: list[Span], *, last: bool) -> None:
+        """Quarantine, list and log each invalid range not noted before."""
+        for i, (start, end, payload) in enumerate(spans):
+            if payload >= 0 or (segment, start, end) in self._noted:
+                continue
+            self._noted.add((segment, start, end))
+            kind = "torn" if last and end == len(data) else "damaged"
+            found = Damage(segment, start, end, kind, self._quarantine(segment, start, end, data))
+            self.damage.append(found)
+            self._log(found, sum(1 for span in spans[i + 1:] if span[2] >= 0))
+
+    def _quarantine(self, segment: int, start: int, end: int, data: bytes) -> Path | None:
+        path = self.quarantine_dir / f"{segment:012d}-{start}-{end}.bin"
+        if path.exists():
+            return path
+        try:
+            if not self.quarantine_dir.exists():
+                self.quarantine_dir.mkdir(mode=0o700)
+                _fsync(self.dir)
+            _write_file(path, data[start:end])
+        except OSError as exc:
+            log.error("could not quarantine journal bytes %d-%d of %s in %s: %s",
+                      start, end, self.path(segment), path, exc)
+            return None
+        return path
+
+    def _log(self, found: Damage, after: int) -> None:
+        size = found.end - found.start
+        if found.kind == "torn":
+            log.warning("torn journal tail in %s: bytes %d-%d (%d bytes), a write cut short "
+                        "(never acknowledged); copy in %s",
+                        self.path(found.segment), found.start, found.end, size, found.saved)
+        else:
+            log.error("journal damage in %s: bytes %d-%d (%d bytes) hold no valid record; "
+                      "%d intact records after it in that segment were kept; copy in %s",
+                      self.path(found.segment), found.start, found.end, size, after,
+                      found.saved)
 
 
 class Syncer:

@@ -190,6 +190,21 @@ def test_garbage_appended_dropped(tmp_path):
     j.close()
 
 
+@pytest.mark.parametrize("kept", [0, 7, SEG - 1])
+def test_a_new_segment_cut_short_in_its_header_is_made_again(tmp_path, kept):
+    recs, _ = written(tmp_path, 3)
+    sync = (tmp_path / "marker").read_bytes()
+    seg_path(tmp_path, 2).write_bytes(b"TLJ2" + sync + b"\0\0\0\0")  # rotated, then cut
+    with open(seg_path(tmp_path, 2), "r+b") as f:
+        f.truncate(kept)
+    j = opened(tmp_path)
+    assert j.position == Position(2, SEG)
+    assert j.torn_bytes == kept
+    assert j.append([b"next"]) == Position(2, SEG + HDR + 4)
+    assert all_payloads(j) == recs + [b"next"]
+    j.close()
+
+
 # --- damage: anything else; kept, never truncated, quarantined
 
 

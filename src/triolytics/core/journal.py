@@ -25,10 +25,14 @@ Reading:
   `data`. A record is valid at an offset if its sync matches, its header crc matches, its
   length fits in `data` and its payload crc matches. Past an invalid one the scan looks
   for the next occurrence of the sync where a valid record starts; the bytes between are
-  a damaged range. `Journal.read(segment)` reads a segment file the same way (version 1,
-  a damaged header and all) without changing anything on disk, and `Journal.read_marker()`
-  gives a directory's sync marker: for scripts that inspect a journal.
-- `records(start)` yields every intact record after `start`, across segments.
+  a damaged range.
+- For scripts that inspect a journal (nothing on disk changes, nothing is logged):
+  `Journal(directory, 0).read(n)` gives segment n as a `Segment` (version, sync, intact
+  header, records, damaged ranges, as `read_segment` gives them; any version, a damaged
+  header and all), and `Journal(directory, 0).read_marker()` the directory's sync, for
+  `read_segment(path.read_bytes(), sync)`.
+- `records(start)` yields every intact record after `start`, across segments, and notes
+  the damage in each segment once it has been read through.
 
 Damage:
 - Torn: invalid bytes at the end of the last segment with no valid record after them,
@@ -38,8 +42,10 @@ Damage:
   anywhere in an earlier segment, its end included). The records before and after it
   are kept and the segment is never truncated or rewritten: DuckDB holds positions in
   it. Logged as an ERROR.
-- Both are copied to `journal/quarantine/<segment>-<start>-<end>.bin` (once: an existing
-  copy is left alone), listed in `Journal.damage` and logged once per process.
+- Both are copied to `journal/quarantine/<segment>-<start>-<end>.bin` (the segment's
+  12-digit number; written once: an existing copy is left alone), listed in
+  `Journal.damage` and logged once per process. `Journal.damage_summary()` totals them
+  for /admin/stats.
 
 Writing and releasing:
 - One thread appends at a time (the writer's); `append` writes a whole group with one
@@ -392,12 +398,13 @@ class Journal:
         # Headers and payloads go out as they are (writev): joining a group into one
         # buffer costs a copy, and page faults for every fresh large buffer.
         sync, seed = self.marker, self._marker_crc
+        crc32, pack, seal = zlib.crc32, HEADER.pack, _SEALED.pack
         parts: list[bytes] = []
+        add = parts.append
         for p in payloads:
-            length, crc = len(p), zlib.crc32(p)
-            sealed = zlib.crc32(_SEALED.pack(length, crc), seed)
-            parts.append(HEADER.pack(sync, length, crc, sealed))
-            parts.append(p)
+            length, crc = len(p), crc32(p)
+            add(pack(sync, length, crc, crc32(seal(length, crc), seed)))
+            add(p)
         size = sum(map(len, parts))
         try:
             self._write_all(parts)

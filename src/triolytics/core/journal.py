@@ -175,8 +175,10 @@ def _spans_v1(data: bytes, start: int) -> Iterator[Span]:
     while at + V1_HEADER.size <= len(data):
         length, crc = V1_HEADER.unpack_from(data, at)
         end = at + V1_HEADER.size + length
+        if end > len(data):
+            break
         payload = data[at + V1_HEADER.size:end]
-        if end > len(data) or zlib.crc32(payload) != crc:
+        if zlib.crc32(payload) != crc:
             break
         yield at, end, payload
         at = end

@@ -13,6 +13,10 @@ Rules:
   refused. Version 2 added `ingest_seq`, numbering older rows in their stored order.
 - Key management works on a closed server too (the CLI opens the file itself).
 - The owner's queries are checked, time-limited and rolled back by query.py.
+- A failed transaction raises its own error (a failing ROLLBACK never replaces it). A
+  fatal DuckDB error invalidates the instance; the next `load` reopens the file first.
+  On a full disk (DuckDB 1.5) a COMMIT fails with "Could not write file ...: No space
+  left on device", the transaction is gone and the instance stays usable.
 """
 
 from __future__ import annotations
@@ -142,6 +146,13 @@ def arrival_numbers(counting: pa.Array, first: int, ends: list[int],
         pa.array(ends, pa.int32()), pa.array([first + k for k in skips], pa.int64()))))
 
 
+def _invalidates(error: BaseException) -> bool:
+    """Whether DuckDB gave up on the database instance after `error` (a FATAL error):
+    every later call fails until the file is reopened."""
+    return isinstance(error, duckdb.FatalException) or (
+        isinstance(error, duckdb.Error) and "database has been invalidated" in str(error))
+
+
 class SchemaError(Exception):
     """The file was written by a newer version of triolytics."""
 
@@ -149,14 +160,10 @@ class SchemaError(Exception):
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
         self.path = str(path)
-        self.conn = duckdb.connect(self.path, read_only=read_only, config={
-            "threads": threads,
-            # No SQL (an owner's query naming 'https://...') installs or loads an
-            # extension behind our back; what we use (json, parquet, icu) is built in.
-            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
-        # DuckDB draws a progress bar on stdout for statements past 2 s; its cursors
-        # (queries) inherit this.
-        self.conn.execute("SET enable_progress_bar = false")
+        self.read_only = read_only
+        self.threads = threads
+        self.conn = self._connect()
+        self.invalidated = False  # DuckDB refuses every call until the file is reopened
         self.last_seq = 0  # the last `ingest_seq` stored (kept by loads, read at open)
         self._counting = pa.array([], pa.int64())  # 0, 1, 2, ...: arrival numbers' base
         if not read_only:
@@ -164,8 +171,45 @@ class Store:
             self.last_seq = self.conn.execute(
                 f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
 
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        conn = duckdb.connect(self.path, read_only=self.read_only, config={
+            "threads": self.threads,
+            # No SQL (an owner's query naming 'https://...') installs or loads an
+            # extension behind our back; what we use (json, parquet, icu) is built in.
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        # DuckDB draws a progress bar on stdout for statements past 2 s; its cursors
+        # (queries) inherit this.
+        conn.execute("SET enable_progress_bar = false")
+        return conn
+
     def close(self) -> None:
         self.conn.close()
+
+    def reopen(self) -> None:
+        """Close the connection and connect again: after a fatal error DuckDB refuses
+        every call on the instance ("database has been invalidated"); a new one replays
+        DuckDB's WAL. Raises (and stays invalidated) if the file cannot be opened yet."""
+        try:
+            self.conn.close()
+        except duckdb.Error:
+            pass
+        self.conn = self._connect()
+        self.invalidated = False
+        self.last_seq = self.conn.execute(
+            f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
+
+    def _rollback(self, error: BaseException) -> None:
+        """Roll back after `error` without hiding it: DuckDB ends a transaction whose
+        COMMIT failed (a full disk: "Failed to commit: Could not write file ... No space
+        left on device"), and the ROLLBACK then fails with "no transaction is active"."""
+        if _invalidates(error):
+            self.invalidated = True
+            return
+        try:
+            self.conn.execute("ROLLBACK")
+        except duckdb.Error as exc:
+            if _invalidates(exc):
+                self.invalidated = True
 
     def _create(self) -> None:
         """Create what is missing, then migrate what is old."""
@@ -216,8 +260,8 @@ class Store:
             for sql in statements:
                 c.execute(sql)
             c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback(exc)
             raise
 
     # --- events
@@ -237,6 +281,8 @@ class Store:
         if len(self._counting) < max(len(rows), sum(counts)):  # (grown rarely: doubled)
             self._counting = pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), max(
                 len(rows), sum(counts), 2 * len(self._counting), 1 << 16)), start=-1)
+        if self.invalidated:
+            self.reopen()
         c = self.conn
         c.execute("BEGIN")
         try:
@@ -252,8 +298,8 @@ class Store:
                     [before for _, before in shown]))
             c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
             c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback(exc)
             raise
         self.last_seq += len(rows) + sum(counts)
 

@@ -140,10 +140,14 @@ class Api:
         return Response(200, b'{"ok":true}')
 
     async def readyz(self, req: Request) -> Response:
-        if self.writer.healthy and not self.writer.closing:
-            return Response(200, b'{"ready":true}')
-        reason = b"shutting down" if self.writer.closing else b"store unavailable"
-        return Response(503, b'{"ready":false,"reason":"' + reason + b'"}')
+        """200 while events can be stored; else 503 with why (the writer's fault, e.g.
+        `journal write failed: [Errno 28] No space left on device`)."""
+        writer = self.writer
+        if writer.closing:
+            return not_ready("shutting down")
+        if writer.fault is not None:
+            return not_ready(writer.fault)
+        return Response(200, b'{"ready":true}')
 
     # --- admin
     def _admin(self, req: Request) -> None:
@@ -195,7 +199,13 @@ class Api:
 
     async def stats(self, req: Request) -> Response:
         self._admin(req)
-        return Response(200, msgspec.json.encode(self.writer.statistics()))
+        return Response(200, msgspec.json.encode({**self.writer.statistics(),
+                                                  "fault": self.writer.fault}))
+
+
+def not_ready(reason: str) -> Response:
+    """`/readyz`'s 503: `{"ready":false,"reason":...}`."""
+    return Response(503, msgspec.json.encode({"ready": False, "reason": reason}))
 
 
 def _decode(body: bytes, type_: type):

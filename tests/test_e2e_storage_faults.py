@@ -11,16 +11,21 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import duckdb
 import msgspec
-from test_e2e_collector import AUTH, running, stored
+import pytest
+import trio
+from test_e2e_collector import AUTH, make_config, running, stored
 
+import triolytics.server.app as app
 from triolytics.server.api import Api
+from triolytics.server.startup import StartupError, no_space, startup_error
 
 EVENT = {"type": "track", "event": "E", "anonymousId": "a"}
 ENOSPC = "[Errno 28] No space left on device"
 
 
-def no_space(*args):
+def full(*args):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -33,7 +38,7 @@ async def test_a_full_journal_answers_503_and_readyz_says_why(tmp_path, monkeypa
     async with running(tmp_path) as server:
         ok = await server.post("/v1/capture", json={**EVENT, "messageId": "before"},
                                headers=AUTH)
-        monkeypatch.setattr(os, "writev", no_space)
+        monkeypatch.setattr(os, "writev", full)
         refused = await server.post("/v1/capture", json={**EVENT, "messageId": "lost"},
                                     headers=AUTH)
         ready = await server.request("GET", "/readyz")
@@ -64,3 +69,80 @@ async def test_readyz_reason_is_json_encoded():
     api.writer.closing = True
     reply = await Api.readyz(api, None)
     assert msgspec.json.decode(reply.body) == {"ready": False, "reason": "shutting down"}
+
+
+def full_at_first(monkeypatch, failures: int) -> list[int]:
+    """`prepare` fails as on a full disk `failures` times, then runs as usual."""
+    real = app.prepare
+    attempts: list[int] = []
+
+    def prepare(config):
+        attempts.append(1)
+        if len(attempts) <= failures:
+            raise duckdb.TransactionException(
+                'TransactionContext Error: Failed to commit: Could not write file '
+                '"events.duckdb.wal": No space left on device')
+        return real(config)
+    monkeypatch.setattr(app, "prepare", prepare)
+    return attempts
+
+
+async def test_a_start_on_a_full_disk_answers_503_then_serves_on_the_same_port(
+        tmp_path, monkeypatch, caplog):
+    attempts = full_at_first(monkeypatch, 3)
+    async with running(tmp_path, startup_retry_s=0.05) as server:
+        refused = await server.post("/v1/capture", json={**EVENT, "messageId": "early"},
+                                    headers=AUTH)
+        health = await server.request("GET", "/healthz")
+        ready = await server.request("GET", "/readyz")
+        while (await server.request("GET", "/readyz")).status_code == 503:
+            await trio.sleep(0.02)
+        stored_reply = await server.post("/v1/capture", json={**EVENT, "messageId": "late"},
+                                         headers=AUTH)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.headers["Connection"] == "close"
+    assert "No space left on device" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["code"] == "unavailable"
+    assert health.status_code == 200
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    assert ready.json()["reason"].startswith("start-up failed: TransactionContext Error")
+    assert stored_reply.status_code == 201
+    assert len(attempts) == 4
+    assert [r["message_id"] for r in stored(tmp_path)] == ["late"]
+    started = [m for m in caplog.messages if m.startswith("start-up failed")]
+    assert len(started) == 1  # the first failure; the next two within the log interval
+    assert any(m.startswith("start-up attempts succeed again after 3 failures")
+               for m in caplog.messages)
+
+
+async def test_a_second_server_is_refused_while_the_first_waits_for_space(tmp_path,
+                                                                         monkeypatch):
+    full_at_first(monkeypatch, 10**9)
+    async with running(tmp_path, startup_retry_s=0.05) as server:
+        assert (await server.request("GET", "/readyz")).status_code == 503
+        with pytest.raises(StartupError, match=f"data directory {tmp_path} is locked by "
+                           f"another process \\(PID {os.getpid()}\\)"):
+            await app.serve(make_config(tmp_path))
+
+
+async def test_other_start_up_faults_still_stop_the_server(tmp_path, monkeypatch):
+    def broken(config):
+        raise StartupError("cannot open events.duckdb: something else")
+    monkeypatch.setattr(app, "prepare", broken)
+    with pytest.raises(BaseException) as raised:
+        await app.serve(make_config(tmp_path))
+    assert str(startup_error(raised.value)) == "cannot open events.duckdb: something else"
+
+
+def test_no_space_is_told_apart():
+    assert no_space(OSError(errno.ENOSPC, "No space left on device"))
+    try:
+        try:
+            raise duckdb.IOException('IO Error: Could not write file "x": No space left on '
+                                     'device')
+        except duckdb.IOException as exc:
+            raise StartupError("cannot open x") from exc
+    except StartupError as wrapped:
+        assert no_space(wrapped)
+    assert not no_space(StartupError("data directory d is locked by another process"))
+    assert not no_space(OSError(errno.EACCES, "Permission denied"))

@@ -66,11 +66,27 @@ def test_faults_of_two_kinds_are_counted_apart_and_the_latest_is_the_cause(caplo
         "DuckDB loads succeed again after 1 failure over 0 s"]
 
 
-def test_a_fault_that_comes_back_after_clearing_is_logged_at_once(caplog):
+def test_a_fault_that_comes_back_after_an_interval_is_logged_at_once(caplog):
     clock = Clock()
     faults = Faults(log, 10.0, clock)
     faults.failed("journal write", "one")
     faults.cleared("journal write")
-    clock.now += 1
+    clock.now += 10
     faults.failed("journal write", "two")
     assert [m for _, m in lines(caplog)][-1] == "two"
+
+
+def test_flapping_makes_no_more_than_a_line_per_interval(caplog):
+    clock = Clock()
+    faults = Faults(log, 10.0, clock)
+    for _ in range(40):  # fail, pass, fail, pass, ... for 20 s
+        faults.failed("journal write", "full")
+        assert faults.cause == "full"
+        clock.now += 0.25
+        faults.cleared("journal write")
+        assert faults.cause is None
+        clock.now += 0.25
+    assert [m for _, m in lines(caplog)] == [
+        "full", "journal writes succeed again after 1 failure over 0 s",
+        "full (and 20 more failures since the last line, 10 s ago)",
+        "journal writes succeed again after 1 failure over 0 s"]

@@ -6,6 +6,10 @@ Rules:
   one line per `interval_s`: how many more happened and the latest message. `cleared(key)`
   logs one line (WARNING) if the fault was active: "<key>s succeed again after N
   failures over S s".
+- Flapping (a fault back within `interval_s` of its last line, as at the edge of a full
+  disk where small writes pass and large ones fail) makes no line at once: its failures
+  are counted into the next periodic line, and an episode that had no line of its own
+  ends without one.
 - `cause` is the latest message of an active fault (None when all are clear): what
   `/readyz` says.
 - Pure: the clock (seconds, monotonic) is injected; no trio, no I/O beyond the logger.
@@ -18,14 +22,16 @@ from collections.abc import Callable
 
 
 class _Fault:
-    __slots__ = ("since", "count", "unlogged", "logged_at", "message")
+    __slots__ = ("active", "since", "count", "unlogged", "logged_at", "message", "announced")
 
     def __init__(self, now: float, message: str) -> None:
-        self.since = now
-        self.count = 1
+        self.active = True
+        self.since = now  # this episode's first failure
+        self.count = 1  # failures in this episode
         self.unlogged = 0  # failures since the last line
-        self.logged_at = now
+        self.logged_at = now  # the last line about this key
         self.message = message
+        self.announced = True  # this episode has had a line (so its end gets one)
 
 
 class Faults:
@@ -34,19 +40,31 @@ class Faults:
         self.log = log
         self.interval_s = interval_s
         self.clock = clock
-        self._faults: dict[str, _Fault] = {}  # active, in the order they (re)started
+        self._faults: dict[str, _Fault] = {}  # by key, the latest failure last
         self.cause: str | None = None
 
     @property
     def active(self) -> set[str]:
-        return set(self._faults)
+        return {key for key, f in self._faults.items() if f.active}
 
     def failed(self, key: str, message: str) -> None:
         now = self.clock()
-        fault = self._faults.get(key)
-        if fault is None:
-            self._faults[key] = _Fault(now, message)
-            self.log.error("%s", message)
+        fault = self._faults.pop(key, None)
+        if fault is None or (not fault.active and now - fault.logged_at >= self.interval_s):
+            if fault is not None and fault.unlogged:  # (flapping since its last line)
+                self.log.error("%s (and %d more failure%s since the last line, %.0f s ago)",
+                               message, fault.unlogged, _s(fault.unlogged),
+                               now - fault.logged_at)
+            else:
+                self.log.error("%s", message)
+            fault = _Fault(now, message)
+        elif not fault.active:  # back within an interval of its last line (flapping):
+            fault.active = True  # counted, and said in the next line
+            fault.announced = False
+            fault.since = now
+            fault.count = 1
+            fault.unlogged += 1
+            fault.message = message
         else:
             fault.count += 1
             fault.unlogged += 1
@@ -57,16 +75,23 @@ class Faults:
                                message)
                 fault.unlogged = 0
                 fault.logged_at = now
-            self._faults[key] = self._faults.pop(key)  # the latest last
+                fault.announced = True
+        self._faults[key] = fault
         self.cause = message
 
     def cleared(self, key: str) -> None:
-        fault = self._faults.pop(key, None)
-        if fault is None:
+        fault = self._faults.get(key)
+        if fault is None or not fault.active:
             return
-        self.log.warning("%ss succeed again after %d failure%s over %.0f s", key,
-                         fault.count, _s(fault.count), self.clock() - fault.since)
-        self.cause = next(reversed(self._faults.values())).message if self._faults else None
+        fault.active = False
+        now = self.clock()
+        if fault.announced:
+            self.log.warning("%ss succeed again after %d failure%s over %.0f s", key,
+                             fault.count, _s(fault.count), now - fault.since)
+            fault.logged_at = now
+            fault.unlogged = 0
+        self.cause = next((f.message for f in reversed(self._faults.values()) if f.active),
+                          None)
 
 
 def _s(n: int) -> str:

@@ -18,9 +18,11 @@ import trio
 from test_e2e_collector import AUTH, make_config, running, stored
 
 import triolytics.server.app as app
+from triolytics.core.sessions import Sessions
 from triolytics.server.api import Api
 from triolytics.server.startup import StartupError, no_space, startup_error
 
+REAL_WRITEV = os.writev
 EVENT = {"type": "track", "event": "E", "anonymousId": "a"}
 ENOSPC = "[Errno 28] No space left on device"
 
@@ -146,3 +148,28 @@ def test_no_space_is_told_apart():
         assert no_space(wrapped)
     assert not no_space(StartupError("data directory d is locked by another process"))
     assert not no_space(OSError(errno.EACCES, "Permission denied"))
+
+
+async def test_refused_requests_leave_no_sessions_or_ids_behind(tmp_path, monkeypatch):
+    made: list[Sessions] = []
+
+    class Recorded(Sessions):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            made.append(self)
+    monkeypatch.setattr(app, "Sessions", Recorded)
+    async with running(tmp_path) as server:
+        monkeypatch.setattr(os, "writev", full)
+        for i in range(30):  # each from a new client: each would open a session
+            refused = await server.post("/v1/batch", headers=AUTH, json={"batch": [
+                {**EVENT, "anonymousId": f"new-{i}", "messageId": f"m{i}-{j}"}
+                for j in range(3)]})
+            assert refused.status_code == 503
+        [sessions] = made
+        assert len(sessions) == 0
+        monkeypatch.setattr(os, "writev", REAL_WRITEV)
+        again = await server.post("/v1/batch", headers=AUTH, json={"batch": [
+            {**EVENT, "anonymousId": "new-0", "messageId": "m0-0"}]})
+        assert again.status_code == 200 and len(sessions) == 1
+    rows = stored(tmp_path, sessions=True)
+    assert sorted(r["type"] for r in rows) == ["session_start", "track"]

@@ -99,8 +99,12 @@ class Api:
         if writer.closing or not writer.has_room(1):
             await writer.wait_room()
         accepted = build(*args)
-        await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
-                                                accepted.columns))
+        try:
+            await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
+                                                    accepted.columns))
+        except ApiError:  # not journaled (a full disk): the sessions it opened go too
+            self.collector.sessions.forget_started(accepted.rows)
+            raise
         return Response(accepted.status, accepted.body)
 
     async def capture(self, req: Request) -> Response:  # (the hot path)

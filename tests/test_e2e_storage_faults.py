@@ -21,6 +21,7 @@ import triolytics.server.app as app
 from triolytics.core.sessions import Sessions
 from triolytics.server.api import Api
 from triolytics.server.startup import StartupError, no_space, startup_error
+from triolytics.storage.store import Store
 
 REAL_WRITEV = os.writev
 EVENT = {"type": "track", "event": "E", "anonymousId": "a"}
@@ -173,3 +174,18 @@ async def test_refused_requests_leave_no_sessions_or_ids_behind(tmp_path, monkey
         assert again.status_code == 200 and len(sessions) == 1
     rows = stored(tmp_path, sessions=True)
     assert sorted(r["type"] for r in rows) == ["session_start", "track"]
+
+
+async def test_create_on_a_full_disk_is_503_not_500(tmp_path, monkeypatch):
+    def full_store(self, issued):
+        raise duckdb.TransactionException(
+            'TransactionContext Error: Failed to commit: Could not write file '
+            '"events.duckdb.wal": No space left on device')
+    async with running(tmp_path) as server:
+        monkeypatch.setattr(Store, "record_analytics_ids", full_store)
+        refused = await server.post("/create")
+        monkeypatch.undo()
+        created = await server.post("/create")
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "No space left on device" in refused.json()["error"]["message"]
+    assert created.status_code == 200

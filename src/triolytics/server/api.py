@@ -15,6 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from time import time_ns
 
+import duckdb
 import msgspec
 import trio
 
@@ -129,8 +130,14 @@ class Api:
             raise ApiError("rate_limited", "too many POST /create calls from this address",
                            headers=((b"retry-after", b"%d" % max(1, math.ceil(wait))),))
         analytics_id = self.identities.issue()
-        await self.writer.run_store(self.writer.store.record_analytics_ids,
-                                    [(analytics_id, self.clock() // 1000, req.client_ip)])
+        try:
+            await self.writer.run_store(self.writer.store.record_analytics_ids,
+                                        [(analytics_id, self.clock() // 1000, req.client_ip)])
+        except duckdb.Error as exc:  # a full disk, say: not stored, so not handed out
+            raise ApiError("unavailable", f"could not record the analytics_id: {exc}",
+                           headers=((b"retry-after",
+                                     str(self.writer.config.retry_after_s).encode()),)
+                           ) from None
         return Response(200, msgspec.json.encode(Created(analytics_id,
                                                          {"region": self.region})))
 

@@ -410,3 +410,45 @@ def test_an_invalidated_database_is_reopened_before_the_next_load(tmp_path):
     assert [r[0] for r in rows_in(store)] == ["m1", "m3"]
     assert arrival(store) == [("m1", 1), ("m3", 2)]
     store.close()
+
+
+class CommitThenFatal(FailingCommit):
+    """DuckDB 1.5 on a full disk: the COMMIT is durable, then the automatic checkpoint
+    fails and the instance is invalidated (a FatalException from the COMMIT call)."""
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            self.conn.execute("COMMIT")
+            raise self.error
+        batch = sys._getframe(1).f_locals.get("batch")  # noqa: F841 (DuckDB reads it by name)
+        return self.conn.execute(sql, *args)
+
+
+def test_a_load_whose_commit_landed_before_a_fatal_error_is_not_stored_twice(tmp_path):
+    """The writer retries a failed load with the same parts first (and maybe more after
+    them): those the fatal COMMIT did store are skipped, the rest numbered after them."""
+    import duckdb
+    store = Store(tmp_path / "events.duckdb")
+    store.conn = CommitThenFatal(store.conn, duckdb.FatalException(
+        "FATAL Error: Transaction COMMIT succeeded and is durable, but the autocheckpoint "
+        "failed. Reopen the database instance to recover."))
+    with pytest.raises(duckdb.FatalException):
+        store.load([make_row(1)], Position(1, 10), [wide_of("w1")], [1])
+    store.load([make_row(1), make_row(2)], Position(1, 20),  # the retry, and more
+               [wide_of("w1"), wide_of("w2")], [1, 2])
+    assert arrival(store) == [("m1", 1), ("w1", 2), ("m2", 3), ("w2", 4)]
+    assert store.loaded_position() == Position(1, 20)
+    store.close()
+
+
+def test_a_load_whose_commit_failed_before_a_fatal_error_is_stored_on_retry(tmp_path):
+    import duckdb
+    store = Store(tmp_path / "events.duckdb")
+    store.conn = FailingCommit(store.conn, duckdb.FatalException(
+        "FATAL Error: Failed to create checkpoint because of error: Could not write file "
+        '"events.duckdb": No space left on device'))
+    with pytest.raises(duckdb.FatalException):
+        store.load([make_row(1)], Position(1, 10))
+    store.load([make_row(1), make_row(2)], Position(1, 20))
+    assert arrival(store) == [("m1", 1), ("m2", 2)]
+    store.close()

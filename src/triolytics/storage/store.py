@@ -16,7 +16,9 @@ Rules:
 - A failed transaction raises its own error (a failing ROLLBACK never replaces it). A
   fatal DuckDB error invalidates the instance; the next `load` reopens the file first.
   On a full disk (DuckDB 1.5) a COMMIT fails with "Could not write file ...: No space
-  left on device", the transaction is gone and the instance stays usable.
+  left on device", the transaction is gone and the instance stays usable. A failed
+  automatic checkpoint is fatal, possibly after a durable COMMIT: the reopened store
+  checks the journal mark and skips the parts of the retried load that landed.
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ class Store:
         self.threads = threads
         self.conn = self._connect()
         self.invalidated = False  # DuckDB refuses every call until the file is reopened
+        # (position, rows, batches) of a load that hit a fatal error: committed or not?
+        self._doubtful: tuple[Position, int, int] | None = None
         self.last_seq = 0  # the last `ingest_seq` stored (kept by loads, read at open)
         self._counting = pa.array([], pa.int64())  # 0, 1, 2, ...: arrival numbers' base
         if not read_only:
@@ -273,6 +277,9 @@ class Store:
         `columns[0]`, `rows[rows_before[0]:rows_before[1]]`, `columns[1]`, ..., the rest
         of `rows`; `ingest_seq` numbers them so, after the last number stored (None:
         every row arrived before `columns`)."""
+        if self.invalidated:
+            self.reopen()
+            rows, columns, rows_before = self._not_committed(rows, columns, rows_before)
         wide = [p if type(p) is Columns else p.columns() for p in columns or ()]
         if rows_before is None:
             rows_before = [len(rows)] * len(wide)
@@ -281,8 +288,6 @@ class Store:
         if len(self._counting) < max(len(rows), sum(counts)):  # (grown rarely: doubled)
             self._counting = pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), max(
                 len(rows), sum(counts), 2 * len(self._counting), 1 << 16)), start=-1)
-        if self.invalidated:
-            self.reopen()
         c = self.conn
         c.execute("BEGIN")
         try:
@@ -300,8 +305,24 @@ class Store:
             c.execute("COMMIT")
         except BaseException as exc:
             self._rollback(exc)
+            if self.invalidated:  # a fatal error: the COMMIT may have landed all the same
+                self._doubtful = (position, len(rows), len(wide))
             raise
         self.last_seq += len(rows) + sum(counts)
+
+    def _not_committed(self, rows: list[Row], columns, rows_before: list[int] | None):
+        """After a reopen: the parts of a load not stored yet. A fatal error can come
+        after a durable COMMIT (DuckDB 1.5: "Transaction COMMIT succeeded and is durable,
+        but the autocheckpoint failed"); the writer retries that load's parts first, so
+        if the mark shows it landed, its rows and batches are skipped here."""
+        doubtful, self._doubtful = self._doubtful, None
+        if doubtful is None or self.loaded_position() != doubtful[0]:
+            return rows, columns, rows_before
+        _, n_rows, n_columns = doubtful
+        columns = list(columns or ())[n_columns:]
+        if rows_before is not None:
+            rows_before = [before - n_rows for before in rows_before[n_columns:]]
+        return rows[n_rows:], columns, rows_before
 
     def _insert(self, table: pa.Table, numbers: pa.Array) -> None:
         batch = table.append_column(ARRIVAL, numbers)  # noqa: F841 (read by name in the SQL)

@@ -7,6 +7,7 @@ start-up (`prepare` fails with DuckDB's "No space left on device" first)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -189,3 +190,26 @@ async def test_create_on_a_full_disk_is_503_not_500(tmp_path, monkeypatch):
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert "No space left on device" in refused.json()["error"]["message"]
     assert created.status_code == 200
+
+
+async def test_a_refused_websocket_batch_leaves_no_session_behind(tmp_path, monkeypatch):
+    from test_e2e_realtime import ack, ws
+    from test_e2e_realtime import running as running_rt
+    made: list[Sessions] = []
+
+    class Recorded(Sessions):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            made.append(self)
+    monkeypatch.setattr(app, "Sessions", Recorded)
+    async with running_rt(tmp_path) as server:
+        ids = [await server.create() for _ in range(3)]
+        [sessions] = made
+        monkeypatch.setattr(os, "writev", full)
+        for analytics_id in ids:  # each connection would open its session
+            async with ws(server, analytics_id) as conn:
+                await conn.send_message(json.dumps(
+                    {"events": [{"type": "click", "id": "e1"}], "seq": 1}))
+                refused = await ack(conn)
+                assert refused["type"] != "ack", refused
+        assert len(sessions) == 0

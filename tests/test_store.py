@@ -452,3 +452,38 @@ def test_a_load_whose_commit_failed_before_a_fatal_error_is_stored_on_retry(tmp_
     store.load([make_row(1), make_row(2)], Position(1, 20))
     assert arrival(store) == [("m1", 1), ("m2", 2)]
     store.close()
+
+
+class Invalidated:
+    """A connection DuckDB has invalidated: every call fails."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def execute(self, *args):
+        raise __import__("duckdb").FatalException(
+            "FATAL Error: Failed: database has been invalidated because of a previous fatal "
+            "error. The database must be restarted prior to being used again.")
+
+    executemany = cursor = execute
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_key_and_id_calls_reopen_an_invalidated_store(tmp_path):
+    import duckdb
+    store = Store(tmp_path / "events.duckdb")
+    store.conn = Invalidated(store.conn)
+    with pytest.raises(duckdb.FatalException):
+        store.record_analytics_ids([("id1", T0, "1.2.3.4")])
+    store.record_analytics_ids([("id2", T0, "1.2.3.4")])  # reopened first
+    key = store.create_key("p")
+    assert [k.key for k in store.list_keys()] == [key]
+    store.conn = Invalidated(store.conn)
+    with pytest.raises(duckdb.FatalException):
+        store.list_keys()
+    assert store.revoke_key(key)
+    assert store.cursor().execute("SELECT analytics_id FROM analytics_ids").fetchall() == [
+        ("id2",)]
+    store.close()

@@ -14,7 +14,8 @@ Rules:
 - Key management works on a closed server too (the CLI opens the file itself).
 - The owner's queries are checked, time-limited and rolled back by query.py.
 - A failed transaction raises its own error (a failing ROLLBACK never replaces it). A
-  fatal DuckDB error invalidates the instance; the next `load` reopens the file first.
+  fatal DuckDB error invalidates the instance; the next load (or key, id or query call)
+  reopens the file first.
   On a full disk (DuckDB 1.5) a COMMIT fails with "Could not write file ...: No space
   left on device", the transaction is gone and the instance stays usable. A failed
   automatic checkpoint is fatal, possibly after a durable COMMIT: the reopened store
@@ -24,6 +25,8 @@ Rules:
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import accumulate
 from pathlib import Path
@@ -361,6 +364,19 @@ class Store:
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
 
+    @contextmanager
+    def _live(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection for one call: reopened first if a fatal error invalidated it,
+        and marked invalidated if this call's error is fatal."""
+        if self.invalidated:
+            self.reopen()
+        try:
+            yield self.conn
+        except duckdb.Error as exc:
+            if _invalidates(exc):
+                self.invalidated = True
+            raise
+
     # --- write keys
     def active_keys(self) -> dict[str, str]:
         return dict(self.conn.execute(
@@ -368,40 +384,45 @@ class Store:
 
     def create_key(self, project: str, key: str | None = None) -> str:
         key = key or new_write_key()
-        existing = self.conn.execute(
-            "SELECT project, revoked_at FROM write_keys WHERE key = ?", [key]).fetchone()
-        if existing is not None:
-            if existing[0] != project or existing[1] is not None:
-                raise KeyError(f"write key already used by project {existing[0]!r}"
-                               + (" (revoked)" if existing[1] is not None else ""))
-            return key
-        self.conn.execute("INSERT INTO write_keys VALUES (?, ?, ?, NULL)",
-                          [key, project, datetime.now(UTC)])
+        with self._live() as c:
+            existing = c.execute(
+                "SELECT project, revoked_at FROM write_keys WHERE key = ?", [key]).fetchone()
+            if existing is not None:
+                if existing[0] != project or existing[1] is not None:
+                    raise KeyError(f"write key already used by project {existing[0]!r}"
+                                   + (" (revoked)" if existing[1] is not None else ""))
+                return key
+            c.execute("INSERT INTO write_keys VALUES (?, ?, ?, NULL)",
+                      [key, project, datetime.now(UTC)])
         return key
 
     def list_keys(self) -> list[KeyInfo]:
-        rows = self.conn.execute(
-            "SELECT key, project, strftime(created_at, '%Y-%m-%dT%H:%M:%SZ'), "
-            "strftime(revoked_at, '%Y-%m-%dT%H:%M:%SZ') FROM write_keys "
-            "ORDER BY created_at, key").fetchall()
+        with self._live() as c:
+            rows = c.execute(
+                "SELECT key, project, strftime(created_at, '%Y-%m-%dT%H:%M:%SZ'), "
+                "strftime(revoked_at, '%Y-%m-%dT%H:%M:%SZ') FROM write_keys "
+                "ORDER BY created_at, key").fetchall()
         return [KeyInfo(*r) for r in rows]
 
     def revoke_key(self, key: str) -> bool:
-        got = self.conn.execute(
-            "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
-            "RETURNING key", [datetime.now(UTC), key]).fetchall()
+        with self._live() as c:
+            got = c.execute(
+                "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
+                "RETURNING key", [datetime.now(UTC), key]).fetchall()
         return bool(got)
 
     # --- analytics ids (the real-time API's identities)
     def record_analytics_ids(self, issued: list[tuple[str, int, str]]) -> None:
         """(analytics_id, issued µs, client ip) of ids handed out by `POST /create`."""
-        self.conn.executemany("INSERT OR IGNORE INTO analytics_ids "
-                              "VALUES (?, make_timestamptz(?), ?)", issued)
+        with self._live() as c:
+            c.executemany("INSERT OR IGNORE INTO analytics_ids "
+                          "VALUES (?, make_timestamptz(?), ?)", issued)
 
     # --- reading
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection of its own for a reader: queries then run beside loads."""
-        return self.conn.cursor()
+        with self._live() as c:
+            return c.cursor()
 
     def query(self, sql: str, max_rows: int, *, timeout_s: float,
               cursor: duckdb.DuckDBPyConnection | None = None) -> QueryResult:

@@ -282,6 +282,7 @@ class Store:
         every row arrived before `columns`)."""
         if self.invalidated:
             self.reopen()
+        if self._doubtful is not None:  # (another call may have reopened the file)
             rows, columns, rows_before = self._not_committed(rows, columns, rows_before)
         wide = [p if type(p) is Columns else p.columns() for p in columns or ()]
         if rows_before is None:

@@ -496,3 +496,26 @@ def test_any_clocks_sort_every_session_start_first_and_end_last(requests):
         stored += intake.rows + events
     stored += sessions.expire(now + 10 * T, ALL)
     assert_sorts_as_sessions(stored)
+
+
+def test_sessions_opened_by_rows_that_were_never_stored_are_forgotten():
+    """A journal write that fails (a full disk) stores nothing: the sessions its rows
+    opened must not stay live (nor in the timer heap) with no start row stored."""
+    s = make()
+    kept_rows: list[Row] = []
+    kept = s.touch(("p", "http", "kept"), "kept", None, 0, kept_rows)
+    for i in range(5000):  # refused requests, each from a new client
+        rows: list[Row] = []
+        s.touch(("p", "http", f"a{i}"), f"a{i}", None, i, rows)
+        rows.append(rows[0]._replace(type="track", session_id=None))  # (its event)
+        s.forget_started(rows)
+    assert len(s) == 1 and s.current(("p", "http", "kept")) == kept
+    assert len(s._heap) < 2500  # compacted as it goes
+    s.forget_started(kept_rows[:0])
+    # a session touched since by a stored request is not the one forgotten
+    rows = []
+    s.touch(("p", "http", "kept"), "kept", None, 1, rows)
+    assert rows == []
+    s.forget_started([kept_rows[0]._replace(session_id="another")])
+    assert s.current(("p", "http", "kept")) == kept
+    assert [r.type for r in s.expire(T + 10, 100)] == ["session_end"]

@@ -201,3 +201,31 @@ def test_the_keys_mirror_follows_every_change(tmp_path):
     store.revoke_key(a)
     assert json.loads(mirror.read_text()) == {"keys": [[b, "p2"]]}
     store.close()
+
+
+async def test_journal_damage_is_in_stats_and_readyz(tmp_path):
+    """Bytes damaged in a journal record DuckDB does not have yet: the server starts,
+    keeps every other record, and says so in /admin/stats and /readyz."""
+    from test_e2e_collector import running
+    from test_e2e_storage_faults import admin
+
+    from triolytics.core.rows import encode_rows
+    journal = Journal(tmp_path / "journal", 1 << 20)
+    journal.open()
+    journal.append([encode_rows([row(i)]) for i in range(3)])
+    journal.sync()
+    journal.close()
+    segment = journal.path(1)
+    record = segment.stat().st_size // 3
+    damage(segment, 16 + record // 2)  # inside the first record
+    async with running(tmp_path) as server:
+        stats = (await server.request("GET", "/admin/stats", headers=admin(tmp_path))).json()
+        ready = await server.request("GET", "/readyz")
+    assert stats["journal_damaged_ranges"] == 1
+    [found] = stats["journal_damage"]
+    assert found["kind"] == "damaged" and Path(found["saved"]).exists()
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.json()["warnings"][0].startswith("journal damage: 1 ranges")
+    ids = [r[0] for r in Store(tmp_path / "events.duckdb", read_only=True).conn.execute(
+        "SELECT message_id FROM events ORDER BY 1").fetchall()]
+    assert ids == ["m0001", "m0002"]

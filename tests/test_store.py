@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import uuid
 
 import pytest
@@ -349,3 +350,141 @@ def test_a_migration_cut_after_numbering_finishes_at_the_next_open(tmp_path):
     assert s.conn.execute("SELECT is_nullable FROM duckdb_columns() WHERE table_name = "
                           "'events' AND column_name = 'ingest_seq'").fetchone() == (False,)
     s.close()
+
+
+class FailingCommit:
+    """A connection whose COMMIT fails as DuckDB's does on a full disk: the transaction is
+    already gone, so a ROLLBACK after it fails too ("no transaction is active")."""
+
+    def __init__(self, conn, error: Exception) -> None:
+        self.conn = conn
+        self.error = error
+        self.closed = False
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            self.conn.execute("ROLLBACK")
+            raise self.error
+        batch = sys._getframe(1).f_locals.get("batch")  # noqa: F841 (DuckDB reads it by name)
+        return self.conn.execute(sql, *args)
+
+    def close(self) -> None:
+        self.closed = True
+        self.conn.close()
+
+
+def test_a_failed_commit_raises_its_own_error_not_the_rollbacks(store):
+    import duckdb
+    full = duckdb.TransactionException(
+        'TransactionContext Error: Failed to commit: Could not write file '
+        '"events.duckdb.wal": No space left on device')
+    store.conn = FailingCommit(store.conn, full)
+    with pytest.raises(duckdb.TransactionException, match="No space left on device"):
+        store.load([make_row(1)], Position(1, 10))
+    store.conn = store.conn.conn
+    store.load([make_row(2)], Position(1, 20))  # the next load works
+    assert [r[0] for r in rows_in(store)] == ["m2"]
+    assert store.loaded_position() == Position(1, 20)
+
+
+def test_a_failed_step_of_a_migration_raises_its_own_error(store):
+    import duckdb
+    store.conn = FailingCommit(store.conn, duckdb.IOException("No space left on device"))
+    with pytest.raises(duckdb.IOException, match="No space left on device"):
+        store._in_transaction("INSERT OR REPLACE INTO meta VALUES ('x', 'y')")
+    store.conn = store.conn.conn
+
+
+def test_an_invalidated_database_is_reopened_before_the_next_load(tmp_path):
+    import duckdb
+    store = Store(tmp_path / "events.duckdb")
+    store.load([make_row(1)], Position(1, 10))
+    broken = FailingCommit(store.conn, duckdb.FatalException(
+        "FATAL Error: Failed: database has been invalidated because of a previous fatal "
+        "error. The database must be restarted prior to being used again."))
+    store.conn = broken
+    with pytest.raises(duckdb.FatalException):
+        store.load([make_row(2)], Position(1, 20))
+    store.load([make_row(3)], Position(1, 30))  # reopened: a new connection
+    assert broken.closed and store.conn is not broken
+    assert [r[0] for r in rows_in(store)] == ["m1", "m3"]
+    assert arrival(store) == [("m1", 1), ("m3", 2)]
+    store.close()
+
+
+class CommitThenFatal(FailingCommit):
+    """DuckDB 1.5 on a full disk: the COMMIT is durable, then the automatic checkpoint
+    fails and the instance is invalidated (a FatalException from the COMMIT call)."""
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            self.conn.execute("COMMIT")
+            raise self.error
+        batch = sys._getframe(1).f_locals.get("batch")  # noqa: F841 (DuckDB reads it by name)
+        return self.conn.execute(sql, *args)
+
+
+def test_a_load_whose_commit_landed_before_a_fatal_error_is_not_stored_twice(tmp_path):
+    """The writer retries a failed load with the same parts first (and maybe more after
+    them): those the fatal COMMIT did store are skipped, the rest numbered after them."""
+    import duckdb
+    store = Store(tmp_path / "events.duckdb")
+    store.conn = CommitThenFatal(store.conn, duckdb.FatalException(
+        "FATAL Error: Transaction COMMIT succeeded and is durable, but the autocheckpoint "
+        "failed. Reopen the database instance to recover."))
+    with pytest.raises(duckdb.FatalException):
+        store.load([make_row(1)], Position(1, 10), [wide_of("w1")], [1])
+    store.list_keys()  # (reopens the file before the retry does)
+    store.load([make_row(1), make_row(2)], Position(1, 20),  # the retry, and more
+               [wide_of("w1"), wide_of("w2")], [1, 2])
+    assert arrival(store) == [("m1", 1), ("w1", 2), ("m2", 3), ("w2", 4)]
+    assert store.loaded_position() == Position(1, 20)
+    store.close()
+
+
+def test_a_load_whose_commit_failed_before_a_fatal_error_is_stored_on_retry(tmp_path):
+    import duckdb
+    store = Store(tmp_path / "events.duckdb")
+    store.conn = FailingCommit(store.conn, duckdb.FatalException(
+        "FATAL Error: Failed to create checkpoint because of error: Could not write file "
+        '"events.duckdb": No space left on device'))
+    with pytest.raises(duckdb.FatalException):
+        store.load([make_row(1)], Position(1, 10))
+    store.load([make_row(1), make_row(2)], Position(1, 20))
+    assert arrival(store) == [("m1", 1), ("m2", 2)]
+    store.close()
+
+
+class Invalidated:
+    """A connection DuckDB has invalidated: every call fails."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def execute(self, *args):
+        raise __import__("duckdb").FatalException(
+            "FATAL Error: Failed: database has been invalidated because of a previous fatal "
+            "error. The database must be restarted prior to being used again.")
+
+    executemany = cursor = execute
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_key_and_id_calls_reopen_an_invalidated_store(tmp_path):
+    import duckdb
+    store = Store(tmp_path / "events.duckdb")
+    store.conn = Invalidated(store.conn)
+    with pytest.raises(duckdb.FatalException):
+        store.record_analytics_ids([("id1", T0, "1.2.3.4")])
+    store.record_analytics_ids([("id2", T0, "1.2.3.4")])  # reopened first
+    key = store.create_key("p")
+    assert [k.key for k in store.list_keys()] == [key]
+    store.conn = Invalidated(store.conn)
+    with pytest.raises(duckdb.FatalException):
+        store.list_keys()
+    assert store.revoke_key(key)
+    assert store.cursor().execute("SELECT analytics_id FROM analytics_ids").fetchall() == [
+        ("id2",)]
+    store.close()

@@ -8,10 +8,14 @@ load interval costs no wall time and is not raced by the jump.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import threading
 from time import time_ns
 
+import duckdb
 import pytest
 import trio
 from trio.testing import MockClock
@@ -330,3 +334,99 @@ async def test_the_running_loader_numbers_submissions_in_journal_order(tmp_path)
     writer = make_writer(tmp_path)
     assert arrival_via(writer) == [(m, n) for n, m in enumerate(
         ["m0", "b0", "c0", "m1", "b1", "c1", "m2", "b2", "c2"], 1)]
+
+
+# --- storage faults: a full disk at the journal's write or sync, or at DuckDB's load
+
+class FakeClock:
+    """The fault reporter's clock (seconds), moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def writer_errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "triolytics.writer" and r.levelno >= logging.ERROR]
+
+
+def no_space(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("call", ["writev", "fdatasync"])
+async def test_a_full_disk_at_the_journal_answers_503_logs_once_and_recovers(
+        tmp_path, monkeypatch, caplog, call):
+    writer = make_writer(tmp_path)
+    faults_clock = FakeClock()
+    writer.faults.clock = faults_clock
+    caplog.set_level(logging.INFO, logger="triolytics.writer")
+    verb = "write" if call == "writev" else "sync"
+
+    async def body():
+        monkeypatch.setattr(os, call, no_space)
+        for i in range(50):  # 50 groups, each refused
+            keys = [f"default\x1fk{i}"]
+            writer.dedup.admit(keys[0], 0)
+            with pytest.raises(ApiError) as refused:
+                await writer.store_rows([row(i)], keys)
+            assert refused.value.status == 503
+            faults_clock.now += 0.1
+        assert writer_errors(caplog) == [
+            f"journal {verb} failed: [Errno 28] No space left on device"]
+        assert writer.fault == f"journal {verb} failed: [Errno 28] No space left on device"
+        assert not writer.healthy
+        # nothing of the refused groups stays behind
+        assert writer.stats.pending_rows == 0 and not writer._unsynced
+        assert not writer._unloaded and writer.stats.unloaded_rows == 0
+        assert len(writer.dedup) == 0
+        faults_clock.now += 10
+        with pytest.raises(ApiError):
+            await writer.store_rows([row(50)])
+        assert writer_errors(caplog)[1:] == [
+            f"journal write: 50 more failures in the last 15 s; latest: journal {verb} "
+            "failed: [Errno 28] No space left on device"]
+        monkeypatch.undo()
+        await writer.store_rows([row(99)])  # space again
+        assert writer.fault is None and writer.healthy
+    await run_writer(writer, body)
+    assert "journal writes succeed again after 51 failures over 15 s" in caplog.messages
+    assert len(writer_errors(caplog)) == 2
+    assert "m99" in stored(tmp_path)
+
+
+async def test_failing_loads_log_once_report_the_cause_and_clear(tmp_path, clock,
+                                                                  monkeypatch, caplog):
+    writer = make_writer(tmp_path, load_interval_ms=10)
+    writer.faults.clock = trio.current_time
+    real_load = writer.store.load
+    failures = []
+
+    def full(rows, position, *parts):
+        if len(failures) < 15:
+            failures.append(1)
+            raise duckdb.TransactionException(
+                'TransactionContext Error: Failed to commit: Could not write file '
+                '"events.duckdb.wal": No space left on device')
+        real_load(rows, position, *parts)
+    monkeypatch.setattr(writer.store, "load", full)
+
+    async def body():
+        await writer.store_rows([row(1)])
+        await trio.sleep(0.05)
+        assert writer.fault == ("DuckDB load failed: TransactionContext Error: Failed to "
+                                'commit: Could not write file "events.duckdb.wal": No '
+                                "space left on device")
+        assert not writer.healthy
+        await trio.sleep(20)  # retried every second: 15 failures, then a load
+        assert writer.fault is None and writer.healthy
+    await run_writer(writer, body)
+    assert stored(tmp_path) == ["m1"]
+    errors = writer_errors(caplog)
+    assert 2 <= len(errors) <= 3  # the first, then one per 10 s (not 15)
+    assert errors[0].startswith("DuckDB load failed: ")
+    assert any(m.startswith("DuckDB loads succeed again after 15 failures")
+               for m in caplog.messages)

@@ -53,6 +53,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_unloaded_bytes: int = 1024 * MiB  # journal bytes not yet in DuckDB (disk)
     backpressure_wait_ms: int = 1000  # a request waits this long for room, then gets 503
     retry_after_s: int = 1  # the Retry-After of a 503
+    # --- storage faults (a full disk, say)
+    fault_log_interval_s: float = 10.0  # a repeated fault is logged at most once per this
+    startup_retry_s: float = 5.0  # start-up on a full disk: retried this often, 503 meanwhile
     # --- HTTP limits (defaults as Segment's)
     max_event_bytes: int = 32 * KiB
     max_request_bytes: int = 500 * KiB  # body as sent
@@ -114,7 +117,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "ws_ping_interval_s", "ws_pong_timeout_s", "ws_idle_timeout_s",
                     "ws_max_fragments", "ws_message_timeout_s", "ws_burst_events",
                     "ws_id_burst_events", "create_burst", "max_future_skew_s",
-                    "max_message_id_chars")
+                    "max_message_id_chars", "fault_log_interval_s", "startup_retry_s")
         for name in positive:
             if not getattr(self, name) > 0:  # (NaN too)
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

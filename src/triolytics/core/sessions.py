@@ -77,6 +77,7 @@ class Sessions:
         self._ties = count()
         self.opened = 0
         self.ended = 0
+        self._forgotten = 0  # sessions dropped by `forget_started` since the heap's rebuild
 
     def __len__(self) -> int:
         return len(self.live)
@@ -111,6 +112,26 @@ class Sessions:
             self.new_id(), key[0], key[1], "session_start", None, None, anonymous_id,
             user_id, None, None, s.id, start, None, None, now, None, None, None, None)))
         return s
+
+    def forget_started(self, rows: list[Row]) -> None:
+        """`rows` were never stored (their journal write failed): the sessions their
+        `session_start` rows opened are dropped, so that refused requests (a full disk)
+        leave no live session without a stored start. Their heap entries are skipped
+        when popped, and the heap is rebuilt once most of it is such entries."""
+        live = self.live
+        for row in rows:
+            if row.type != "session_start":
+                continue
+            key = (row.project, row.channel, row.anonymous_id or row.user_id)
+            s = live.get(key)
+            if s is not None and s.id == row.session_id:
+                del live[key]
+                self.opened -= 1
+                self._forgotten += 1
+        if self._forgotten > 1024 and 2 * self._forgotten > len(self._heap):
+            self._heap = [e for e in self._heap if live.get(e[2].key) is e[2]]
+            heapq.heapify(self._heap)
+            self._forgotten = 0
 
     def current(self, key: Key) -> str | None:
         """The live session id of `key`, touching nothing."""

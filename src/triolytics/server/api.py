@@ -15,6 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from time import time_ns
 
+import duckdb
 import msgspec
 import trio
 
@@ -99,8 +100,12 @@ class Api:
         if writer.closing or not writer.has_room(1):
             await writer.wait_room()
         accepted = build(*args)
-        await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
-                                                accepted.columns))
+        try:
+            await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
+                                                    accepted.columns))
+        except ApiError:  # not journaled (a full disk): the sessions it opened go too
+            self.collector.sessions.forget_started(accepted.rows)
+            raise
         return Response(accepted.status, accepted.body)
 
     async def capture(self, req: Request) -> Response:  # (the hot path)
@@ -125,8 +130,14 @@ class Api:
             raise ApiError("rate_limited", "too many POST /create calls from this address",
                            headers=((b"retry-after", b"%d" % max(1, math.ceil(wait))),))
         analytics_id = self.identities.issue()
-        await self.writer.run_store(self.writer.store.record_analytics_ids,
-                                    [(analytics_id, self.clock() // 1000, req.client_ip)])
+        try:
+            await self.writer.run_store(self.writer.store.record_analytics_ids,
+                                        [(analytics_id, self.clock() // 1000, req.client_ip)])
+        except duckdb.Error as exc:  # a full disk, say: not stored, so not handed out
+            raise ApiError("unavailable", f"could not record the analytics_id: {exc}",
+                           headers=((b"retry-after",
+                                     str(self.writer.config.retry_after_s).encode()),)
+                           ) from None
         return Response(200, msgspec.json.encode(Created(analytics_id,
                                                          {"region": self.region})))
 
@@ -140,10 +151,18 @@ class Api:
         return Response(200, b'{"ok":true}')
 
     async def readyz(self, req: Request) -> Response:
-        if self.writer.healthy and not self.writer.closing:
-            return Response(200, b'{"ready":true}')
-        reason = b"shutting down" if self.writer.closing else b"store unavailable"
-        return Response(503, b'{"ready":false,"reason":"' + reason + b'"}')
+        """200 while events can be stored; else 503 with why (the writer's fault, e.g.
+        `journal write failed: [Errno 28] No space left on device`). Damage set aside at
+        start is listed as `warnings` (ready all the same)."""
+        writer = self.writer
+        if writer.closing:
+            return not_ready("shutting down")
+        if writer.fault is not None:
+            return not_ready(writer.fault)
+        warnings = writer.warnings()
+        if warnings:
+            return Response(200, msgspec.json.encode({"ready": True, "warnings": warnings}))
+        return Response(200, b'{"ready":true}')
 
     # --- admin
     def _admin(self, req: Request) -> None:
@@ -195,7 +214,13 @@ class Api:
 
     async def stats(self, req: Request) -> Response:
         self._admin(req)
-        return Response(200, msgspec.json.encode(self.writer.statistics()))
+        return Response(200, msgspec.json.encode({**self.writer.statistics(),
+                                                  "fault": self.writer.fault}))
+
+
+def not_ready(reason: str) -> Response:
+    """`/readyz`'s 503: `{"ready":false,"reason":...}`."""
+    return Response(503, msgspec.json.encode({"ready": False, "reason": reason}))
 
 
 def _decode(body: bytes, type_: type):

@@ -15,10 +15,13 @@
                             Over a connection cap, the task answers 503 and closes
                             (`HttpServer.serve`): no client waits in the backlog
 
-Start-up (before listening): open the store, replay the journal's unloaded suffix,
-resume the sessions open in storage, register write keys, write
-`<data_dir>/server.json` so the CLI can find us. A fault the user can fix (data directory
-not writable or locked, port taken) is raised as a `StartupError` (startup.py).
+Start-up (before listening): lock `<data_dir>/server.lock`, open the store, replay the
+journal's unloaded suffix, resume the sessions open in storage, register write keys,
+write `<data_dir>/server.json` so the CLI can find us. A fault the user can fix (data
+directory not writable or locked, port taken) is raised as a `StartupError` (startup.py).
+A start-up that fails for lack of space (ENOSPC, DuckDB's "No space left on device")
+listens anyway: every request is answered 503 (unready.py; `/healthz` 200) while start-up
+is retried every `startup_retry_s`; once it succeeds the same sockets serve as usual.
 """
 
 from __future__ import annotations
@@ -44,14 +47,23 @@ from triolytics.core.capture import new_id
 from triolytics.core.collector import Collector
 from triolytics.core.config import Config
 from triolytics.core.dedup import Dedup
+from triolytics.core.faults import Faults
 from triolytics.core.identity import Identities
 from triolytics.core.journal import Journal
 from triolytics.core.sessions import Session, Sessions
 from triolytics.server.api import BODILESS, Api
 from triolytics.server.http_server import HttpServer
 from triolytics.server.reaper import reap_sessions
-from triolytics.server.startup import open_data_dir, open_listeners, open_store
+from triolytics.server.startup import (
+    lock_data_dir,
+    no_space,
+    open_data_dir,
+    open_listeners,
+    open_store,
+)
+from triolytics.server.unready import Unready
 from triolytics.server.ws_server import RealtimeServer
+from triolytics.storage.store import Store
 from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics")
@@ -91,6 +103,18 @@ def prepare(config: Config) -> Prepared:
     store, quarantined = open_store(data / "events.duckdb", config.duckdb_threads)
     journal = Journal(data / "journal", config.journal_segment_bytes,
                       sync_on_rotate=config.fsync != "off")
+    try:
+        return _prepare(config, data, store, journal, quarantined)
+    except BaseException:  # (closed, so that a start-up on a full disk can be retried)
+        with contextlib.suppress(Exception):
+            journal.close()
+        with contextlib.suppress(Exception):
+            store.close()
+        raise
+
+
+def _prepare(config: Config, data: Path, store: Store, journal: Journal,
+             quarantined: list[Path]) -> Prepared:
     dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
     writer = Writer(config, journal, store, dedup)
     writer.quarantined = [str(q) for q in quarantined]
@@ -128,11 +152,92 @@ def _keys_list_command(config: Config) -> str:
                                      f" --data {shlex.quote(data)}")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
                 stop: trio.Event | None = None, handle_signals: bool = False,
                 clock: Callable[[], int] = time_ns) -> None:
     """Run the server until `stop` is set (or SIGINT/SIGTERM, with handle_signals)."""
-    ready = await trio.to_thread.run_sync(prepare, config)
+    stop = stop if stop is not None else trio.Event()
+    lock = await trio.to_thread.run_sync(lock_data_dir, Path(config.data_dir))
+    try:
+        signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) \
+            if handle_signals else contextlib.nullcontext()
+        with signals as received:  # held until the end: no KeyboardInterrupt mid-shutdown
+            await _serve(config, stop, received, clock, task_status)
+    finally:
+        os.close(lock)
+
+
+async def _serve(config: Config, stop: trio.Event, received, clock: Callable[[], int],
+                 task_status) -> None:
+    service = trio.CancelScope()  # a second signal cancels in-flight requests at once
+    async with trio.open_nursery() as root:
+        if received is not None:
+            root.start_soon(_watch_signals, received, stop, service)
+        try:
+            ready = await trio.to_thread.run_sync(prepare, config)
+            listeners = None
+        except Exception as exc:
+            if not no_space(exc):
+                raise
+            listeners = await open_listeners(config.port, config.host)
+            ready = await _start_when_space(config, listeners, exc, stop, task_status)
+            if ready is None:  # stopped while waiting
+                root.cancel_scope.cancel()
+                return
+        await _run(config, ready, listeners, stop, service, clock, task_status)
+        root.cancel_scope.cancel()  # the signal watcher
+
+
+async def _start_when_space(config: Config, listeners: list[trio.SocketListener],
+                            exc: Exception, stop: trio.Event,
+                            task_status) -> Prepared | None:
+    """Start-up failed for lack of space: listen anyway, answer 503 saying why, and retry
+    `prepare` every `startup_retry_s` until it succeeds (then return it) or `stop`."""
+    faults = Faults(log, config.fault_log_interval_s, trio.current_time)
+    fault = "start-up attempt"
+    reason = f"start-up failed: {_one_line(exc)}"
+    faults.failed(fault, f"{reason} (listening anyway: 503 until there is space; retrying "
+                  f"every {config.startup_retry_s:g} s)")
+    unready = Unready(config, reason)
+    bound = _bound(listeners)
+    _write_server_json(config, bound)
+    log.info("listening on http://%s:%d (not ready: %s)", bound.host, bound.port, reason)
+    task_status.started(bound)
+    async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as acceptors:
+            for listener in listeners:
+                acceptors.start_soon(_accept_with, listener, handlers, unready.serve)
+            while True:
+                with trio.move_on_after(config.startup_retry_s):
+                    await stop.wait()
+                if stop.is_set():
+                    ready = None
+                    break
+                try:
+                    ready = await trio.to_thread.run_sync(prepare, config)
+                    break
+                except Exception as again:
+                    if not no_space(again):
+                        raise
+                    unready.reason = f"start-up failed: {_one_line(again)}"
+                    faults.failed(fault, unready.reason)
+            acceptors.cancel_scope.cancel()
+        handlers.cancel_scope.deadline = trio.current_time() + 1  # the answers under way
+    if ready is not None:
+        faults.cleared(fault)
+    else:
+        for listener in listeners:
+            await listener.aclose()
+        (Path(config.data_dir) / "server.json").unlink(missing_ok=True)
+    return ready
+
+
+async def _run(config: Config, ready: Prepared, listeners: list | None, stop: trio.Event,
+               service: trio.CancelScope, clock: Callable[[], int], task_status) -> None:
     writer, sessions = ready.writer, ready.sessions
     # Long-lived start-up objects never need collecting: freeze them, and collect the
     # young generation less often (each request allocates many short-lived objects).
@@ -144,29 +249,22 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED,
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
     http = HttpServer(config, api.routes(), upgrades={b"/analytics": realtime},
                       bodiless=BODILESS)
-    stop = stop if stop is not None else trio.Event()
-    service = trio.CancelScope()  # a second signal cancels in-flight requests at once
-    signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if handle_signals \
-        else contextlib.nullcontext()
-    with signals as received:  # held until the end: no KeyboardInterrupt mid-shutdown
-        async with trio.open_nursery() as root:
-            if received is not None:
-                root.start_soon(_watch_signals, received, stop, service)
-            writer_done = trio.Event()
-            root.start_soon(_run_writer, writer, writer_done)
-            try:
-                with service:
-                    async with trio.open_nursery() as nursery:
-                        reaper = partial(reap_sessions, sessions, writer,
-                                         config.session_end_chunk_rows, clock)
-                        bound = await nursery.start(_listen, config, http, realtime, reaper,
-                                                    stop)
+    async with trio.open_nursery() as root:
+        writer_done = trio.Event()
+        root.start_soon(_run_writer, writer, writer_done)
+        try:
+            with service:
+                async with trio.open_nursery() as nursery:
+                    reaper = partial(reap_sessions, sessions, writer,
+                                     config.session_end_chunk_rows, clock)
+                    bound = await nursery.start(_listen, config, http, realtime, reaper,
+                                                stop, listeners)
+                    if listeners is None:  # (else started while start-up waited)
                         task_status.started(bound)
-            finally:
-                writer.close()
-                with trio.CancelScope(shield=True):
-                    await writer_done.wait()
-                root.cancel_scope.cancel()  # the signal watcher
+        finally:
+            writer.close()
+            with trio.CancelScope(shield=True):
+                await writer_done.wait()
     log.info("stopped; %d rows stored this run", writer.stats.loaded_rows)
 
 
@@ -177,13 +275,27 @@ async def _run_writer(writer: Writer, done: trio.Event) -> None:
         done.set()
 
 
-async def _listen(config: Config, http: HttpServer, realtime: RealtimeServer, reaper,
-                  stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    listeners = await open_listeners(config.port, config.host)
+def _bound(listeners: list[trio.SocketListener]) -> Bound:
     sockname = listeners[0].socket.getsockname()
-    bound = Bound(sockname[0], sockname[1])
-    (Path(config.data_dir) / "server.json").write_text(
-        json.dumps({"host": bound.host, "port": bound.port, "pid": os.getpid()}))
+    return Bound(sockname[0], sockname[1])
+
+
+def _write_server_json(config: Config, bound: Bound) -> None:
+    try:
+        (Path(config.data_dir) / "server.json").write_text(
+            json.dumps({"host": bound.host, "port": bound.port, "pid": os.getpid()}))
+    except OSError as exc:  # (a full disk: the CLI then opens the file itself)
+        log.warning("could not write %s/server.json: %s", config.data_dir, exc)
+
+
+async def _listen(config: Config, http: HttpServer, realtime: RealtimeServer, reaper,
+                  stop: trio.Event, listeners: list[trio.SocketListener] | None = None, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve on `listeners` (opened here when None) until `stop`."""
+    if listeners is None:
+        listeners = await open_listeners(config.port, config.host)
+    bound = _bound(listeners)
+    _write_server_json(config, bound)
     log.info("listening on http://%s:%d", bound.host, bound.port)
     async with trio.open_nursery() as timers:
         timers.start_soon(http.sweep)
@@ -215,6 +327,12 @@ async def _accept(listener: trio.SocketListener, handlers: trio.Nursery,
                   http: HttpServer) -> None:
     """Accept every connection; `http.serve` applies the connection caps (a refused one
     is answered at once rather than left waiting in the listen backlog)."""
+    await _accept_with(listener, handlers, partial(_connection, http))
+
+
+async def _accept_with(listener: trio.SocketListener, handlers: trio.Nursery,
+                       handle) -> None:
+    """Accept every connection and start `handle(stream)` for it."""
     while True:
         try:
             stream = await listener.accept()
@@ -224,7 +342,7 @@ async def _accept(listener: trio.SocketListener, handlers: trio.Nursery,
             log.error("accept failed (%s); retrying in %.1fs", exc, ACCEPT_RETRY_S)
             await trio.sleep(ACCEPT_RETRY_S)
             continue
-        handlers.start_soon(_connection, http, stream)
+        handlers.start_soon(handle, stream)
 
 
 async def _connection(http: HttpServer, stream: trio.SocketStream) -> None:

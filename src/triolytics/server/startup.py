@@ -12,6 +12,9 @@ Rules:
   mirror with it) and a new one is made, taking the old one's write keys. Either way
   the journal then replays what the file no longer has (the writer keeps every segment
   until a checkpoint covers it). Locks and other faults are never taken for damage.
+- A full disk at start-up is not one of them: `serve` listens anyway, answers 503 and
+  retries (`no_space` tells it apart). `<data_dir>/server.lock` (flock, `lock_data_dir`)
+  keeps a second server out even while the first one's DuckDB file is not open.
 - This module imports nothing of the server extra (duckdb, pyarrow), so that it can say
   the extra is missing; `open_store` imports the store when it is called.
 """
@@ -19,7 +22,9 @@ Rules:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 import re
 import tempfile
 from datetime import UTC, datetime
@@ -130,6 +135,55 @@ def _quarantine(path: Path) -> Path:
     target = folder / f"{path.name}.{stamp}"
     path.rename(target)
     return target
+
+
+LOCK_FILE = "server.lock"  # in the data directory: flocked by the serving process
+
+
+def lock_data_dir(path: Path) -> int:
+    """Hold `<data_dir>/server.lock` (flock) for the process's life; the fd is returned.
+    A StartupError when another process holds it. DuckDB's own lock is not enough: a
+    server whose store failed to open on a full disk holds no DuckDB lock while it waits
+    for space, and a second server must still be refused."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"data directory {path} is not writable ({exc.strerror}); "
+                           "choose another with --data") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        held = f" (PID {pid})" if pid.isdigit() else ""
+        raise StartupError(f"data directory {path} is locked by another process{held}, "
+                           "probably another triolytics server; stop it or choose another "
+                           "directory with --data") from None
+    try:  # who holds it, for the message above (best effort: the disk may be full)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+    return fd
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) says the disk is full: ENOSPC
+    or EDQUOT from the journal or a file, or DuckDB's IO error "No space left on device"."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+    return False
 
 
 async def open_listeners(port: int, host: str) -> list[trio.SocketListener]:

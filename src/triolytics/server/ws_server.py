@@ -419,7 +419,8 @@ class RealtimeServer:
         if batch is None:
             e = group_or_error.error
             return _ENCODE.encode(Refusal(group_or_error.seq, e.code, e.message, e.field))
-        if group_or_error.error is not None:
+        if group_or_error.error is not None:  # not journaled: its sessions go too
+            self.sessions.forget_started(batch.system_rows)
             if batch.seq is None:
                 return _FAILED
             return _ENCODE.encode(Refusal(batch.seq, "unavailable",

@@ -17,13 +17,23 @@ Rules:
 - `checkpoint()` says whether everything committed is in the file itself (the WAL is
   gone or empty afterwards): only then may the journal drop what the mark covers.
 - The owner's queries are checked, time-limited and rolled back by query.py.
+- A failed transaction raises its own error (a failing ROLLBACK never replaces it). A
+  fatal DuckDB error invalidates the instance; the next load (or key, id or query call)
+  reopens the file first.
+  On a full disk (DuckDB 1.5) a COMMIT fails with "Could not write file ...: No space
+  left on device", the transaction is gone and the instance stays usable. A failed
+  automatic checkpoint is fatal, possibly after a durable COMMIT: the reopened store
+  checks the journal mark and skips the parts of the retried load that landed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import accumulate
 from pathlib import Path
@@ -37,6 +47,8 @@ from triolytics.core.journal import Position
 from triolytics.core.rows import COLUMNS, Columns, Row, RtColumns
 from triolytics.storage import query
 from triolytics.storage.query import QueryResult
+
+log = logging.getLogger("triolytics.store")
 
 SCHEMA_VERSION = "2"  # 1: the first; 2: events.ingest_seq
 ARRIVAL = "ingest_seq"  # the events column numbering rows in arrival order
@@ -148,6 +160,13 @@ def arrival_numbers(counting: pa.Array, first: int, ends: list[int],
         pa.array(ends, pa.int32()), pa.array([first + k for k in skips], pa.int64()))))
 
 
+def _invalidates(error: BaseException) -> bool:
+    """Whether DuckDB gave up on the database instance after `error` (a FATAL error):
+    every later call fails until the file is reopened."""
+    return isinstance(error, duckdb.FatalException) or (
+        isinstance(error, duckdb.Error) and "database has been invalidated" in str(error))
+
+
 class SchemaError(Exception):
     """The file was written by a newer version of triolytics."""
 
@@ -155,20 +174,29 @@ class SchemaError(Exception):
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
         self.path = str(path)
-        self.conn = duckdb.connect(self.path, read_only=read_only, config={
-            "threads": threads,
-            # No SQL (an owner's query naming 'https://...') installs or loads an
-            # extension behind our back; what we use (json, parquet, icu) is built in.
-            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
-        # DuckDB draws a progress bar on stdout for statements past 2 s; its cursors
-        # (queries) inherit this.
-        self.conn.execute("SET enable_progress_bar = false")
+        self.read_only = read_only
+        self.threads = threads
+        self.conn = self._connect()
+        self.invalidated = False  # DuckDB refuses every call until the file is reopened
+        # (position, rows, batches) of a load that hit a fatal error: committed or not?
+        self._doubtful: tuple[Position, int, int] | None = None
         self.last_seq = 0  # the last `ingest_seq` stored (kept by loads, read at open)
         self._counting = pa.array([], pa.int64())  # 0, 1, 2, ...: arrival numbers' base
         if not read_only:
             self._create()
             self.last_seq = self.conn.execute(
                 f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        conn = duckdb.connect(self.path, read_only=self.read_only, config={
+            "threads": self.threads,
+            # No SQL (an owner's query naming 'https://...') installs or loads an
+            # extension behind our back; what we use (json, parquet, icu) is built in.
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        # DuckDB draws a progress bar on stdout for statements past 2 s; its cursors
+        # (queries) inherit this.
+        conn.execute("SET enable_progress_bar = false")
+        return conn
 
     def close(self) -> None:
         self.conn.close()
@@ -184,6 +212,32 @@ class Store:
             return self.wal_path.stat().st_size == 0
         except FileNotFoundError:
             return True
+
+    def reopen(self) -> None:
+        """Close the connection and connect again: after a fatal error DuckDB refuses
+        every call on the instance ("database has been invalidated"); a new one replays
+        DuckDB's WAL. Raises (and stays invalidated) if the file cannot be opened yet."""
+        try:
+            self.conn.close()
+        except duckdb.Error:
+            pass
+        self.conn = self._connect()
+        self.invalidated = False
+        self.last_seq = self.conn.execute(
+            f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
+
+    def _rollback(self, error: BaseException) -> None:
+        """Roll back after `error` without hiding it: DuckDB ends a transaction whose
+        COMMIT failed (a full disk: "Failed to commit: Could not write file ... No space
+        left on device"), and the ROLLBACK then fails with "no transaction is active"."""
+        if _invalidates(error):
+            self.invalidated = True
+            return
+        try:
+            self.conn.execute("ROLLBACK")
+        except duckdb.Error as exc:
+            if _invalidates(exc):
+                self.invalidated = True
 
     def _create(self) -> None:
         """Create what is missing, then migrate what is old."""
@@ -234,8 +288,8 @@ class Store:
             for sql in statements:
                 c.execute(sql)
             c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback(exc)
             raise
 
     # --- events
@@ -247,6 +301,10 @@ class Store:
         `columns[0]`, `rows[rows_before[0]:rows_before[1]]`, `columns[1]`, ..., the rest
         of `rows`; `ingest_seq` numbers them so, after the last number stored (None:
         every row arrived before `columns`)."""
+        if self.invalidated:
+            self.reopen()
+        if self._doubtful is not None:  # (another call may have reopened the file)
+            rows, columns, rows_before = self._not_committed(rows, columns, rows_before)
         wide = [p if type(p) is Columns else p.columns() for p in columns or ()]
         if rows_before is None:
             rows_before = [len(rows)] * len(wide)
@@ -270,10 +328,26 @@ class Store:
                     [before for _, before in shown]))
             c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
             c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback(exc)
+            if self.invalidated:  # a fatal error: the COMMIT may have landed all the same
+                self._doubtful = (position, len(rows), len(wide))
             raise
         self.last_seq += len(rows) + sum(counts)
+
+    def _not_committed(self, rows: list[Row], columns, rows_before: list[int] | None):
+        """After a reopen: the parts of a load not stored yet. A fatal error can come
+        after a durable COMMIT (DuckDB 1.5: "Transaction COMMIT succeeded and is durable,
+        but the autocheckpoint failed"); the writer retries that load's parts first, so
+        if the mark shows it landed, its rows and batches are skipped here."""
+        doubtful, self._doubtful = self._doubtful, None
+        if doubtful is None or self.loaded_position() != doubtful[0]:
+            return rows, columns, rows_before
+        _, n_rows, n_columns = doubtful
+        columns = list(columns or ())[n_columns:]
+        if rows_before is not None:
+            rows_before = [before - n_rows for before in rows_before[n_columns:]]
+        return rows[n_rows:], columns, rows_before
 
     def _insert(self, table: pa.Table, numbers: pa.Array) -> None:
         batch = table.append_column(ARRIVAL, numbers)  # noqa: F841 (read by name in the SQL)
@@ -312,6 +386,19 @@ class Store:
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
 
+    @contextmanager
+    def _live(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection for one call: reopened first if a fatal error invalidated it,
+        and marked invalidated if this call's error is fatal."""
+        if self.invalidated:
+            self.reopen()
+        try:
+            yield self.conn
+        except duckdb.Error as exc:
+            if _invalidates(exc):
+                self.invalidated = True
+            raise
+
     # --- write keys
     def active_keys(self) -> dict[str, str]:
         return dict(self.conn.execute(
@@ -319,29 +406,32 @@ class Store:
 
     def create_key(self, project: str, key: str | None = None) -> str:
         key = key or new_write_key()
-        existing = self.conn.execute(
-            "SELECT project, revoked_at FROM write_keys WHERE key = ?", [key]).fetchone()
-        if existing is not None:
-            if existing[0] != project or existing[1] is not None:
-                raise KeyError(f"write key already used by project {existing[0]!r}"
-                               + (" (revoked)" if existing[1] is not None else ""))
-            return key
-        self.conn.execute("INSERT INTO write_keys VALUES (?, ?, ?, NULL)",
-                          [key, project, datetime.now(UTC)])
+        with self._live() as c:
+            existing = c.execute(
+                "SELECT project, revoked_at FROM write_keys WHERE key = ?", [key]).fetchone()
+            if existing is not None:
+                if existing[0] != project or existing[1] is not None:
+                    raise KeyError(f"write key already used by project {existing[0]!r}"
+                                   + (" (revoked)" if existing[1] is not None else ""))
+                return key
+            c.execute("INSERT INTO write_keys VALUES (?, ?, ?, NULL)",
+                      [key, project, datetime.now(UTC)])
         self.save_keys()
         return key
 
     def list_keys(self) -> list[KeyInfo]:
-        rows = self.conn.execute(
-            "SELECT key, project, strftime(created_at, '%Y-%m-%dT%H:%M:%SZ'), "
-            "strftime(revoked_at, '%Y-%m-%dT%H:%M:%SZ') FROM write_keys "
-            "ORDER BY created_at, key").fetchall()
+        with self._live() as c:
+            rows = c.execute(
+                "SELECT key, project, strftime(created_at, '%Y-%m-%dT%H:%M:%SZ'), "
+                "strftime(revoked_at, '%Y-%m-%dT%H:%M:%SZ') FROM write_keys "
+                "ORDER BY created_at, key").fetchall()
         return [KeyInfo(*r) for r in rows]
 
     def revoke_key(self, key: str) -> bool:
-        got = self.conn.execute(
-            "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
-            "RETURNING key", [datetime.now(UTC), key]).fetchall()
+        with self._live() as c:
+            got = c.execute(
+                "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
+                "RETURNING key", [datetime.now(UTC), key]).fetchall()
         self.save_keys()
         return bool(got)
 
@@ -350,15 +440,19 @@ class Store:
         return Path(self.path + ".keys.json")
 
     def save_keys(self) -> None:
-        """Mirror the active keys beside the file (written whole, then renamed)."""
+        """Mirror the active keys beside the file (written whole, then renamed). A mirror
+        that cannot be written (a full disk) is logged: the keys are in DuckDB."""
         keys = [[k, p] for k, p in sorted(self.active_keys().items())]
         temp = self.keys_path.with_suffix(".tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"keys": keys}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.keys_path)
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"keys": keys}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.keys_path)
+        except OSError as exc:
+            log.warning("could not write the keys mirror %s: %s", self.keys_path, exc)
 
     def restore_keys(self, path: Path) -> int:
         """Take the keys of a mirror (a quarantined file's); returns how many."""
@@ -378,13 +472,15 @@ class Store:
     # --- analytics ids (the real-time API's identities)
     def record_analytics_ids(self, issued: list[tuple[str, int, str]]) -> None:
         """(analytics_id, issued µs, client ip) of ids handed out by `POST /create`."""
-        self.conn.executemany("INSERT OR IGNORE INTO analytics_ids "
-                              "VALUES (?, make_timestamptz(?), ?)", issued)
+        with self._live() as c:
+            c.executemany("INSERT OR IGNORE INTO analytics_ids "
+                          "VALUES (?, make_timestamptz(?), ?)", issued)
 
     # --- reading
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection of its own for a reader: queries then run beside loads."""
-        return self.conn.cursor()
+        with self._live() as c:
+            return c.cursor()
 
     def query(self, sql: str, max_rows: int, *, timeout_s: float,
               cursor: duckdb.DuckDBPyConnection | None = None) -> QueryResult:

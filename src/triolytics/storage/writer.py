@@ -29,19 +29,22 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from time import time_ns
+from time import monotonic, time_ns
 
 import trio
 
 from triolytics.core.config import Config
 from triolytics.core.dedup import Dedup
 from triolytics.core.errors import ApiError, overloaded
+from triolytics.core.faults import Faults
 from triolytics.core.journal import HEADER, Journal, JournalError, Position, Syncer
 from triolytics.core.rows import Columns, Part, Row, RtColumns, decode_part, encode_part
 from triolytics.storage.store import Store
 
 log = logging.getLogger("triolytics.writer")
 LOAD_RETRY_S = 1.0  # after a failed DuckDB load
+JOURNAL_FAULT = "journal write"  # the fault keys (faults.py): a write or sync, and a load
+LOAD_FAULT = "DuckDB load"
 FREE_SLICE = 2048  # rows freed per step after a load
 
 
@@ -145,7 +148,19 @@ class Writer:
         self._drained = False  # closing, and every group is durable: final loads
         self._store_lock = trio.Lock()  # one DuckDB call at a time (loads, admin)
         self._syncer: Syncer | None = None
-        self.healthy = True  # journal writable and DuckDB loads succeeding
+        # Storage faults, each logged once then rate-limited; `fault` is the current
+        # cause (None: journal writable and DuckDB loads succeeding), for /readyz.
+        self.faults = Faults(log, config.fault_log_interval_s, monotonic)
+
+    @property
+    def fault(self) -> str | None:
+        """Why the writer cannot store right now (the latest fault's message), or None."""
+        return self.faults.cause
+
+    @property
+    def healthy(self) -> bool:
+        """Journal writable and DuckDB loads succeeding."""
+        return self.faults.cause is None
 
     # --- start-up (before serving): replay whatever DuckDB does not have yet
     def recover(self) -> int:
@@ -274,10 +289,26 @@ class Writer:
                 await trio.to_thread.run_sync(self._close_files)
 
     def statistics(self) -> dict:
-        """A snapshot of the counters, with the repeats that deduplication answered and
-        the damaged DuckDB files set aside at start."""
+        """A snapshot of the counters, with the repeats that deduplication answered, the
+        journal's damaged and torn ranges and the damaged DuckDB files set aside."""
         return {**self.stats.snapshot(), "duplicates": self.dedup.repeats,
+                **self.journal.damage_summary(),
+                "journal_damage": [{**d._asdict(), "saved": d.saved and str(d.saved)}
+                                   for d in self.journal.damage],
                 "quarantined": self.quarantined}
+
+    def warnings(self) -> list[str]:
+        """What damage was set aside at start (for /readyz: the server is ready, but its
+        owner should look)."""
+        found = []
+        damaged = [d for d in self.journal.damage if d.kind == "damaged"]
+        if damaged:
+            found.append(f"journal damage: {len(damaged)} ranges, "
+                         f"{sum(d.end - d.start for d in damaged)} bytes quarantined in "
+                         f"{self.journal.quarantine_dir}")
+        if self.quarantined:
+            found.append(f"damaged DuckDB files moved: {', '.join(self.quarantined)}")
+        return found
 
     @property
     def closing(self) -> bool:
@@ -336,11 +367,13 @@ class Writer:
     def _finish(self, group: _Group, error: Exception | None) -> None:
         self.stats.pending_rows -= group.rows
         if error is not None:
-            log.error("%s", error)
-            self.healthy = False
+            self.faults.failed(JOURNAL_FAULT, str(error))
             group.error = error
             self.dedup.forget(group.keys)
+            group.keys = []
+            group.batches = []  # (the waiters hold the group: drop its rows now)
         elif group.rows:
+            self.faults.cleared(JOURNAL_FAULT)
             first = not self._unloaded
             if first:
                 self._oldest_unloaded = trio.current_time()
@@ -396,14 +429,13 @@ class Writer:
         try:
             await self.run_store(self._load, load, end)
         except Exception as exc:  # DuckDB failed: keep the rows, retry, report unready
-            log.error("DuckDB load of %d rows failed: %s", load.count, exc)
+            self.faults.failed(LOAD_FAULT, f"DuckDB load failed: {exc}")
             self.stats.load_errors += 1
-            self.healthy = False
             self._unloaded.appendleft((load.parts(), end, size))
             if not self._drained:
                 await trio.sleep(LOAD_RETRY_S)
             return False
-        self.healthy = True
+        self.faults.cleared(LOAD_FAULT)
         self._loaded = end
         self.stats.unloaded_rows -= load.count
         self.stats.unloaded_bytes -= size
@@ -436,6 +468,6 @@ class Writer:
         try:
             self.journal.sync()
         except JournalError as exc:
-            log.error("%s", exc)
+            self.faults.failed(JOURNAL_FAULT, str(exc))
         self.journal.close()
         self.store.close()

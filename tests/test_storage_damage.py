@@ -229,3 +229,15 @@ async def test_journal_damage_is_in_stats_and_readyz(tmp_path):
     ids = [r[0] for r in Store(tmp_path / "events.duckdb", read_only=True).conn.execute(
         "SELECT message_id FROM events ORDER BY 1").fetchall()]
     assert ids == ["m0001", "m0002"]
+
+
+def test_a_failing_checkpoint_keeps_the_segments_and_loads_go_on(tmp_path, monkeypatch,
+                                                                 caplog):
+    def fails(self):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(Store, "checkpoint", fails)
+    writer = trio.run(fill, tmp_path)
+    assert writer.journal.segments()[0] == 1
+    assert writer.stats.loaded_rows == N
+    assert "DuckDB checkpoint failed (No space left on device)" in caplog.text
+    crash(writer)

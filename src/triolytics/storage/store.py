@@ -206,8 +206,10 @@ class Store:
         return Path(self.path + ".wal")
 
     def checkpoint(self) -> bool:
-        """Fold the WAL into the file; True once it is (the WAL is gone or empty)."""
-        self.conn.execute("CHECKPOINT")
+        """Fold the WAL into the file; True once it is (the WAL is gone or empty). A
+        failed checkpoint is fatal to DuckDB: the next call reopens the file."""
+        with self._live() as c:
+            c.execute("CHECKPOINT")
         try:
             return self.wal_path.stat().st_size == 0
         except FileNotFoundError:

@@ -239,5 +239,6 @@ def test_a_failing_checkpoint_keeps_the_segments_and_loads_go_on(tmp_path, monke
     writer = trio.run(fill, tmp_path)
     assert writer.journal.segments()[0] == 1
     assert writer.stats.loaded_rows == N
-    assert "DuckDB checkpoint failed (No space left on device)" in caplog.text
+    assert caplog.text.count("DuckDB checkpoint failed (No space left on device)") == 1
+    assert writer.fault.startswith("DuckDB checkpoint failed")  # /readyz says why
     crash(writer)

@@ -44,6 +44,7 @@ from triolytics.storage.store import Store
 log = logging.getLogger("triolytics.writer")
 LOAD_RETRY_S = 1.0  # after a failed DuckDB load
 JOURNAL_FAULT = "journal write"  # the fault keys (faults.py): a write or sync, and a load
+CHECKPOINT_FAULT = "DuckDB checkpoint"
 LOAD_FAULT = "DuckDB load"
 FREE_SLICE = 2048  # rows freed per step after a load
 
@@ -458,8 +459,10 @@ class Writer:
         try:
             checkpointed = self.store.checkpoint()
         except Exception as exc:  # (the next load tries again; the journal keeps all)
-            log.warning("DuckDB checkpoint failed (%s); journal segments are kept", exc)
+            self.faults.failed(CHECKPOINT_FAULT, f"DuckDB checkpoint failed ({exc}); "
+                                                 "journal segments are kept")
             return
+        self.faults.cleared(CHECKPOINT_FAULT)
         if checkpointed:
             self.journal.release(end)
             self._first_segment = end.segment

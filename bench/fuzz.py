@@ -59,6 +59,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 60.0
 QUIET_S = 0.3  # no byte for this long after a complete answer: the exchange is over
 RST_SHARE = 0.3  # share of connections we close with a reset rather than a FIN
+ABORT_SHARE = 0.04  # share of connections we close before our input is all sent
 LINGER_CHECK = 0.05  # share of HTTP connections held until the server closes them
 SAVED_PER_SIGNATURE = 5  # findings of one kind saved as files; the rest are counted
 # The server's timeouts, lowered so that a connection the fuzzer leaves hanging is the
@@ -378,7 +379,7 @@ def mutate_json(rng: random.Random, body: bytes, ops: list[str]) -> bytes:
     """A structural mutation of a JSON body, or a byte-level one if it is not JSON."""
     try:
         tree = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a deep nesting from an earlier mutation)
         return mutate_bytes(rng, body, ops)
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         op = rng.choice(("value", "value", "key", "dup", "drop", "deep", "multiply", "type",
@@ -431,7 +432,10 @@ def mutate_json(rng: random.Random, body: bytes, ops: list[str]) -> bytes:
         elif op == "wrap":
             tree = rng.choice(([tree], {"batch": tree}, {"events": tree, "seq": 1},
                                {"batch": [tree], "writeKey": WRITE_KEY}))
-    text = dump(tree)
+    try:
+        text = dump(tree)
+    except RecursionError:
+        return mutate_bytes(rng, body, ops)
     r = rng.random()
     if r < 0.15:
         ops.append("json_truncate")
@@ -1009,6 +1013,11 @@ class Fuzzer:
                 return out
             self.recent.append(data)
             answers = HttpAnswers(heads_asked=re.search(rb"(?:^|\n)HEAD ", data) is not None)
+            if rng.random() < ABORT_SHARE:  # a client that gives up mid-request
+                send_pieces(sock, data, plan_pieces(rng, rng.randrange(len(data) + 1)), out)
+                out.events.append("aborted by us mid-request")
+                out.ended = "aborted_by_us"
+                return out
             sent = send_pieces(sock, data, plan_pieces(rng, len(data)), out)
             if sent and half_close:
                 out.events.append("half-closed after sending")
@@ -1139,6 +1148,11 @@ class Fuzzer:
             if expect not in head[:end]:
                 out.problem = f"ws handshake: wrong Sec-WebSocket-Accept: {head[:end]!r}"
             rest = head[end + 4:]
+            if rng.random() < ABORT_SHARE:  # a client that gives up mid-stream
+                send_pieces(sock, data, plan_pieces(rng, rng.randrange(len(data) + 1)), out)
+                out.events.append("aborted by us mid-stream")
+                out.ended = "aborted_by_us"
+                return out
             sent = send_pieces(sock, data, plan_pieces(rng, len(data)), out)
             self._ws_finish(sock, rest, out, sent)
         return out
@@ -1414,9 +1428,11 @@ def run(args) -> dict:
             break
         if not args.url:
             records, log_offset = scan_log(log_path, log_offset)
-            for signature, record in records:
-                fz.finding("server_log: " + signature, None, {"record": record[:20000]},
-                           record.encode())
+            for signature, record in records:  # (with the inputs sent just before it)
+                fz.finding("server_log: " + signature, None,
+                           {"record": record[:20000], "bin": "the last inputs sent before "
+                            "the record was seen, each after a separator line"},
+                           b"".join(b"\n----- input -----\n" + d for d in list(fz.recent)[-16:]))
         if time.monotonic() >= next_report:
             next_report += 30
             with fz.lock:

@@ -1023,6 +1023,7 @@ class Fuzzer:
                 out.events.append("half-closed after sending")
                 sock.shutdown(socket.SHUT_WR)
             expect = expected_requests(data)
+            most = max(expect, len(data) // 16) + 10  # a request takes 16 bytes or more
             deadline = time.monotonic() + self.args.hang_timeout
             while True:
                 now = time.monotonic()
@@ -1053,6 +1054,12 @@ class Fuzzer:
                 answers.feed(got)
                 if answers.upgraded:
                     out.ended = "upgraded"
+                    break
+                if answers.complete > most:  # more answers than the bytes can hold requests
+                    out.problem = (f"endless answers: {answers.complete} answers to an input "
+                                   f"of {len(data)} bytes (at most {most} requests), "
+                                   f"statuses {dict(Counter(answers.statuses).most_common(5))}")
+                    out.ended = "endless"
                     break
                 if answers.complete >= expect and not answers.partial and not linger \
                         and not answers.close_said:
@@ -1239,7 +1246,8 @@ class Fuzzer:
             record.update({
                 "problem": out.problem, "kind": out.kind, "mutators": out.ops,
                 "sent_pieces": [[s, round(d, 4)] for s, d in out.pieces],
-                "events": out.events, "statuses": out.statuses,
+                "events": out.events, "statuses": out.statuses[:50],
+                "status_counts": dict(Counter(out.statuses)),
                 "ws_closes": out.ws_closes, "ws_messages": out.ws_messages[:50],
                 "ended": out.ended, "received_head": out.received[:2000].decode("latin-1"),
                 "port": self.port,

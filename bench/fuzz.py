@@ -243,6 +243,8 @@ def seed_corpus() -> dict[str, bytes]:
     c["http/http10.http"] = _req("GET", "/healthz", []).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
     c["http/pipelined.http"] = (c["http/healthz.http"] + c["http/capture.http"]
                                 + c["http/batch_short.http"] + c["http/readyz.http"])
+    c["http/pipelined_mixed.http"] = (c["http/preflight.http"] + c["http/healthz.http"]
+                                      + _req("GET", "/nope", []) + c["http/capture.http"])
     c["http/ws_handshake.http"] = _req("GET", "/analytics?analytics_id={{AID}}", [
         ("Upgrade", "websocket"), ("Connection", "Upgrade"),
         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")])
@@ -1007,6 +1009,7 @@ class Fuzzer:
         data = self._aid(data, rng)
         out = Outcome(kind, ops, data)
         linger = rng.random() < LINGER_CHECK
+        patient = kind == "http_seed"  # well-formed: wait for every answer, not a quiet spell
         half_close = rng.random() < 0.05
         with self._connect(out, rng) as sock:
             if sock is None:
@@ -1027,8 +1030,9 @@ class Fuzzer:
             deadline = time.monotonic() + self.args.hang_timeout
             while True:
                 now = time.monotonic()
+                settled = answers.complete and not answers.partial and not linger
                 if now >= deadline:
-                    if answers.complete and not answers.partial and not linger:
+                    if settled and not patient:
                         out.ended = "quiet"
                     else:
                         what = "keep-alive connection not closed" if answers.complete and \
@@ -1039,11 +1043,11 @@ class Fuzzer:
                         out.ended = "hang"
                     break
                 wait = deadline - now
-                if answers.complete and not answers.partial and not linger:
+                if settled and not patient:
                     wait = min(wait, QUIET_S)
                 got = recv(sock, wait)
                 if got is None:
-                    if answers.complete and not answers.partial and not linger:
+                    if settled and not patient:
                         out.ended = "quiet"
                         break
                     continue
@@ -1067,6 +1071,11 @@ class Fuzzer:
                     break
             answers.finish()
             out.statuses = answers.statuses
+            if patient and out.ended == "eof" and not half_close and \
+                    answers.complete < expect and not answers.close_said and \
+                    out.problem is None:  # a seed is well-formed: each request is answered
+                out.problem = (f"unanswered requests: {answers.complete} answers to "
+                               f"{expect} pipelined requests, then the server closed")
             if answers.bad and out.problem is None:
                 out.problem = "5xx: " + "; ".join(answers.bad[:3]) \
                     if any(b[:1] == "5" for b in answers.bad) else "bad answer: " + answers.bad[0]

@@ -7,6 +7,7 @@ Level two of the test ladder: no sockets, no real time. Tests that wait use the
 from __future__ import annotations
 
 import json
+import re
 import threading
 from contextlib import asynccontextmanager
 
@@ -259,6 +260,80 @@ async def test_pipelined_requests_are_answered_in_order(nursery, fake_server, au
     assert (slow.status, slow.body) == (200, b"slow")
     assert (fast.status, fast.body) == (200, b"fast")
     assert fake.calls == [b"/slow", b"/fast"]  # the second waited for the first
+
+
+async def read_until_close(client: Client, cap: int = 100_000) -> bytes:
+    """Everything the server sends until it closes (at most `cap` bytes: a server that
+    answers without end stops the test instead of hanging it)."""
+    got = b""
+    while len(got) < cap:
+        more = await client.stream.receive_some(65536)
+        if not more:
+            break
+        got += more
+    return got
+
+
+@pytest.mark.parametrize("requests, statuses", [
+    ([b"GET /hello", b"OPTIONS /echo", b"GET /hello"], [200, 204, 200]),
+    ([b"OPTIONS /echo", b"GET /hello"], [204, 200]),
+    ([b"GET /hello", b"GET /nope", b"GET /hello"], [200, 404, 200]),
+    ([b"GET /nope", b"GET /hello"], [404, 200]),
+    ([b"GET /hello", b"PUT /hello", b"GET /hello"], [200, 405, 200]),
+    ([b"POST /echo", b"GET /hello"], [411, 200]),
+])
+async def test_pipelined_requests_after_a_bodiless_answer(nursery, fake_server, autojump_clock,
+                                                          requests, statuses):
+    """Each pipelined request is answered once: an answer that reads no body (OPTIONS, an
+    error before the body) moves on to the next request, neither repeating its own
+    without end nor dropping the ones after it (found by bench/fuzz.py)."""
+    server, _ = fake_server
+    client = open_client(nursery, server)
+    heads = [line + b" HTTP/1.1\r\nhost: x\r\n" for line in requests]
+    heads[-1] += b"connection: close\r\n"
+    with trio.fail_after(10):
+        await client.stream.send_all(b"".join(h + b"\r\n" for h in heads))
+        got = await read_until_close(client)
+    assert [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", got)] == statuses
+
+
+class BreaksMidBody(trio.abc.Stream):
+    """The server's end of a connection the client resets after the first bytes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    async def receive_some(self, max_bytes=None):
+        self.reads += 1
+        if self.reads > 1:
+            raise trio.BrokenResourceError("socket connection broken: [Errno 104] "
+                                           "Connection reset by peer")
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data):
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self):
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("extra", [b"content-length: 100\r\n",
+                                   b"transfer-encoding: chunked\r\n",
+                                   b"content-length: 100\r\nexpect: 100-continue\r\n"])
+async def test_a_connection_reset_mid_body_is_not_a_server_error(fake_server, autojump_clock,
+                                                                 caplog, extra):
+    server, fake = fake_server
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(b"POST /echo HTTP/1.1\r\nhost: x\r\n" + extra + b"\r\n" +
+                                 (b"5\r\nhello" if b"chunked" in extra else b"0123456789"))
+    with trio.fail_after(10):
+        await server.serve(BreaksMidBody(server_stream), PEER)
+    assert fake.calls == []
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
 
 
 async def test_expect_100_continue_is_answered_before_the_body(nursery, fake_server,

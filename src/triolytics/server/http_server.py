@@ -359,6 +359,8 @@ class HttpServer:
         upgrade = self.upgrades.get(path) if b"upgrade" in headers else None
         chunked = b"transfer-encoding" in headers  # (h11 let only `chunked` through)
         c.unread = chunked or headers.get(b"content-length", b"0") != b"0"
+        if not c.unread:  # what follows a bodiless request is the next one, however
+            c.rest, c.eof = conn.trailing_data  # it is answered (OPTIONS, an error)
         if chunked and (b"content-length" in headers or event.http_version < b"1.1"):
             return await self._ambiguous(stream, c, headers)
         try:
@@ -380,7 +382,10 @@ class HttpServer:
                         method not in _NO_BODY_OK and path not in self.bodiless:
                     # (`POST /create` is bodiless: "Headers: None, Body: None")
                     raise ApiError("length_required", "send Content-Length or chunked encoding")
-                body = await self._body(conn, stream, headers, c, invite=True)
+                try:
+                    body = await self._body(conn, stream, headers, c, invite=True)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    body = None  # the client went away mid-body (a reset)
                 if body is None:
                     return False
                 if c.scope.cancel_called:  # timed out or drained as the body arrived:
@@ -439,8 +444,7 @@ class HttpServer:
         A Content-Length body is sliced from the bytes read past the head (h11 checked
         the header); a chunked one is decoded by h11."""
         if not c.unread:
-            c.rest, c.eof = conn.trailing_data
-            return b""
+            return b""  # (`_exchange` took what follows)
         limit = self.config.max_request_bytes
         if b"transfer-encoding" in headers:
             body = await self._chunked(conn, stream, c, limit, invite)

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -56,6 +56,9 @@ class Ledger:
         self.retried = 0
         self.serial = 0
         self.answers: Counter[int] = Counter()  # HTTP status -> how many
+        self.acked_by: Counter[str] = Counter()  # transport ("http", "ws") -> ids acked
+        self.ws_replies: Counter[str] = Counter()  # WebSocket reply type/code -> how many
+        self.ws_connects = 0  # WebSocket handshakes accepted
 
     def next_batch(self, name: str) -> list[str]:
         with self.lock:
@@ -67,9 +70,14 @@ class Ledger:
             self.sent.update(ids)
             return ids
 
-    def ack(self, ids: list[str]) -> None:
+    def ack(self, ids: list[str], transport: str = "http") -> None:
         with self.lock:
+            self.acked_by[transport] += len(set(ids) - self.acked)
             self.acked.update(ids)
+
+    def new_ids(self, ids: list[str]) -> None:
+        with self.lock:
+            self.sent.update(ids)
 
     def retry(self, ids: list[str]) -> None:
         with self.lock:
@@ -134,7 +142,7 @@ def client(
             answer = json.loads(reply)
             if not answer.get("success") or answer.get("rejected"):
                 raise AssertionError(f"unexpected 200 answer: {answer}")
-            ledger.ack(ids)
+            ledger.ack(ids, "http")
         elif response.status in RETRYABLE:  # as Segment SDKs: retry, same ids
             ledger.retry(ids)
         else:
@@ -144,6 +152,114 @@ def client(
             conn = None
     if conn is not None:
         conn.close()
+
+
+WS_TYPE = "crash_ws"  # the WebSocket events' `type`
+WS_WINDOW = 8  # batches a WebSocket connection keeps unanswered (the server takes 32)
+
+
+class WsStream:
+    """One WebSocket client: its analytics_id and its batches not yet acknowledged. It
+    outlives the rounds: after a reconnect the unacknowledged batches go again, same ids."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.analytics_id: str | None = None
+        self.serial = 0
+        self.unacked: dict[int, list[str]] = {}  # seq -> event ids
+        self.resent = 0  # batches sent again on a later connection
+
+    def new_batch(self, ledger: Ledger) -> int:
+        self.serial += 1
+        ids = [f"{self.name}-{self.serial}-{i}" for i in range(BATCH_EVENTS)]
+        ledger.new_ids(ids)
+        self.unacked[self.serial] = ids
+        return self.serial
+
+    def message(self, seq: int) -> str:
+        events = [{"type": WS_TYPE, "id": i, "payload": {"n": n}}
+                  for n, i in enumerate(self.unacked[seq])]
+        return json.dumps({"events": events, "seq": seq})
+
+
+def create_analytics_id(port: int) -> str:
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("POST", "/create")
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise OSError(f"POST /create answered {response.status}: {body[:200]!r}")
+    return json.loads(body)["analytics_id"]
+
+
+def ws_client(
+    port: int, stream: WsStream, ledger: Ledger, stop: threading.Event,
+    drain_only: bool = False,
+) -> None:
+    """Stream batches over `/analytics` with `seq` (at most WS_WINDOW unanswered) until
+    `stop`; with drain_only, until every batch is acknowledged. A batch counts as acked
+    only on its ack; a lost connection leaves the unanswered ones for the next."""
+    from websockets.exceptions import InvalidStatus, WebSocketException
+    from websockets.sync.client import connect
+
+    while not stop.is_set():
+        if drain_only and not stream.unacked:
+            return
+        try:
+            if stream.analytics_id is None:
+                stream.analytics_id = create_analytics_id(port)
+            ws = connect(f"ws://{HOST}:{port}/analytics?analytics_id={stream.analytics_id}",
+                         open_timeout=10, close_timeout=1, max_size=None)
+        except InvalidStatus as exc:
+            if exc.response.status_code < 500:  # a refusal that no retry mends
+                raise AssertionError(f"handshake refused: {exc}") from exc
+            stop.wait(POLL_S)
+            continue
+        except (OSError, WebSocketException, http.client.HTTPException, ValueError):
+            stop.wait(POLL_S)  # the server is gone or starting; back off a little
+            continue
+        with ledger.lock:
+            ledger.ws_connects += 1
+        queue = deque(sorted(stream.unacked))  # first what an earlier connection left
+        stream.resent += len(queue)
+        in_flight: deque[int] = deque()
+        try:
+            with ws:
+                while not stop.is_set():
+                    while len(in_flight) < WS_WINDOW:
+                        if queue:
+                            seq = queue.popleft()
+                        elif not drain_only:
+                            seq = stream.new_batch(ledger)
+                        else:
+                            break
+                        ws.send(stream.message(seq))
+                        in_flight.append(seq)
+                    if not in_flight:
+                        return  # drained
+                    try:
+                        reply = json.loads(ws.recv(timeout=0.5))
+                    except TimeoutError:
+                        continue
+                    seq = in_flight.popleft()  # replies come in the order sent
+                    kind = reply.get("type")
+                    with ledger.lock:
+                        ledger.ws_replies[kind if kind == "ack" else
+                                          f"{kind}:{reply.get('code')}"] += 1
+                    if reply.get("seq") != seq:
+                        raise AssertionError(f"reply out of order (expected {seq}): {reply}")
+                    if kind == "ack" and reply.get("stored") == BATCH_EVENTS:
+                        ledger.ack(stream.unacked.pop(seq), "ws")
+                    elif kind == "error" and reply.get("code") == "unavailable":
+                        queue.append(seq)  # not stored: send it again later
+                    else:
+                        raise AssertionError(f"unexpected reply: {reply}")
+        except (OSError, WebSocketException):
+            pass  # the server went away: the unanswered batches stay in stream.unacked
+        stop.wait(POLL_S)
 
 
 class Server:
@@ -229,19 +345,22 @@ class Server:
 
 
 def _run_clients(
-    port: int, ledger: Ledger, clients: int, stop: threading.Event, drain_only: bool = False
+    port: int, ledger: Ledger, clients: int, stop: threading.Event, drain_only: bool = False,
+    streams: list[WsStream] = (),
 ) -> tuple[list[threading.Thread], list[BaseException]]:
+    """`clients` HTTP client threads and one thread per WebSocket stream."""
     errors: list[BaseException] = []
 
-    def guarded(name: str) -> None:
+    def guarded(fn, *args) -> None:
         try:
-            client(port, name, ledger, stop, drain_only)
+            fn(port, *args, ledger, stop, drain_only)
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
 
     threads = [
-        threading.Thread(target=guarded, args=(f"c{i}",), daemon=True) for i in range(clients)
-    ]
+        threading.Thread(target=guarded, args=(client, f"c{i}"), daemon=True)
+        for i in range(clients)
+    ] + [threading.Thread(target=guarded, args=(ws_client, s), daemon=True) for s in streams]
     for t in threads:
         t.start()
     return threads, errors
@@ -271,20 +390,29 @@ def check(
 
 
 def run(
-    rounds: int, data_dir: Path, clients: int = 4, load_s: float = 1.0, seed: int | None = None
+    rounds: int, data_dir: Path, clients: int = 4, load_s: float = 1.0, seed: int | None = None,
+    ws_clients: int = 0,
 ) -> dict:
     """The loop; returns the summary (see `main`)."""
     rng = random.Random(seed)
     data_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger()
+    streams = [WsStream(f"w{i}") for i in range(ws_clients)]
     per_round = []
+    restarts = 0
+    error: str | None = None
     started = time.monotonic()
     for n in range(rounds):
         server = Server(data_dir, data_dir.parent / f"server-{n}.log")
-        boot_s = server.wait_healthy()
+        restarts += 1
+        try:
+            boot_s = server.wait_healthy()
+        except RuntimeError as exc:
+            error = f"round {n}: {exc}"
+            break
         before = ledger.acked_count()
         stop = threading.Event()
-        threads, errors = _run_clients(server.port, ledger, clients, stop)
+        threads, errors = _run_clients(server.port, ledger, clients, stop, streams=streams)
         kill_at = time.monotonic() + load_s * rng.uniform(0.5, 1.0)
         # run until the kill moment, and at least until this round acknowledged something
         while (
@@ -303,52 +431,67 @@ def run(
             {
                 "boot_s": round(boot_s, 3),
                 "acked": ledger.acked_count() - before,
-                "retry_backlog": len(ledger.retries),
+                "retry_backlog": len(ledger.retries) + sum(len(s.unacked) for s in streams),
             }
         )
-    # the last start: replay, drain the clients' retries, stop cleanly
-    server = Server(data_dir, data_dir.parent / "server-final.log")
-    server.wait_healthy()
-    stop = threading.Event()
-    threads, errors = _run_clients(server.port, ledger, clients, stop, drain_only=True)
-    for t in threads:
-        t.join(timeout=60)
-    exit_code = server.terminate()
-    if errors:
-        raise errors[0]
-    counts = stored_counts(data_dir)
+    exit_code = None
+    if error is None:
+        # the last start: replay, drain the clients' retries, stop cleanly
+        server = Server(data_dir, data_dir.parent / "server-final.log")
+        restarts += 1
+        try:
+            server.wait_healthy()
+        except RuntimeError as exc:
+            error = f"final start: {exc}"
+    if error is None:
+        stop = threading.Event()
+        threads, errors = _run_clients(server.port, ledger, clients, stop, drain_only=True,
+                                       streams=streams)
+        for t in threads:
+            t.join(timeout=60)
+        exit_code = server.terminate()
+        if errors:
+            raise errors[0]
+    counts = stored_counts(data_dir) if error is None else {}
     logs = "".join(p.read_text(errors="replace") for p in data_dir.parent.glob("server-*.log"))
     replayed = sum(int(m) for m in re.findall(r"replayed (\d+) journaled rows", logs))
     torn = len(re.findall(r"dropped a torn journal tail", logs))
-    duplicates, missing, unknown = check(ledger, counts)
+    doubled, missing, unexpected = check(ledger, counts)
+    unsent = len(ledger.retries) + sum(len(s.unacked) for s in streams)
     return {
         "rounds": rounds,
-        "clients": clients,
+        "clients": {"http": clients, "ws": ws_clients},
         "load_s": load_s,
         "sent": len(ledger.sent),
-        "acked": len(ledger.acked),
+        "acked": {"http": ledger.acked_by["http"], "ws": ledger.acked_by["ws"],
+                  "total": len(ledger.acked)},
         "stored": sum(counts.values()),
-        "retried_batches": ledger.retried,
+        "missing": len(missing),
+        "doubled": len(doubled),
+        "unexpected": len(unexpected),
+        "examples": {
+            "missing": missing[:5],
+            "doubled": dict(list(doubled.items())[:5]),
+            "unexpected": unexpected[:5],
+        },
+        "retried_batches": {"http": ledger.retried, "ws": sum(s.resent for s in streams)},
         "answers": {str(k): v for k, v in sorted(ledger.answers.items())},
-        "unsent_retries": len(ledger.retries),
+        "ws_replies": dict(sorted(ledger.ws_replies.items())),
+        "ws_connects": ledger.ws_connects,
+        "unsent_retries": unsent,
         "replayed_rows": replayed,
         "torn_tails": torn,
-        "duplicates": len(duplicates),
-        "missing": len(missing),
-        "unknown": len(unknown),
-        "examples": {
-            "duplicates": dict(list(duplicates.items())[:5]),
-            "missing": missing[:5],
-            "unknown": unknown[:5],
-        },
+        "restarts": restarts,
         "final_exit_code": exit_code,
+        "error": error,
         "per_round": per_round,
         "elapsed_s": round(time.monotonic() - started, 2),
-        "ok": not duplicates
+        "ok": error is None
+        and not doubled
         and not missing
-        and not unknown
+        and not unexpected
         and exit_code == 0
-        and not ledger.retries,
+        and not unsent,
         "machine": {
             "python": platform.python_version(),
             "platform": platform.platform(),
@@ -360,7 +503,8 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rounds", nargs="?", type=int, default=20)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=int, default=8, help="HTTP client threads")
+    p.add_argument("--ws-clients", type=int, default=4, help="WebSocket client threads")
     p.add_argument("--load-s", type=float, default=2.0, help="load per round before kill -9")
     p.add_argument("--seed", type=int)
     p.add_argument("--keep", help="keep the data and logs in this directory")
@@ -368,10 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:
         base = Path(args.keep)
         base.mkdir(parents=True, exist_ok=True)
-        summary = run(args.rounds, base / "data", args.clients, args.load_s, args.seed)
+        summary = run(args.rounds, base / "data", args.clients, args.load_s, args.seed,
+                      ws_clients=args.ws_clients)
     else:
         with tempfile.TemporaryDirectory(prefix="triolytics-crash-") as tmp:
-            summary = run(args.rounds, Path(tmp) / "data", args.clients, args.load_s, args.seed)
+            summary = run(args.rounds, Path(tmp) / "data", args.clients, args.load_s,
+                          args.seed, ws_clients=args.ws_clients)
     print(json.dumps(summary, indent=2))
     return 0 if summary["ok"] else 1
 

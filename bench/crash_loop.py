@@ -35,6 +35,7 @@ import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
+from typing import NamedTuple
 
 HOST = "127.0.0.1"
 WRITE_KEY = "wk_crash"
@@ -366,6 +367,128 @@ def _run_clients(
     return threads, errors
 
 
+# --- damage injected between a kill -9 and the restart
+
+DAMAGE_KINDS = ("wal-truncate", "wal-corrupt", "journal-tail", "journal-loaded",
+                "journal-unloaded")
+
+
+class JournalRecord(NamedTuple):
+    segment: int
+    payload_start: int  # byte offset of the record's payload in its segment file
+    end: int  # byte offset just past the record
+    payload: bytes
+
+
+def journal_records(journal_dir: Path) -> list[JournalRecord]:
+    """Every valid record of every segment, in journal order. The one place that knows the
+    journal's format (today `triolytics.core.journal.scan` over each segment file)."""
+    from triolytics.core.journal import SUFFIX, scan
+
+    records = []
+    for path in sorted(journal_dir.glob("*" + SUFFIX)):
+        if not path.name[: -len(SUFFIX)].isdigit():
+            continue
+        segment = int(path.name[: -len(SUFFIX)])
+        for payload, end in scan(path.read_bytes()):
+            records.append(JournalRecord(segment, end - len(payload), end, payload))
+    return records
+
+
+def record_ids(payload: bytes) -> set[str]:
+    """The message ids of the client events in one journal record's payload."""
+    from triolytics.core.rows import decode_part
+
+    part = decode_part(payload)
+    rows = part if isinstance(part, list) else part.rows()
+    return {r.message_id for r in rows
+            if r.message_id and r.type not in ("session_start", "session_end")}
+
+
+def journal_mark(data_dir: Path) -> tuple[int, int] | None:
+    """DuckDB's journal mark (segment, byte offset): read-only, which replays the WAL in
+    memory and leaves the files as they are."""
+    import duckdb
+
+    con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
+    try:
+        got = con.execute("SELECT segment, byte_offset FROM journal_mark").fetchone()
+    finally:
+        con.close()
+    return tuple(got) if got else None
+
+
+def _overwrite(path: Path, offset: int, new: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(new)
+
+
+def _garble(rng: random.Random, old: bytes) -> bytes:
+    """`old` with every byte changed (XOR with a nonzero byte)."""
+    return bytes(b ^ rng.randrange(1, 256) for b in old)
+
+
+def inject(kind: str, data_dir: Path, rng: random.Random, ledger: Ledger) -> dict:
+    """Damage the stopped server's files; returns what was done (or why it was skipped).
+    For `journal-unloaded`, `lost` holds the acknowledged ids of the destroyed record."""
+    entry: dict = {"kind": kind}
+    wal = data_dir / "events.duckdb.wal"
+    journal_dir = data_dir / "journal"
+    if kind in ("wal-truncate", "wal-corrupt"):
+        size = wal.stat().st_size if wal.exists() else 0
+        entry["wal_bytes"] = size
+        if kind == "wal-truncate" and size:
+            entry["offset"] = rng.randrange(size)
+            os.truncate(wal, entry["offset"])
+        elif kind == "wal-corrupt" and size >= 64:
+            entry["offset"] = rng.randrange(size // 4, 3 * size // 4 - 16)  # the middle
+            _overwrite(wal, entry["offset"], rng.randbytes(16))
+        else:
+            entry["skipped"] = "no WAL" if not size else "WAL too small"
+        return entry
+    records = journal_records(journal_dir)
+    if kind == "journal-tail":
+        segments = sorted(journal_dir.glob("*.journal"))
+        if not segments:
+            entry["skipped"] = "no journal segment"
+            return entry
+        garbage = rng.randbytes(rng.randint(1, 300))
+        entry.update(segment=segments[-1].name, offset=segments[-1].stat().st_size,
+                     bytes=len(garbage))
+        with open(segments[-1], "ab") as f:
+            f.write(garbage)
+        return entry
+    mark = journal_mark(data_dir)
+    entry["mark"] = list(mark) if mark else None
+    if kind == "journal-loaded":
+        candidates = [r for r in records if mark and (r.segment, r.end) <= mark]
+    else:
+        candidates = [r for r in records if not mark or (r.segment, r.end) > mark]
+    if not candidates:
+        entry["skipped"] = f"no {kind.split('-')[1]} record"
+        return entry
+    record = rng.choice(candidates)
+    ids = record_ids(record.payload)  # decoded before its bytes are destroyed
+    at = record.payload_start + rng.randrange(max(1, len(record.payload) - 8))
+    length = min(8, record.end - at)
+    with open(journal_dir / f"{record.segment:012d}.journal", "rb") as f:
+        f.seek(at)
+        old = f.read(length)
+    _overwrite(journal_dir / f"{record.segment:012d}.journal", at, _garble(rng, old))
+    entry.update(segment=record.segment, record=[record.payload_start, record.end],
+                 offset=at, bytes=length, record_ids=len(ids))
+    if kind == "journal-unloaded":
+        with ledger.lock:
+            entry["lost"] = sorted(ids & ledger.acked)  # the rest is resent by clients
+    return entry
+
+
+def quarantine_files(data_dir: Path) -> int:
+    q = data_dir / "journal" / "quarantine"
+    return sum(1 for _ in q.iterdir()) if q.is_dir() else 0
+
+
 def stored_counts(data_dir: Path) -> dict[str, int]:
     import duckdb
 
@@ -391,9 +514,12 @@ def check(
 
 def run(
     rounds: int, data_dir: Path, clients: int = 4, load_s: float = 1.0, seed: int | None = None,
-    ws_clients: int = 0,
+    ws_clients: int = 0, damage_every: int = 0, damage: tuple[str, ...] = DAMAGE_KINDS,
 ) -> dict:
     """The loop; returns the summary (see `main`)."""
+    unknown_kinds = set(damage) - set(DAMAGE_KINDS)
+    if unknown_kinds or not damage:
+        raise ValueError(f"damage kinds: {sorted(unknown_kinds)}; choose from {DAMAGE_KINDS}")
     rng = random.Random(seed)
     data_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger()
@@ -401,6 +527,19 @@ def run(
     per_round = []
     restarts = 0
     error: str | None = None
+    damage_log: list[dict] = []
+    lost: set[str] = set()  # acked ids in journal records the damage destroyed
+    awaiting: tuple[dict, int] | None = None  # last damage, quarantined files before it
+
+    def restarted(server: Server) -> None:
+        """After a start that followed damage: did the server report it?"""
+        nonlocal awaiting
+        if awaiting is not None:
+            entry, before = awaiting
+            entry["quarantined"] = quarantine_files(data_dir) > before
+            entry["error_logged"] = " ERROR " in server.log_path.read_text(errors="replace")
+            awaiting = None
+
     started = time.monotonic()
     for n in range(rounds):
         server = Server(data_dir, data_dir.parent / f"server-{n}.log")
@@ -408,8 +547,9 @@ def run(
         try:
             boot_s = server.wait_healthy()
         except RuntimeError as exc:
-            error = f"round {n}: {exc}"
+            error = f"round {n}: {str(exc)[-2000:]}"
             break
+        restarted(server)
         before = ledger.acked_count()
         stop = threading.Event()
         threads, errors = _run_clients(server.port, ledger, clients, stop, streams=streams)
@@ -427,6 +567,15 @@ def run(
             t.join(timeout=30)
         if errors:
             raise errors[0]
+        if damage_every and (n + 1) % damage_every == 0:
+            entry = {"round": n, **inject(damage[len(damage_log) % len(damage)], data_dir,
+                                          rng, ledger)}
+            if "lost" in entry:
+                ids = entry.pop("lost")
+                entry["lost_acked"] = len(ids)
+                lost.update(ids)
+            damage_log.append(entry)
+            awaiting = (entry, quarantine_files(data_dir))
         per_round.append(
             {
                 "boot_s": round(boot_s, 3),
@@ -442,7 +591,9 @@ def run(
         try:
             server.wait_healthy()
         except RuntimeError as exc:
-            error = f"final start: {exc}"
+            error = f"final start: {str(exc)[-2000:]}"
+        else:
+            restarted(server)
     if error is None:
         stop = threading.Event()
         threads, errors = _run_clients(server.port, ledger, clients, stop, drain_only=True,
@@ -457,7 +608,13 @@ def run(
     replayed = sum(int(m) for m in re.findall(r"replayed (\d+) journaled rows", logs))
     torn = len(re.findall(r"dropped a torn journal tail", logs))
     doubled, missing, unexpected = check(ledger, counts)
+    missing = [i for i in missing if i not in lost]
+    lost_but_stored = sorted(lost & counts.keys())
     unsent = len(ledger.retries) + sum(len(s.unacked) for s in streams)
+    injected = Counter(e["kind"] for e in damage_log if "skipped" not in e)
+    unreported = [e["round"] for e in damage_log if e["kind"] == "journal-unloaded"
+                  and "skipped" not in e and not (e.get("quarantined") and
+                                                  e.get("error_logged"))]
     return {
         "rounds": rounds,
         "clients": {"http": clients, "ws": ws_clients},
@@ -465,14 +622,28 @@ def run(
         "sent": len(ledger.sent),
         "acked": {"http": ledger.acked_by["http"], "ws": ledger.acked_by["ws"],
                   "total": len(ledger.acked)},
-        "stored": sum(counts.values()),
-        "missing": len(missing),
-        "doubled": len(doubled),
-        "unexpected": len(unexpected),
+        # without a final clean stop there is no DuckDB file to count: null
+        "stored": sum(counts.values()) if error is None else None,
+        "missing": len(missing) if error is None else None,
+        "doubled": len(doubled) if error is None else None,
+        "unexpected": len(unexpected) if error is None else None,
+        "lost_to_injected_damage": len(lost),
+        "lost_but_stored": len(lost_but_stored),
         "examples": {
             "missing": missing[:5],
             "doubled": dict(list(doubled.items())[:5]),
             "unexpected": unexpected[:5],
+            "lost_to_injected_damage": sorted(lost)[:5],
+            "lost_but_stored": lost_but_stored[:5],
+        },
+        "damage": {
+            "every": damage_every,
+            "kinds": list(damage) if damage_every else [],
+            "injected": dict(sorted(injected.items())),
+            "skipped": dict(sorted(Counter(e["kind"] for e in damage_log
+                                           if "skipped" in e).items())),
+            "unreported_unloaded_damage": unreported,
+            "log": damage_log,
         },
         "retried_batches": {"http": ledger.retried, "ws": sum(s.resent for s in streams)},
         "answers": {str(k): v for k, v in sorted(ledger.answers.items())},
@@ -490,6 +661,8 @@ def run(
         and not doubled
         and not missing
         and not unexpected
+        and not lost_but_stored
+        and not unreported
         and exit_code == 0
         and not unsent,
         "machine": {
@@ -506,18 +679,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="HTTP client threads")
     p.add_argument("--ws-clients", type=int, default=4, help="WebSocket client threads")
     p.add_argument("--load-s", type=float, default=2.0, help="load per round before kill -9")
+    p.add_argument("--damage-every", type=int, default=0, metavar="K",
+                   help="damage the files after every K-th kill -9 (0: never)")
+    p.add_argument("--damage", default=",".join(DAMAGE_KINDS), metavar="KINDS",
+                   help="comma-separated kinds, taken in turn: " + ", ".join(DAMAGE_KINDS))
     p.add_argument("--seed", type=int)
     p.add_argument("--keep", help="keep the data and logs in this directory")
     args = p.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.damage.split(",") if k.strip())
+    if set(kinds) - set(DAMAGE_KINDS) or not kinds:
+        p.error(f"--damage: choose from {', '.join(DAMAGE_KINDS)}")
+    damage = {"damage_every": args.damage_every, "damage": kinds}
     if args.keep:
         base = Path(args.keep)
         base.mkdir(parents=True, exist_ok=True)
         summary = run(args.rounds, base / "data", args.clients, args.load_s, args.seed,
-                      ws_clients=args.ws_clients)
+                      ws_clients=args.ws_clients, **damage)
     else:
         with tempfile.TemporaryDirectory(prefix="triolytics-crash-") as tmp:
             summary = run(args.rounds, Path(tmp) / "data", args.clients, args.load_s,
-                          args.seed, ws_clients=args.ws_clients)
+                          args.seed, ws_clients=args.ws_clients, **damage)
     print(json.dumps(summary, indent=2))
     return 0 if summary["ok"] else 1
 

@@ -1,17 +1,46 @@
-"""Crash loop: kill -9 the server while clients send, restart it, check exactly-once.
+"""Crash loop: kill -9 the server under HTTP and WebSocket load, optionally damage its
+files, restart it, check exactly-once.
 
 Each round starts `python -m triolytics serve` (fsync always) on a free port with one
-data directory shared by all rounds, waits for /healthz, and runs client threads that POST
-`/v1/batch` with unique messageIds, recording every id answered with a 2xx. A batch that
-fails (connection lost, 408, 429, 5xx) is retried with the same ids, as Segment SDKs do, in the
-same round or after the restart. At a random moment in the round the server gets SIGKILL.
+data directory shared by all rounds, waits for /healthz, and runs client threads:
+
+- HTTP (`--clients`): POST `/v1/batch` with unique messageIds, recording every id
+  answered 200. A batch that fails (connection lost, 408, 429, 5xx) is retried with the
+  same ids, as Segment SDKs do, in the same round or after the restart.
+- WebSocket (`--ws-clients`): each gets an analytics_id from `POST /create` once, then
+  streams batches with unique event `id`s and a `seq` over `/analytics` (at most
+  WS_WINDOW unanswered). An id counts as acknowledged only when its batch's ack
+  arrives; after a lost connection the unacknowledged batches go again first, same ids
+  (the server deduplicates by id).
+
+At a random moment in the round the server gets SIGKILL. With `--damage-every K`, after
+every K-th kill and before the restart one kind of damage (taken in turn from
+`--damage`) is done to the files, and logged in the JSON:
+
+- `wal-truncate`: events.duckdb.wal cut at a random offset;
+- `wal-corrupt`: 16 random bytes written in the middle of the WAL;
+- `journal-tail`: random garbage appended to the last journal segment (a torn write);
+- `journal-loaded`: bytes of a record before DuckDB's journal mark overwritten (its
+  events are in DuckDB already: nothing may be lost);
+- `journal-unloaded`: bytes of a record after the mark overwritten. Its events are
+  destroyed: the record is decoded first, its acknowledged ids are expected missing
+  (`lost_to_injected_damage`, not `missing`), and the server must report the damage (a
+  file in journal/quarantine/ and an ERROR log line). The unacknowledged ones are
+  resent by their clients and must be stored once.
+
+The journal is read by one function, `journal_records` (the only code here that knows
+the journal's format). DuckDB is read read-only, which leaves the WAL as it is.
 
 After the last round the server is started once more, the clients drain their retries,
-and the server is stopped with SIGTERM (it must exit 0). Then DuckDB is opened read-only:
-every acknowledged id must be stored exactly once, and nothing must be stored that no
-client sent.
+and the server is stopped with SIGTERM (it must exit 0). Then DuckDB is opened
+read-only: every acknowledged id (HTTP messageId and WebSocket event id, both in
+`message_id`) must be stored exactly once, apart from the ids lost to injected damage,
+which must not be stored at all, and nothing must be stored that no client sent. A
+server that does not start ends the run with `error` set.
 
-    .venv/bin/python bench/crash_loop.py [ROUNDS] [--clients N] [--load-s S] [--keep DIR]
+    PYTHONPATH=src .venv/bin/python bench/crash_loop.py [ROUNDS] [--clients N]
+        [--ws-clients N] [--load-s S] [--damage-every K] [--damage KIND,...]
+        [--seed N] [--keep DIR]
 
 Prints one JSON document; exit status 0 when every check holds. `tests/test_crash.py`
 runs a few short rounds of the same loop.

@@ -88,11 +88,12 @@ def prepare(config: Config) -> Prepared:
     """Blocking start-up work (run in a thread): store, replay, sessions, keys, secrets."""
     data = Path(config.data_dir)
     open_data_dir(data)
-    store = open_store(data / "events.duckdb", config.duckdb_threads)
+    store, quarantined = open_store(data / "events.duckdb", config.duckdb_threads)
     journal = Journal(data / "journal", config.journal_segment_bytes,
                       sync_on_rotate=config.fsync != "off")
     dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
     writer = Writer(config, journal, store, dedup)
+    writer.quarantined = [str(q) for q in quarantined]
     replayed = writer.recover()
     if journal.torn_bytes:
         log.warning("dropped a torn journal tail of %d bytes (never acknowledged)",
@@ -101,6 +102,7 @@ def prepare(config: Config) -> Prepared:
         log.info("replayed %d journaled rows into DuckDB", replayed)
     for key in config.write_keys:
         store.create_key("default", key)
+    store.save_keys()
     keys = store.active_keys()
     if not keys:
         key = store.create_key("default")  # stored at once: a failed start keeps it

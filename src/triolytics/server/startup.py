@@ -6,6 +6,12 @@ Rules:
   names the place and the fix. `triolytics serve` prints it as one line and exits 1.
 - Only those: anything else is a bug and keeps its traceback. `startup_error` unwraps
   trio's exception groups only when a StartupError is all they hold.
+- A damaged DuckDB file never keeps the server down (`open_store`): a WAL that DuckDB
+  cannot replay is moved to `<data_dir>/quarantine/` and the file opens at its last
+  checkpoint; a file DuckDB cannot open at all is moved there too (its WAL and keys
+  mirror with it) and a new one is made, taking the old one's write keys. Either way
+  the journal then replays what the file no longer has (the writer keeps every segment
+  until a checkpoint covers it). Locks and other faults are never taken for damage.
 - This module imports nothing of the server extra (duckdb, pyarrow), so that it can say
   the extra is missing; `open_store` imports the store when it is called.
 """
@@ -13,8 +19,10 @@ Rules:
 from __future__ import annotations
 
 import errno
+import logging
 import re
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +31,12 @@ import trio
 if TYPE_CHECKING:
     from triolytics.storage.store import Store
 
+log = logging.getLogger("triolytics")
 SERVER_EXTRA = ("duckdb", "pyarrow")  # what `serve` needs beyond the base install
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
+# What DuckDB 1.5 says of a WAL it cannot replay, and of a file it cannot read.
+_BAD_WAL = ("Failure while replaying WAL", "Corrupt WAL file")
+_BAD_FILE = ("Corrupt database file", "is not a valid DuckDB database file")
 
 
 class StartupError(Exception):
@@ -54,29 +66,70 @@ def open_data_dir(path: Path) -> None:
                            "choose another with --data") from exc
 
 
-def open_store(path: Path, threads: int) -> Store:
-    """The DuckDB file, or a StartupError when another process holds it or it cannot be
-    opened (DuckDB names the lock holder's PID)."""
+def open_store(path: Path, threads: int) -> tuple[Store, list[Path]]:
+    """The DuckDB file and what had to be quarantined to open it; a StartupError when
+    another process holds it or it cannot be opened (DuckDB names the lock holder)."""
     import duckdb
 
     from triolytics.storage.store import SchemaError, Store
-    try:
-        return Store(path, threads=threads)
-    except SchemaError as exc:  # a file of a newer triolytics: left as it is
-        raise StartupError(str(exc)) from exc
-    except duckdb.IOException as exc:
-        message = str(exc)
-        holder = _LOCK_HOLDER.search(message)
-        if holder is not None:
-            raise StartupError(
-                f"data directory {path.parent} is locked by another process (PID "
-                f"{holder[2]}, {holder[1]}), probably another triolytics server; stop it "
-                "or choose another directory with --data") from exc
-        if "Could not set lock" in message:
-            raise StartupError(f"data directory {path.parent} is locked by another process, "
-                               "probably another triolytics server; stop it or choose "
-                               "another directory with --data") from exc
-        raise StartupError(f"cannot open {path}: {' '.join(message.split())}") from exc
+    quarantined: list[Path] = []
+    keys: Path | None = None  # a quarantined file's keys mirror
+    while True:
+        try:
+            store = Store(path, threads=threads)
+        except SchemaError as exc:  # a file of a newer triolytics: left as it is
+            raise StartupError(str(exc)) from exc
+        except duckdb.Error as exc:
+            message = " ".join(str(exc).split())
+            _check_lock(path, message, exc)
+            wal = Path(f"{path}.wal")
+            if any(s in message for s in _BAD_WAL) and wal.exists():
+                quarantined.append(_quarantine(wal))
+                log.error("DuckDB could not replay its WAL (%s); moved it to %s and opened "
+                          "%s at its last checkpoint; the journal replays the rest",
+                          message, quarantined[-1], path.name)
+                continue
+            if any(s in message for s in _BAD_FILE) and path.exists() and keys is None:
+                moved = _quarantine(path)
+                quarantined.append(moved)
+                if wal.exists():
+                    quarantined.append(_quarantine(wal))
+                keys = Path(f"{path}.keys.json")
+                if keys.exists():
+                    keys = _quarantine(keys)
+                    quarantined.append(keys)
+                log.error("DuckDB cannot open %s (%s); moved it to %s and started a new "
+                          "file: events stored before its last checkpoint are in the moved "
+                          "file, the journal replays what it still holds", path, message,
+                          moved)
+                continue
+            raise StartupError(f"cannot open {path}: {message}") from exc
+        if keys is not None and keys.exists():
+            log.warning("restored %d write keys from %s", store.restore_keys(keys), keys)
+        return store, quarantined
+
+
+def _check_lock(path: Path, message: str, exc: Exception) -> None:
+    holder = _LOCK_HOLDER.search(message)
+    if holder is not None:
+        raise StartupError(
+            f"data directory {path.parent} is locked by another process (PID "
+            f"{holder[2]}, {holder[1]}), probably another triolytics server; stop it "
+            "or choose another directory with --data") from exc
+    if "Could not set lock" in message:
+        raise StartupError(f"data directory {path.parent} is locked by another process, "
+                           "probably another triolytics server; stop it or choose "
+                           "another directory with --data") from exc
+
+
+def _quarantine(path: Path) -> Path:
+    """Move a damaged file to `<its dir>/quarantine/<name>.<UTC time>` (never deleted)."""
+    folder = path.parent / "quarantine"
+    folder.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S-%fZ")
+    target = folder / f"{path.name}.{stamp}"
+    path.rename(target)
+    return target
 
 
 async def open_listeners(port: int, host: str) -> list[trio.SocketListener]:

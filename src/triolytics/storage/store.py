@@ -11,12 +11,18 @@ Rules:
   restarts and replays too; nothing about them travels through the journal.
 - The schema is migrated on open (`meta.schema_version`); a file of a newer version is
   refused. Version 2 added `ingest_seq`, numbering older rows in their stored order.
-- Key management works on a closed server too (the CLI opens the file itself).
+- Key management works on a closed server too (the CLI opens the file itself). The
+  active write keys are mirrored to `<file>.keys.json` (0600) after every change, so
+  a file that had to be quarantined as damaged (startup.py) gives its keys to the new one.
+- `checkpoint()` says whether everything committed is in the file itself (the WAL is
+  gone or empty afterwards): only then may the journal drop what the mark covers.
 - The owner's queries are checked, time-limited and rolled back by query.py.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 from datetime import UTC, datetime
 from itertools import accumulate
@@ -167,6 +173,18 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    @property
+    def wal_path(self) -> Path:
+        return Path(self.path + ".wal")
+
+    def checkpoint(self) -> bool:
+        """Fold the WAL into the file; True once it is (the WAL is gone or empty)."""
+        self.conn.execute("CHECKPOINT")
+        try:
+            return self.wal_path.stat().st_size == 0
+        except FileNotFoundError:
+            return True
+
     def _create(self) -> None:
         """Create what is missing, then migrate what is old."""
         c = self.conn
@@ -310,6 +328,7 @@ class Store:
             return key
         self.conn.execute("INSERT INTO write_keys VALUES (?, ?, ?, NULL)",
                           [key, project, datetime.now(UTC)])
+        self.save_keys()
         return key
 
     def list_keys(self) -> list[KeyInfo]:
@@ -323,7 +342,38 @@ class Store:
         got = self.conn.execute(
             "UPDATE write_keys SET revoked_at = ? WHERE key = ? AND revoked_at IS NULL "
             "RETURNING key", [datetime.now(UTC), key]).fetchall()
+        self.save_keys()
         return bool(got)
+
+    @property
+    def keys_path(self) -> Path:
+        return Path(self.path + ".keys.json")
+
+    def save_keys(self) -> None:
+        """Mirror the active keys beside the file (written whole, then renamed)."""
+        keys = [[k, p] for k, p in sorted(self.active_keys().items())]
+        temp = self.keys_path.with_suffix(".tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"keys": keys}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.keys_path)
+
+    def restore_keys(self, path: Path) -> int:
+        """Take the keys of a mirror (a quarantined file's); returns how many."""
+        try:
+            keys = json.loads(path.read_text())["keys"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        restored = 0
+        for key, project in keys:
+            try:
+                self.create_key(project, key)
+                restored += 1
+            except KeyError:
+                pass
+        return restored
 
     # --- analytics ids (the real-time API's identities)
     def record_analytics_ids(self, issued: list[tuple[str, int, str]]) -> None:

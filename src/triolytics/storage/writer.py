@@ -15,6 +15,12 @@ Rules:
 - Memory is bounded by `max_pending_rows` (accepted, not yet durable) and
   `max_unloaded_rows`/`max_unloaded_bytes` (durable, not in DuckDB). At a bound, a
   caller waits up to `backpressure_wait_ms`, then gets 503 + Retry-After.
+- The journal keeps a segment until a DuckDB checkpoint covers it, not merely a load:
+  a load's commit sits in DuckDB's WAL until the next checkpoint, and a damaged WAL is
+  set aside at start (startup.py), so the journal must still hold everything after the
+  mark of the last checkpoint. After a load that leaves a whole segment behind the
+  mark, the loading thread checkpoints and only then deletes (about one checkpoint per
+  `journal_segment_bytes` journaled).
 - Shutdown: `close()` stops intake; `run` journals what is pending, loads everything,
   closes the store and returns.
 """
@@ -133,6 +139,8 @@ class Writer:
         self._unloaded: deque[tuple[list[list[Row]], Position, int]] = deque()
         self._oldest_unloaded = 0.0  # trio time of the oldest row waiting for a load
         self._loaded = Position(0, 0)
+        self._first_segment = 0  # the oldest journal segment kept
+        self.quarantined: list[str] = []  # damaged DuckDB files set aside at start
         self._closing = False
         self._drained = False  # closing, and every group is durable: final loads
         self._store_lock = trio.Lock()  # one DuckDB call at a time (loads, admin)
@@ -159,7 +167,9 @@ class Writer:
             self.store.load(batch.rows, end, batch.columns, batch.rows_before)
             replayed += batch.count
         self._loaded = end
-        self.journal.release(end)
+        segments = self.journal.segments()
+        self._first_segment = segments[0] if segments else 0
+        self._release(end)
         now = time_ns() // 1000
         window = self.config.dedup_window_s * 1_000_000
         self.dedup.remember(self.store.recent_ids(now - window, self.config.dedup_max_ids), now)
@@ -263,9 +273,11 @@ class Writer:
                 await trio.to_thread.run_sync(self._syncer.stop)
                 await trio.to_thread.run_sync(self._close_files)
 
-    def statistics(self) -> dict[str, int]:
-        """A snapshot of the counters, with the repeats that deduplication answered."""
-        return {**self.stats.snapshot(), "duplicates": self.dedup.repeats}
+    def statistics(self) -> dict:
+        """A snapshot of the counters, with the repeats that deduplication answered and
+        the damaged DuckDB files set aside at start."""
+        return {**self.stats.snapshot(), "duplicates": self.dedup.repeats,
+                "quarantined": self.quarantined}
 
     @property
     def closing(self) -> bool:
@@ -403,8 +415,22 @@ class Writer:
 
     def _load(self, load: _Load, end: Position) -> None:
         self.store.load(load.rows, end, load.columns, load.rows_before)
-        self.journal.release(end)
+        self._release(end)
         load.free()
+
+    def _release(self, end: Position) -> None:
+        """Delete the journal segments wholly before `end`, the mark just loaded, once a
+        checkpoint has put it in the DuckDB file itself (one DuckDB call at a time)."""
+        if end.segment <= self._first_segment:
+            return  # nothing to delete: no checkpoint needed yet
+        try:
+            checkpointed = self.store.checkpoint()
+        except Exception as exc:  # (the next load tries again; the journal keeps all)
+            log.warning("DuckDB checkpoint failed (%s); journal segments are kept", exc)
+            return
+        if checkpointed:
+            self.journal.release(end)
+            self._first_segment = end.segment
 
     def _close_files(self) -> None:
         try:

@@ -18,7 +18,8 @@ every K-th kill and before the restart one kind of damage (taken in turn from
 `--damage`) is done to the files, and logged in the JSON:
 
 - `wal-truncate`: events.duckdb.wal cut at a random offset;
-- `wal-corrupt`: 16 random bytes written in the middle of the WAL;
+- `wal-corrupt`: 16 random bytes written in the middle of the WAL (the server must move
+  it to quarantine/, log an ERROR and replay the journal);
 - `journal-tail`: random garbage appended to the last journal segment (a torn write);
 - `journal-loaded`: bytes of a record before DuckDB's journal mark overwritten (its
   events are in DuckDB already: nothing may be lost);
@@ -513,9 +514,12 @@ def inject(kind: str, data_dir: Path, rng: random.Random, ledger: Ledger) -> dic
     return entry
 
 
-def quarantine_files(data_dir: Path) -> int:
-    q = data_dir / "journal" / "quarantine"
-    return sum(1 for _ in q.iterdir()) if q.is_dir() else 0
+def quarantine_files(data_dir: Path) -> set[str]:
+    """What the server has moved aside: <data>/quarantine/ (a DuckDB file or WAL it could
+    not open) and <data>/journal/quarantine/ (damaged journal records)."""
+    return {f"{q.relative_to(data_dir)}/{p.name}"
+            for q in (data_dir / "quarantine", data_dir / "journal" / "quarantine")
+            if q.is_dir() for p in q.iterdir()}
 
 
 def stored_counts(data_dir: Path) -> dict[str, int]:
@@ -558,14 +562,14 @@ def run(
     error: str | None = None
     damage_log: list[dict] = []
     lost: set[str] = set()  # acked ids in journal records the damage destroyed
-    awaiting: tuple[dict, int] | None = None  # last damage, quarantined files before it
+    awaiting: tuple[dict, set[str]] | None = None  # last damage, quarantine before it
 
     def restarted(server: Server) -> None:
         """After a start that followed damage: did the server report it?"""
         nonlocal awaiting
         if awaiting is not None:
             entry, before = awaiting
-            entry["quarantined"] = quarantine_files(data_dir) > before
+            entry["quarantined"] = sorted(quarantine_files(data_dir) - before)
             entry["error_logged"] = " ERROR " in server.log_path.read_text(errors="replace")
             awaiting = None
 
@@ -641,9 +645,11 @@ def run(
     lost_but_stored = sorted(lost & counts.keys())
     unsent = len(ledger.retries) + sum(len(s.unacked) for s in streams)
     injected = Counter(e["kind"] for e in damage_log if "skipped" not in e)
-    unreported = [e["round"] for e in damage_log if e["kind"] == "journal-unloaded"
-                  and "skipped" not in e and not (e.get("quarantined") and
-                                                  e.get("error_logged"))]
+    # destroyed bytes must be reported: moved to a quarantine folder, and an ERROR line
+    where = {"journal-unloaded": "journal/quarantine/", "wal-corrupt": "quarantine/"}
+    unreported = [e["round"] for e in damage_log if e["kind"] in where
+                  and "skipped" not in e and not (e.get("error_logged") and any(
+                      q.startswith(where[e["kind"]]) for q in e.get("quarantined", ())))]
     return {
         "rounds": rounds,
         "clients": {"http": clients, "ws": ws_clients},
@@ -671,7 +677,7 @@ def run(
             "injected": dict(sorted(injected.items())),
             "skipped": dict(sorted(Counter(e["kind"] for e in damage_log
                                            if "skipped" in e).items())),
-            "unreported_unloaded_damage": unreported,
+            "unreported_damage": unreported,
             "log": damage_log,
         },
         "retried_batches": {"http": ledger.retried, "ws": sum(s.resent for s in streams)},

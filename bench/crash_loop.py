@@ -28,7 +28,8 @@ the JSON:
 - `journal-unloaded`: bytes of a record after the mark overwritten. Its events are
   destroyed: the record is decoded first, its acknowledged ids are expected missing
   (`lost_to_injected_damage`, not `missing`), and the server must report the damage (a
-  file in journal/quarantine/ and an ERROR log line). The unacknowledged ones are
+  copy of the damaged range, `journal/quarantine/<segment>-<start>-<end>.bin`, that
+  holds the overwritten bytes, and an ERROR log line). The unacknowledged ones are
   resent by their clients and must be stored once.
 
 The journal is read by one function, `journal_records` (the only code here that knows
@@ -414,17 +415,13 @@ class JournalRecord(NamedTuple):
 
 def journal_records(journal_dir: Path) -> list[JournalRecord]:
     """Every valid record of every segment, in journal order. The one place that knows the
-    journal's format (today `triolytics.core.journal.scan` over each segment file)."""
-    from triolytics.core.journal import SUFFIX, scan
+    journal's format: `Journal(dir, 0).read(n)`, its pure reader for scripts (it reads
+    version 2 and version 1 segments; it changes and logs nothing)."""
+    from triolytics.core.journal import Journal
 
-    records = []
-    for path in sorted(journal_dir.glob("*" + SUFFIX)):
-        if not path.name[: -len(SUFFIX)].isdigit():
-            continue
-        segment = int(path.name[: -len(SUFFIX)])
-        for payload, end in scan(path.read_bytes()):
-            records.append(JournalRecord(segment, end - len(payload), end, payload))
-    return records
+    journal = Journal(journal_dir, 0)
+    return [JournalRecord(n, end - len(payload), end, payload)
+            for n in journal.segments() for _start, end, payload in journal.read(n).records]
 
 
 def record_ids(payload: bytes) -> set[str]:
@@ -524,6 +521,16 @@ def quarantine_files(data_dir: Path) -> set[str]:
             if q.is_dir() for p in q.iterdir()}
 
 
+def covers(entry: dict, quarantined: list[str]) -> bool:
+    """Whether a journal quarantine copy (`journal/quarantine/<segment>-<start>-<end>.bin`)
+    holds the overwritten bytes of a journal-loaded/unloaded `entry`."""
+    for q in quarantined:
+        m = re.fullmatch(r"journal/quarantine/(\d+)-(\d+)-(\d+)\.bin", q)
+        if m and int(m[1]) == entry["segment"] and int(m[2]) <= entry["offset"] < int(m[3]):
+            return True
+    return False
+
+
 def stored_counts(data_dir: Path) -> dict[str, int]:
     import duckdb
 
@@ -572,6 +579,8 @@ def run(
         if awaiting is not None:
             entry, before = awaiting
             entry["quarantined"] = sorted(quarantine_files(data_dir) - before)
+            if entry["kind"] in ("journal-loaded", "journal-unloaded") and "offset" in entry:
+                entry["quarantine_covers_damage"] = covers(entry, entry["quarantined"])
             entry["error_logged"] = " ERROR " in server.log_path.read_text(errors="replace")
             awaiting = None
 
@@ -647,11 +656,13 @@ def run(
     lost_but_stored = sorted(lost & counts.keys())
     unsent = len(ledger.retries) + sum(len(s.unacked) for s in streams)
     injected = Counter(e["kind"] for e in damage_log if "skipped" not in e)
-    # destroyed bytes must be reported: moved to a quarantine folder, and an ERROR line
-    where = {"journal-unloaded": "journal/quarantine/", "wal-corrupt": "quarantine/"}
-    unreported = [e["round"] for e in damage_log if e["kind"] in where
-                  and "skipped" not in e and not (e.get("error_logged") and any(
-                      q.startswith(where[e["kind"]]) for q in e.get("quarantined", ())))]
+    # destroyed bytes must be reported: an ERROR line, and the WAL moved to quarantine/ or
+    # a copy of the damaged journal range in journal/quarantine/
+    unreported = [e["round"] for e in damage_log if "skipped" not in e and (
+        e["kind"] == "wal-corrupt" and not (e.get("error_logged") and any(
+            q.startswith("quarantine/events.duckdb.wal") for q in e.get("quarantined", ())))
+        or e["kind"] == "journal-unloaded" and not (e.get("error_logged")
+                                                    and e.get("quarantine_covers_damage")))]
     return {
         "rounds": rounds,
         "clients": {"http": clients, "ws": ws_clients},

@@ -189,17 +189,32 @@ def test_kill_9_with_a_corrupt_wal_loses_nothing(tmp_path):
     assert summary["ok"], report
 
 
-@pytest.mark.xfail(strict=True, reason="needs journal v2: a damaged record is quarantined "
-                   "(journal/quarantine/ and an ERROR line) and the records after it "
-                   "replayed; today the segment is truncated at the damage")
 def test_kill_9_with_a_destroyed_unloaded_record_loses_exactly_its_events(tmp_path):
-    summary = crash_loop.run(rounds=2, data_dir=tmp_path / "data", clients=2, load_s=1.0,
+    """A record DuckDB does not have yet, overwritten: its acknowledged events are gone
+    (and only those), the server copies the damaged range to journal/quarantine/ and logs
+    an ERROR, and replays the records after it."""
+    summary = crash_loop.run(rounds=3, data_dir=tmp_path / "data", clients=2, load_s=1.0,
                              seed=4, ws_clients=1, damage_every=1,
                              damage=("journal-unloaded",))
     report = json.dumps(summary, indent=2)
     assert summary["damage"]["injected"].get("journal-unloaded"), report
+    assert summary["damage"]["unreported_damage"] == [], report
     assert summary["lost_to_injected_damage"] > 0, report
-    assert summary["missing"] == 0, report  # nothing but the destroyed record's ids
+    assert summary["lost_but_stored"] == 0, report
+    assert (summary["missing"], summary["doubled"], summary["unexpected"]) == (0, 0, 0), report
+    assert summary["ok"], report
+
+
+def test_kill_9_with_a_damaged_loaded_record_loses_nothing(tmp_path):
+    """A record DuckDB already has, overwritten: reported, and nothing after it is lost."""
+    summary = crash_loop.run(rounds=3, data_dir=tmp_path / "data", clients=2, load_s=1.0,
+                             seed=5, ws_clients=1, damage_every=1, damage=("journal-loaded",))
+    report = json.dumps(summary, indent=2)
+    injected = [e for e in summary["damage"]["log"] if "skipped" not in e]
+    assert injected, report
+    assert all(e["quarantine_covers_damage"] and e["error_logged"] for e in injected), report
+    assert (summary["missing"], summary["doubled"], summary["unexpected"]) == (0, 0, 0), report
+    assert summary["lost_to_injected_damage"] == 0, report
     assert summary["ok"], report
 
 

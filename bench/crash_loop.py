@@ -506,7 +506,8 @@ def inject(kind: str, data_dir: Path, rng: random.Random, ledger: Ledger) -> dic
         old = f.read(length)
     _overwrite(journal_dir / f"{record.segment:012d}.journal", at, _garble(rng, old))
     entry.update(segment=record.segment, record=[record.payload_start, record.end],
-                 offset=at, bytes=length, record_ids=len(ids))
+                 offset=at, bytes=length, record_ids=len(ids),
+                 last_segment=record.segment == records[-1].segment)
     if kind == "journal-unloaded":
         with ledger.lock:
             entry["lost"] = sorted(ids & ledger.acked)  # the rest is resent by clients

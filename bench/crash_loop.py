@@ -651,7 +651,7 @@ def run(
     counts = stored_counts(data_dir) if error is None else {}
     logs = "".join(p.read_text(errors="replace") for p in data_dir.parent.glob("server-*.log"))
     replayed = sum(int(m) for m in re.findall(r"replayed (\d+) journaled rows", logs))
-    torn = len(re.findall(r"dropped a torn journal tail", logs))
+    torn = len(re.findall(r"torn journal tail in ", logs))
     doubled, missing, unexpected = check(ledger, counts) if error is None else ({}, [], [])
     missing = [i for i in missing if i not in lost]
     lost_but_stored = sorted(lost & counts.keys())

@@ -119,9 +119,6 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
     writer = Writer(config, journal, store, dedup)
     writer.quarantined = [str(q) for q in quarantined]
     replayed = writer.recover()
-    if journal.torn_bytes:
-        log.warning("dropped a torn journal tail of %d bytes (never acknowledged)",
-                    journal.torn_bytes)
     if replayed:
         log.info("replayed %d journaled rows into DuckDB", replayed)
     for key in config.write_keys:

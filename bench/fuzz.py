@@ -895,6 +895,17 @@ def plan_pieces(rng: random.Random, n: int) -> list[tuple[int, float]]:
     return plan
 
 
+def abandoned(sock, data: bytes, rng, out, where: str) -> bool:
+    """Now and then (ABORT_SHARE) be a client that gives up part-way: send a prefix of
+    `data` and stop. True when it did."""
+    if rng.random() >= ABORT_SHARE:
+        return False
+    send_pieces(sock, data, plan_pieces(rng, rng.randrange(len(data) + 1)), out)
+    out.events.append(f"aborted by us {where}")
+    out.ended = "aborted_by_us"
+    return True
+
+
 def send_pieces(sock: socket.socket, data: bytes, plan: list[tuple[int, float]],
                 out: Outcome) -> bool:
     """Send as planned; False if the server closed or reset meanwhile."""
@@ -1016,10 +1027,7 @@ class Fuzzer:
                 return out
             self.recent.append(data)
             answers = HttpAnswers(heads_asked=re.search(rb"(?:^|\n)HEAD ", data) is not None)
-            if rng.random() < ABORT_SHARE:  # a client that gives up mid-request
-                send_pieces(sock, data, plan_pieces(rng, rng.randrange(len(data) + 1)), out)
-                out.events.append("aborted by us mid-request")
-                out.ended = "aborted_by_us"
+            if abandoned(sock, data, rng, out, "mid-request"):
                 return out
             sent = send_pieces(sock, data, plan_pieces(rng, len(data)), out)
             if sent and half_close:
@@ -1164,10 +1172,7 @@ class Fuzzer:
             if expect not in head[:end]:
                 out.problem = f"ws handshake: wrong Sec-WebSocket-Accept: {head[:end]!r}"
             rest = head[end + 4:]
-            if rng.random() < ABORT_SHARE:  # a client that gives up mid-stream
-                send_pieces(sock, data, plan_pieces(rng, rng.randrange(len(data) + 1)), out)
-                out.events.append("aborted by us mid-stream")
-                out.ended = "aborted_by_us"
+            if abandoned(sock, data, rng, out, "mid-stream"):
                 return out
             sent = send_pieces(sock, data, plan_pieces(rng, len(data)), out)
             self._ws_finish(sock, rest, out, sent)

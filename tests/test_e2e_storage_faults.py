@@ -152,7 +152,9 @@ def test_no_space_is_told_apart():
     assert not no_space(OSError(errno.EACCES, "Permission denied"))
 
 
-async def test_refused_requests_leave_no_sessions_or_ids_behind(tmp_path, monkeypatch):
+@pytest.fixture
+def made(monkeypatch) -> list[Sessions]:
+    """The server's `Sessions`, once it has made them."""
     made: list[Sessions] = []
 
     class Recorded(Sessions):
@@ -160,6 +162,10 @@ async def test_refused_requests_leave_no_sessions_or_ids_behind(tmp_path, monkey
             super().__init__(*args)
             made.append(self)
     monkeypatch.setattr(app, "Sessions", Recorded)
+    return made
+
+
+async def test_refused_requests_leave_no_sessions_or_ids_behind(tmp_path, monkeypatch, made):
     async with running(tmp_path) as server:
         monkeypatch.setattr(os, "writev", full)
         for i in range(30):  # each from a new client: each would open a session
@@ -192,16 +198,10 @@ async def test_create_on_a_full_disk_is_503_not_500(tmp_path, monkeypatch):
     assert created.status_code == 200
 
 
-async def test_a_refused_websocket_batch_leaves_no_session_behind(tmp_path, monkeypatch):
+async def test_a_refused_websocket_batch_leaves_no_session_behind(tmp_path, monkeypatch,
+                                                                   made):
     from test_e2e_realtime import ack, ws
     from test_e2e_realtime import running as running_rt
-    made: list[Sessions] = []
-
-    class Recorded(Sessions):
-        def __init__(self, *args) -> None:
-            super().__init__(*args)
-            made.append(self)
-    monkeypatch.setattr(app, "Sessions", Recorded)
     async with running_rt(tmp_path) as server:
         ids = [await server.create() for _ in range(3)]
         [sessions] = made

@@ -34,8 +34,17 @@ test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q
 
 # The README's shell examples use curl (tests/test_readme.py runs them).
+# tests/test_nginx.py runs deploy/nginx.conf with nginx in front of a server (Debian's
+# `nginx`; `nginx-light` is only a wrapper around it). Installing it must not start a
+# system nginx on port 80: without a policy-rc.d, a temporary one (exit 101) stops apt
+# from starting it, and the unit is disabled (and stopped, were it running) afterwards.
 test-tools:
 	@command -v curl >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq curl) >/dev/null 2>&1 || echo "curl not installed: tests/test_readme.py will skip the README's shell examples"; }
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  rcd=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && rcd=1; } 2>/dev/null; \
+	  (apt-get update -qq && apt-get install -y -qq nginx) >/dev/null 2>&1 || echo "nginx not installed: tests/test_nginx.py will be skipped"; \
+	  [ -z "$$rcd" ] || rm -f /usr/sbin/policy-rc.d; \
+	  systemctl disable --now nginx >/dev/null 2>&1 || true; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

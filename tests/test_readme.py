@@ -67,6 +67,7 @@ STORES = {
     "docs/collector-api.md": {"Button Clicked": 1, "Order Completed": 1},
     "docs/realtime-api.md": {"screen_view": 1, "button_click": 1},
     "docs/api.md": {},  # its one example reads (POST /admin/query)
+    "docs/deployment.md": {},  # its one example reads (triolytics query)
 }
 
 

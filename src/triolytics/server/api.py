@@ -104,21 +104,25 @@ class Api:
                            ua.decode("latin-1") if ua else None)
 
     async def _store(self, build: Callable[..., Accepted], *args) -> Response:
+        """`_store_rows`, its refusals counted by code (for GET /metrics)."""
+        try:
+            return await self._store_rows(build, *args)
+        except ApiError as exc:
+            self._count_refusal(exc)
+            raise
+
+    async def _store_rows(self, build: Callable[..., Accepted], *args) -> Response:
         """Wait for room in the writer *before* building the rows (sessions and dedup
         are touched then), submit them with no await in between, answer once durable."""
         writer = self.writer
+        if writer.closing or not writer.has_room(1):
+            await writer.wait_room()
+        accepted = build(*args)
         try:
-            if writer.closing or not writer.has_room(1):
-                await writer.wait_room()
-            accepted = build(*args)
-            try:
-                await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
-                                                        accepted.columns))
-            except ApiError:  # not journaled (a full disk): the sessions it opened go too
-                self.collector.sessions.forget_started(accepted.rows)
-                raise
-        except ApiError as exc:
-            self._count_refusal(exc)
+            await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
+                                                    accepted.columns))
+        except ApiError:  # not journaled (a full disk): the sessions it opened go too
+            self.collector.sessions.forget_started(accepted.rows)
             raise
         self.events_received += accepted.received
         if accepted.refused:

@@ -46,6 +46,8 @@ class Accepted(msgspec.Struct):
     status: int
     body: bytes
     columns: Columns | None = None  # a batch's events by column, stored after `rows`
+    received: int = 1  # the request's events answered as stored (repeats included)
+    refused: list[Rejected] | None = None  # a batch's events refused alone
 
     def events(self) -> list[Row]:
         """The request's own events, without the sessions' rows."""
@@ -209,7 +211,7 @@ class Collector:
             if columns is not None:
                 reply = _ENCODE.encode(SegmentReply(True, stored=len(items)))
                 return Accepted(intake.rows, intake.keys, 200, reply,
-                                columns if columns.count else None)
+                                columns if columns.count else None, len(items))
         for i, ev in events:
             try:
                 to_row(ev, project, meta, enrich, intake, sent_at=sent_at,
@@ -223,7 +225,8 @@ class Collector:
             raise BatchRejected(error, sorted(rejected, key=lambda r: r.index))
         rejected.sort(key=lambda r: r.index)
         reply = SegmentReply(True, stored=len(items) - len(rejected), rejected=rejected or None)
-        return Accepted(intake.rows, intake.keys, 200, _ENCODE.encode(reply))
+        return Accepted(intake.rows, intake.keys, 200, _ENCODE.encode(reply),
+                        received=len(items) - len(rejected), refused=rejected or None)
 
     def _decode_each(self, items: list[msgspec.Raw],
                      rejected: list[Rejected]) -> list[tuple[int, WireEvent]]:

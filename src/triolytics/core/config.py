@@ -102,6 +102,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # --- sessions (both APIs)
     session_timeout_s: float = 1800.0  # a session ends after this long without an event
     session_end_chunk_rows: int = 500  # session_end rows per reaper step (loop latency)
+    # --- monitoring: GET /metrics (docs/metrics.md)
+    metrics_token: str = ""  # bearer token for GET /metrics; empty: the admin token
 
     def __post_init__(self) -> None:
         positive = ("max_connections", "journal_segment_bytes", "load_batch_rows",

@@ -67,6 +67,15 @@ class Api:
         self.region = config.analytics_region
         self.create_limit = RateLimit(config.create_rate_per_min, config.create_burst)
         self.clock = clock  # wall clock, ns since epoch
+        # GET /metrics: its token (the admin token unless `metrics_token` is set), and
+        # what renders the text (set by app.py: server/metrics.py)
+        self.metrics_token = config.metrics_token.encode() or self.admin_token
+        self.render_metrics: Callable[[], tuple[bytes, bytes]] | None = None
+        # Counted per request, read at scrape time (server/metrics.py): events answered
+        # as stored, and refusals by error code (a batch's events refused one by one; a
+        # request refused whole counts once).
+        self.events_received = 0
+        self.refused: dict[str, int] = {}
 
     def routes(self) -> Routes:
         routes: Routes = {
@@ -81,6 +90,7 @@ class Api:
             b"/admin/keys/revoke": {b"POST": self.revoke_key},
             b"/admin/stats": {b"GET": self.stats},
             b"/admin/query": {b"POST": self.query},
+            b"/metrics": {b"GET": self.metrics},
         }
         for kind in TYPES:
             routes[b"/v1/" + kind.encode()] = {b"POST": self._typed(kind)}
@@ -94,6 +104,14 @@ class Api:
                            ua.decode("latin-1") if ua else None)
 
     async def _store(self, build: Callable[..., Accepted], *args) -> Response:
+        """`_store_rows`, its refusals counted by code (for GET /metrics)."""
+        try:
+            return await self._store_rows(build, *args)
+        except ApiError as exc:
+            self._count_refusal(exc)
+            raise
+
+    async def _store_rows(self, build: Callable[..., Accepted], *args) -> Response:
         """Wait for room in the writer *before* building the rows (sessions and dedup
         are touched then), submit them with no await in between, answer once durable."""
         writer = self.writer
@@ -106,7 +124,16 @@ class Api:
         except ApiError:  # not journaled (a full disk): the sessions it opened go too
             self.collector.sessions.forget_started(accepted.rows)
             raise
+        self.events_received += accepted.received
+        if accepted.refused:
+            for r in accepted.refused:
+                self.refused[r.code] = self.refused.get(r.code, 0) + 1
         return Response(accepted.status, accepted.body)
+
+    def _count_refusal(self, exc: ApiError) -> None:
+        refused = self.refused
+        for r in getattr(exc, "rejected", None) or (exc,):  # BatchRejected: each event
+            refused[r.code] = refused.get(r.code, 0) + 1
 
     async def capture(self, req: Request) -> Response:  # (the hot path)
         return await self._store(self.collector.capture, None, req.headers, req.body,
@@ -166,11 +193,20 @@ class Api:
 
     # --- admin
     def _admin(self, req: Request) -> None:
-        auth = req.headers.get(b"authorization", b"")
-        if not (auth[:7].lower() == b"bearer " and
-                hmac.compare_digest(auth[7:].strip(), self.admin_token)):
+        if not _bearer(req, self.admin_token):
             raise ApiError("unauthorized", "admin endpoints need the bearer token from "
                                            "<data_dir>/admin.token")
+
+    async def metrics(self, req: Request) -> Response:
+        """`GET /metrics`: Prometheus text (docs/metrics.md), for `metrics_token` or,
+        when that is not set, the admin token."""
+        if not _bearer(req, self.metrics_token):
+            raise ApiError("unauthorized", "GET /metrics needs the bearer token "
+                           "`metrics_token` (or, when unset, <data_dir>/admin.token)")
+        if self.render_metrics is None:
+            raise ApiError("not_found", "metrics are not served here")
+        content_type, body = self.render_metrics()
+        return Response(200, body, content_type=content_type)
 
     async def list_keys(self, req: Request) -> Response:
         self._admin(req)
@@ -216,6 +252,11 @@ class Api:
         self._admin(req)
         return Response(200, msgspec.json.encode({**self.writer.statistics(),
                                                   "fault": self.writer.fault}))
+
+
+def _bearer(req: Request, token: bytes) -> bool:
+    auth = req.headers.get(b"authorization", b"")
+    return auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), token)
 
 
 def not_ready(reason: str) -> Response:

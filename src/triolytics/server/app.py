@@ -53,6 +53,7 @@ from triolytics.core.journal import Journal
 from triolytics.core.sessions import Session, Sessions
 from triolytics.server.api import BODILESS, Api
 from triolytics.server.http_server import HttpServer
+from triolytics.server.metrics import Metrics
 from triolytics.server.reaper import reap_sessions
 from triolytics.server.startup import (
     lock_data_dir,
@@ -246,6 +247,7 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
     http = HttpServer(config, api.routes(), upgrades={b"/analytics": realtime},
                       bodiless=BODILESS)
+    api.render_metrics = Metrics(api, http, realtime, writer, sessions).render
     async with trio.open_nursery() as root:
         writer_done = trio.Event()
         root.start_soon(_run_writer, writer, writer_done)

@@ -207,6 +207,13 @@ class HttpServer:
                                 "address (max_connections_per_ip); retry later", headers=retry)
         self._heads: dict[tuple, bytes] = {}  # plain response heads, this second
         self._heads_date = b""
+        # Responses by (route, status), read at scrape time (server/metrics.py); a path
+        # that is no route counts as b"other", so the keys stay few.
+        self.responses: dict[tuple[bytes, int], int] = {}
+
+    def _count(self, path: bytes, status: int) -> None:
+        key = (path if path in self.routes else b"other", status)
+        self.responses[key] = self.responses.get(key, 0) + 1
 
     async def sweep(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the timeouts (forever; cancel to stop)."""
@@ -233,6 +240,7 @@ class HttpServer:
         request (a fast answer beats a hang), then close."""
         full = self.full if self.connections.caps.open >= self.connections.caps.total \
             else self.full_ip
+        self._count(b"other", full.status)
         try:
             with trio.move_on_after(LINGER_S):
                 await self._send_error(stream, full)
@@ -298,6 +306,7 @@ class HttpServer:
                 c.unread = True  # what follows is read away before closing (`_linger`)
                 c.phase = SENDING
                 c.since = conns.tick
+                self._count(b"other", exc.status)
                 await self._send_error(stream, exc)
                 return None
             if type(event) is not h11.Request:
@@ -371,6 +380,7 @@ class HttpServer:
                 c.phase = HANDLING  # the upgraded connection keeps its own timeouts
                 c.unread = False
                 c.upgrade = (upgrade.upgrade, conn.trailing_data[0], accepted)
+                self._count(path, 101)
                 return False
             if method == b"OPTIONS":
                 response = self._options(Request(method, path, query, headers, b"", peer))
@@ -407,6 +417,7 @@ class HttpServer:
             not _keeps_alive(event, headers)
         c.phase = SENDING
         c.since = self.connections.tick
+        self._count(path, response.status)
         return await self._respond(stream, response, origin, close, method == b"HEAD")
 
     async def _ambiguous(self, stream, c: _Conn, headers: dict[bytes, bytes]) -> bool:

@@ -160,6 +160,13 @@ class RealtimeServer:
                                 c.max_connections) \
             if c.ws_max_events_per_s or c.ws_id_max_events_per_s else None
         self.rate_waits = self.rates is not None and c.ws_rate_limit_action == "wait"
+        # Counted per message, read at scrape time (server/metrics.py): events answered
+        # as stored, and messages refused by error code.
+        self.events_received = 0
+        self.refused: dict[str, int] = {}
+
+    def _refused(self, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
 
     def drain(self) -> None:
         """Stop reading every connection; each closes with 1001 once answered."""
@@ -386,6 +393,7 @@ class RealtimeServer:
         except FrameError as exc:
             if rates is not None:
                 rates.spend(p, rt.analytics_id, 1, now)
+            self._refused(exc.error.code)
             if exc.seq is None:
                 p.stop, p.close = True, (exc.close_code, exc.error.message)
                 return
@@ -420,11 +428,13 @@ class RealtimeServer:
             e = group_or_error.error
             return _ENCODE.encode(Refusal(group_or_error.seq, e.code, e.message, e.field))
         if group_or_error.error is not None:  # not journaled: its sessions go too
+            self._refused("unavailable")
             self.sessions.forget_started(batch.system_rows)
             if batch.seq is None:
                 return _FAILED
             return _ENCODE.encode(Refusal(batch.seq, "unavailable",
                                           f"could not journal the events: {group_or_error.error}"))
+        self.events_received += batch.events
         if batch.seq is None:
             return None
         return _ENCODE.encode(Ack(batch.seq, batch.events, batch.session_id))

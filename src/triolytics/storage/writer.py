@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import deque
 from time import monotonic, time_ns
 
@@ -47,13 +48,33 @@ JOURNAL_FAULT = "journal write"  # the fault keys (faults.py): a write or sync, 
 CHECKPOINT_FAULT = "DuckDB checkpoint"
 LOAD_FAULT = "DuckDB load"
 FREE_SLICE = 2048  # rows freed per step after a load
+# Histogram bounds (seconds) of a DuckDB load, and of a group's journal write to its ack
+LOAD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                 2.5)
+
+
+class Timings:
+    """A histogram kept as plain numbers (observed once per load or group, read at
+    scrape time): counts per bucket (`bounds`, seconds; the last is +Inf), and the sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
 
 
 class _Group:
     """Submissions that share one journal write (and sync)."""
 
     __slots__ = ("batches", "rows", "waiters", "done", "error", "keys", "end", "size",
-                 "notify")
+                 "notify", "written")
 
     def __init__(self) -> None:
         self.batches: list[Part] = []
@@ -65,6 +86,7 @@ class _Group:
         self.end = Position(0, 0)  # journal position just past this group
         self.size = 0  # journal bytes
         self.notify: list = []  # objects whose `wake()` is called once done
+        self.written = 0.0  # trio time of its journal write
 
 
 class _Load:
@@ -133,6 +155,8 @@ class Writer:
         self.store = store
         self.dedup = dedup
         self.stats = WriterStats()
+        self.load_seconds = Timings(LOAD_BUCKETS_S)  # per DuckDB load (in its thread)
+        self.ack_seconds = Timings(ACK_BUCKETS_S)  # per group: journal write to ack
         self._group = _Group()
         self._wakeup = trio.Event()
         self._room = trio.Event()
@@ -340,6 +364,7 @@ class Writer:
 
     def _write(self, group: _Group) -> None:
         self.stats.groups += 1
+        group.written = trio.current_time()
         try:
             payloads = [encode_part(b) for b in group.batches]
             group.end = self.journal.append(payloads)
@@ -384,6 +409,7 @@ class Writer:
             self.stats.journaled_rows += group.rows
             if first or self.stats.unloaded_rows >= self.config.load_batch_rows:
                 self._load_wakeup.set()  # start the interval clock, or load now
+            self.ack_seconds.observe(trio.current_time() - group.written)
         group.done.set()
         for waiter in group.notify:
             waiter.wake()
@@ -428,7 +454,7 @@ class Writer:
                 load.add(batch)
             size += nbytes
         try:
-            await self.run_store(self._load, load, end)
+            took = await self.run_store(self._load, load, end)
         except Exception as exc:  # DuckDB failed: keep the rows, retry, report unready
             self.faults.failed(LOAD_FAULT, f"DuckDB load failed: {exc}")
             self.stats.load_errors += 1
@@ -442,14 +468,26 @@ class Writer:
         self.stats.unloaded_bytes -= size
         self.stats.loaded_rows += load.count
         self.stats.loads += 1
+        self.load_seconds.observe(took)
         self._oldest_unloaded = trio.current_time()
         self._room_changed()
         return True
 
-    def _load(self, load: _Load, end: Position) -> None:
+    def _load(self, load: _Load, end: Position) -> float:
+        """Load, release covered segments; returns the seconds the load took."""
+        started = monotonic()
         self.store.load(load.rows, end, load.columns, load.rows_before)
+        took = monotonic() - started
         self._release(end)
         load.free()
+        return took
+
+    def load_lag(self) -> float:
+        """Seconds since the oldest row not yet in DuckDB became durable (0 when all
+        are loaded). After a load that left rows behind, counted from that load."""
+        if not self.stats.unloaded_rows:
+            return 0.0
+        return max(0.0, trio.current_time() - self._oldest_unloaded)
 
     def _release(self, end: Position) -> None:
         """Delete the journal segments wholly before `end`, the mark just loaded, once a

@@ -33,7 +33,7 @@ def rows(start: int, n: int, days: int, total: int) -> list[Row]:
         t = T0 + span * i // total
         out.append(Row(f"m{i}", "default", "http", "track", f"E{i % 20}", None, f"a{i % 5000}",
                        None, None, None, None, t, None, None, t,
-                       '{"path":"/pricing","n":%d}' % (i % 100), None,
+                       f'{{"path":"/pricing","n":{i % 100}}}', None,
                        '{"ip":"10.0.0.1"}', None))
     return out
 

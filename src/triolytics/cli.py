@@ -92,6 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--max-rows", type=int, help="at most this many rows (max_query_rows)")
     _file_flags(q, argparse.SUPPRESS)
+    e = sub.add_parser("export", help="write the stored events to files, one per day",
+                       description=(
+        "Write the stored events to DIR/dt=YYYY-MM-DD/part-0.<format> and DIR/_manifest.json, "
+        "atomically (DIR appears whole or not at all). Through the running server if there "
+        "is one (it writes the files), else from the DuckDB file."))
+    e.add_argument("--to", required=True, metavar="DIR", help="a directory not there yet")
+    e.add_argument("--format", default="parquet", choices=["parquet", "csv", "json"])
+    e.add_argument("--since", help="events at or after this date or ISO 8601 time")
+    e.add_argument("--until", help="events before this date or ISO 8601 time")
+    e.add_argument("--project", help="only this project's events")
+    _file_flags(e, argparse.SUPPRESS)
     return p
 
 
@@ -203,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(config)
     if args.command == "query":
         return _query(args, config)
+    if args.command == "export":
+        return _export(args, config)
     return _keys(args, config)
 
 
@@ -269,6 +282,54 @@ def _query(args: argparse.Namespace, config: Config) -> int:
     if reply["truncated"]:
         print(f"(first {limit} rows)", file=sys.stderr)
     return 0
+
+
+def _export(args: argparse.Namespace, config: Config) -> int:
+    """Print where the export went and its size; one line on stderr and exit 1 when it
+    cannot be made (nothing is left behind then)."""
+    data = Path(config.data_dir)
+    to = str(Path(args.to).absolute())
+    filters = {"format": args.format, "since": args.since, "until": args.until,
+               "project": args.project}
+    server = _running_server(data)
+    if server is not None:
+        token = (data / "admin.token").read_text().strip()
+        status, reply = _call(server, token, "POST", "/admin/export", {"to": to, **filters},
+                              timeout=24 * 3600)
+        if status != 200:
+            error = reply.get("error", {})
+            print(f"triolytics: {error.get('message', f'HTTP {status}')}", file=sys.stderr)
+            return 1
+    else:
+        from triolytics.storage.export import ExportError, export, to_json
+        from triolytics.storage.store import Store
+        if not (data / "events.duckdb").exists():
+            print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
+            return 1
+        store = Store(data / "events.duckdb", read_only=True)
+        shown = sys.stderr.isatty()
+        try:
+            reply = to_json(export(store.cursor(), to, fmt=filters["format"],
+                                   since=args.since, until=args.until, project=args.project,
+                                   progress=_progress if shown else None))
+        except ExportError as exc:
+            print(f"triolytics: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
+            if shown:
+                print(file=sys.stderr)
+    size = sum(f["bytes"] for f in reply["files"])
+    print(f"exported {reply['rows']} events in {len(reply['files'])} files "
+          f"({size} bytes) to {to}")
+    return 0
+
+
+def _progress(done: int, days: int, day: str, rows: int) -> None:
+    width = 30
+    bar = "#" * (width * done // days) + "-" * (width - width * done // days)
+    print(f"\r[{bar}] {done}/{days} days ({day}: {rows} events)", end="",
+          file=sys.stderr, flush=True)
 
 
 def _keys(args: argparse.Namespace, config: Config) -> int:

@@ -25,6 +25,7 @@ from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
 from triolytics.core.ratelimit import RateLimit
 from triolytics.core.web import Handler, Request, Response, Routes
+from triolytics.storage.export import ExportError, export, to_json
 from triolytics.storage.query import QueryError, QueryResult
 from triolytics.storage.writer import Writer
 
@@ -47,6 +48,14 @@ class KeyRevoke(msgspec.Struct, forbid_unknown_fields=True):
 class QueryBody(msgspec.Struct, forbid_unknown_fields=True):
     sql: str
     max_rows: int | None = None
+
+
+class ExportBody(msgspec.Struct, forbid_unknown_fields=True):
+    to: str  # a directory on the server's machine, not there yet (or empty)
+    format: str = "parquet"
+    since: str | None = None
+    until: str | None = None
+    project: str | None = None
 
 
 class Created(msgspec.Struct):
@@ -91,6 +100,7 @@ class Api:
             b"/admin/stats": {b"GET": self.stats},
             b"/admin/query": {b"POST": self.query},
             b"/metrics": {b"GET": self.metrics},
+            b"/admin/export": {b"POST": self.export},
         }
         for kind in TYPES:
             routes[b"/v1/" + kind.encode()] = {b"POST": self._typed(kind)}
@@ -247,6 +257,27 @@ class Api:
         except QueryError as exc:
             raise ApiError(exc.code, exc.message, field="$.sql") from None
         return Response(200, encode_result(result))
+
+    async def export(self, req: Request) -> Response:
+        """Write the events to files on the server's machine (export.py), from a cursor
+        of its own beside loads; answers the manifest once the directory is in place."""
+        self._admin(req)
+        body = _decode(req.body, ExportBody)
+        if not body.to.startswith("/"):
+            raise ApiError("bad_request", "to must be an absolute path", field="$.to")
+        await self.writer.flush()  # what was acknowledged before the export is in it
+        cursor = await self.writer.run_store(self.writer.store.cursor)
+        try:
+            manifest = await trio.to_thread.run_sync(partial(
+                export, cursor, body.to, fmt=body.format, since=body.since,
+                until=body.until, project=body.project))
+        except ExportError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        except OSError as exc:
+            raise ApiError("unavailable", f"cannot write the export: {exc}") from None
+        finally:
+            cursor.close()
+        return Response(200, msgspec.json.encode(to_json(manifest)))
 
     async def stats(self, req: Request) -> Response:
         self._admin(req)

@@ -167,6 +167,8 @@ class Writer:
         self._unloaded: deque[tuple[list[list[Row]], Position, int]] = deque()
         self._oldest_unloaded = 0.0  # trio time of the oldest row waiting for a load
         self._loaded = Position(0, 0)
+        self._durable_end = Position(0, 0)  # the end of the last group made durable
+        self._hurry = False  # `flush` waits: load now, not at the interval
         self._first_segment = 0  # the oldest journal segment kept
         self.quarantined: list[str] = []  # damaged DuckDB files set aside at start
         self._closing = False
@@ -283,6 +285,19 @@ class Writer:
             return
         self.stats.rejected_busy += 1
         raise overloaded(self.config.retry_after_s)
+
+    async def flush(self) -> None:
+        """Return once every row made durable before the call is in DuckDB (an export
+        or a query that must see them); raise ApiError (503) while loads are failing."""
+        target = self._durable_end
+        while self._loaded < target:
+            if self.fault is not None:
+                raise self._refusal(f"cannot load the journaled events: {self.fault}")
+            self._hurry = True
+            self._load_wakeup.set()
+            with trio.move_on_after(LOAD_RETRY_S):  # (a failed load sets nothing)
+                await self._room.wait()  # (set after every load)
+        self._hurry = False
 
     def _room_changed(self) -> None:
         self._room.set()
@@ -404,6 +419,7 @@ class Writer:
             if first:
                 self._oldest_unloaded = trio.current_time()
             self._unloaded.append((group.batches, group.end, group.size))
+            self._durable_end = group.end
             self.stats.unloaded_rows += group.rows
             self.stats.unloaded_bytes += group.size
             self.stats.journaled_rows += group.rows
@@ -434,6 +450,7 @@ class Writer:
                 continue
             deadline = self._oldest_unloaded + interval
             while (self.stats.unloaded_rows < batch and not self._drained
+                   and not self._hurry
                    and trio.current_time() < deadline):
                 self._load_wakeup = trio.Event()
                 with trio.move_on_at(deadline):

@@ -64,6 +64,8 @@ SERVE_FLAGS = (
     ("--shutdown-grace", "shutdown_grace_s", "DURATION", "on SIGINT/SIGTERM, in-flight "
      "requests get this long: plain seconds or with a unit (10s, 1m)"),
     ("--log-level", "log_level", None, "log messages of this level and above (to stderr)"),
+    ("--ip-mode", "ip_mode", None, "client IPs stored: full, truncate (IPv4 /24, IPv6 "
+     "/48) or drop (none)"),
 )
 
 
@@ -113,8 +115,8 @@ def _serve_flag(p: argparse.ArgumentParser, flag: str, name: str, metavar: str |
         kwargs.update(action="extend", type=_comma_list)
     elif name == "log_level":
         kwargs.update(type=str.lower, choices=LOG_LEVELS)
-    elif name == "fsync":
-        kwargs.update(choices=typing.get_args(typing.get_type_hints(Config)["fsync"]))
+    elif name in ("fsync", "ip_mode"):
+        kwargs.update(choices=typing.get_args(typing.get_type_hints(Config)[name]))
     else:
         kwargs["type"] = _flag_type(name)
     p.add_argument(flag, **kwargs)

@@ -23,6 +23,7 @@ from triolytics.core.capture import TYPES, RequestMeta
 from triolytics.core.collector import Accepted, Collector
 from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
+from triolytics.core.privacy import anonymize_ip
 from triolytics.core.ratelimit import RateLimit
 from triolytics.core.web import Handler, Request, Response, Routes
 from triolytics.storage.query import QueryError, QueryResult
@@ -67,6 +68,7 @@ class Api:
         self.region = config.analytics_region
         self.create_limit = RateLimit(config.create_rate_per_min, config.create_burst)
         self.clock = clock  # wall clock, ns since epoch
+        self.ip_mode = config.ip_mode  # (privacy.py)
 
     def routes(self) -> Routes:
         routes: Routes = {
@@ -90,8 +92,10 @@ class Api:
 
     def _meta(self, req: Request) -> RequestMeta:
         ua = req.headers.get(b"user-agent")
-        return RequestMeta(self.clock() // 1000, req.client_ip,
-                           ua.decode("latin-1") if ua else None)
+        ip = req.client_ip if self.ip_mode == "full" else anonymize_ip(req.client_ip,
+                                                                      self.ip_mode)
+        return RequestMeta(self.clock() // 1000, ip, ua.decode("latin-1") if ua else None,
+                           self.ip_mode)
 
     async def _store(self, build: Callable[..., Accepted], *args) -> Response:
         """Wait for room in the writer *before* building the rows (sessions and dedup
@@ -132,7 +136,8 @@ class Api:
         analytics_id = self.identities.issue()
         try:
             await self.writer.run_store(self.writer.store.record_analytics_ids,
-                                        [(analytics_id, self.clock() // 1000, req.client_ip)])
+                                        [(analytics_id, self.clock() // 1000,
+                                          anonymize_ip(req.client_ip, self.ip_mode))])
         except duckdb.Error as exc:  # a full disk, say: not stored, so not handed out
             raise ApiError("unavailable", f"could not record the analytics_id: {exc}",
                            headers=((b"retry-after",

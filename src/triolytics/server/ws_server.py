@@ -47,6 +47,7 @@ import trio
 from triolytics.core.config import Config
 from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
+from triolytics.core.privacy import anonymize_ip
 from triolytics.core.ratelimit import EventRates
 from triolytics.core.realtime import CLOSE_ERROR, CLOSE_POLICY, Batch, FrameError, Realtime
 from triolytics.core.sessions import Intake, Sessions
@@ -182,7 +183,8 @@ class RealtimeServer:
         ids = parse_qs(request.query.decode("latin-1")).get("analytics_id")
         analytics_id = self.identities.check(ids[-1] if ids else None)
         ua = h.get(b"user-agent")
-        context = {"ip": request.client_ip}
+        ip = anonymize_ip(request.client_ip, self.config.ip_mode)  # (once per connection)
+        context = {"ip": ip} if ip is not None else {}
         if ua:
             context["userAgent"] = ua.decode("latin-1")
         rt = Realtime(self.config, self.config.realtime_project, analytics_id,

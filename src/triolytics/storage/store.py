@@ -472,7 +472,7 @@ class Store:
         return restored
 
     # --- analytics ids (the real-time API's identities)
-    def record_analytics_ids(self, issued: list[tuple[str, int, str]]) -> None:
+    def record_analytics_ids(self, issued: list[tuple[str, int, str | None]]) -> None:
         """(analytics_id, issued µs, client ip) of ids handed out by `POST /create`."""
         with self._live() as c:
             c.executemany("INSERT OR IGNORE INTO analytics_ids "

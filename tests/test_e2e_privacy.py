@@ -36,7 +36,7 @@ async def _send_everything(server, extra_headers=None) -> tuple[list[int], str, 
                                                 {**EVENT, "messageId": "m-own-ip", "context":
                                                  {"ip": "198.51.100.9"}}]})):
         statuses.append((await server.post(path, json=body, headers=headers)).status_code)
-    created = await server.post("/create")
+    created = await server.post("/create", headers=extra_headers)
     assert created.status_code == 200
     aid = created.json()["analytics_id"]
     async with trio_websocket.open_websocket_url(
@@ -67,3 +67,41 @@ async def test_ip_mode_decides_every_stored_ip(tmp_path, mode, peer, own):
         assert rows(tmp_path, "SELECT count(*) FROM events WHERE json_exists(context, '$.ip')"
                     ) == [(0,)]
     assert rows(tmp_path, "SELECT analytics_id, ip FROM analytics_ids") == [(aid, peer)]
+
+
+async def _stats(server) -> dict:
+    token = (server.data_dir / "admin.token").read_text().strip()
+    reply = await server.request("GET", "/admin/stats", headers={"authorization":
+                                                                 f"Bearer {token}"})
+    assert reply.status_code == 200
+    return reply.json()
+
+
+@pytest.mark.parametrize("header", [{"DNT": "1"}, {"Sec-GPC": "1"}])
+async def test_respect_dnt_answers_as_usual_and_stores_nothing(tmp_path, header):
+    async with running(tmp_path, respect_dnt=True) as server:
+        statuses, aid, ack = await _send_everything(server, header)
+        invalid = await server.post("/v1/capture", json={"type": "track"},
+                                    headers={**AUTH, **header})
+        tracked = await server.post("/v1/capture", json={**EVENT, "messageId": "tracked"},
+                                    headers=AUTH)
+        stats = await _stats(server)
+    assert statuses == [201, 200, 200]  # the same answers as when stored
+    assert ack == {"type": "ack", "seq": 1, "stored": 1, "session_id": None}
+    assert invalid.status_code == 400  # and the same refusals
+    assert tracked.status_code == 201
+    assert stats["dnt_skipped"] == 6  # 4 HTTP requests, /create and one WebSocket message
+    assert rows(tmp_path, "SELECT message_id FROM events WHERE type = 'track'") == [("tracked",)]
+    assert rows(tmp_path, "SELECT count(*) FROM events WHERE anonymous_id = ?".replace(
+        "?", f"'{aid}'")) == [(0,)]
+    assert rows(tmp_path, "SELECT count(*) FROM analytics_ids") == [(0,)]
+
+
+async def test_dnt_is_ignored_unless_respect_dnt(tmp_path):
+    async with running(tmp_path) as server:
+        statuses, aid, ack = await _send_everything(server, {"DNT": "1"})
+        stats = await _stats(server)
+    assert statuses == [201, 200, 200] and ack["stored"] == 1
+    assert stats["dnt_skipped"] == 0
+    assert rows(tmp_path, "SELECT count(*) FROM events WHERE type != 'session_start' "
+                          "AND type != 'session_end'") == [(5,)]

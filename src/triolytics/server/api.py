@@ -23,7 +23,7 @@ from triolytics.core.capture import TYPES, RequestMeta
 from triolytics.core.collector import Accepted, Collector
 from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
-from triolytics.core.privacy import anonymize_ip
+from triolytics.core.privacy import anonymize_ip, do_not_track
 from triolytics.core.ratelimit import RateLimit
 from triolytics.core.web import Handler, Request, Response, Routes
 from triolytics.storage.query import QueryError, QueryResult
@@ -69,6 +69,7 @@ class Api:
         self.create_limit = RateLimit(config.create_rate_per_min, config.create_burst)
         self.clock = clock  # wall clock, ns since epoch
         self.ip_mode = config.ip_mode  # (privacy.py)
+        self.respect_dnt = config.respect_dnt
 
     def routes(self) -> Routes:
         routes: Routes = {
@@ -112,16 +113,36 @@ class Api:
             raise
         return Response(accepted.status, accepted.body)
 
+    def _untracked(self, req: Request) -> bool:
+        """`respect_dnt` and the request asks not to be tracked: answer, store nothing."""
+        if self.respect_dnt and do_not_track(req.headers):
+            self.writer.stats.dnt_skipped += 1
+            return True
+        return False
+
+    def _unstored(self, name: str, *args) -> Response:
+        """The answer `Collector.<name>` would give, from a collector with sessions and
+        dedup memory of its own: the same status and refusals, and nothing stored."""
+        accepted = getattr(Collector(self.collector.config, self.collector.keys), name)(*args)
+        return Response(accepted.status, accepted.body)
+
     async def capture(self, req: Request) -> Response:  # (the hot path)
+        if self._untracked(req):
+            return self._unstored("capture", None, req.headers, req.body, self._meta(req))
         return await self._store(self.collector.capture, None, req.headers, req.body,
                                  self._meta(req))
 
     async def batch(self, req: Request) -> Response:
+        if self._untracked(req):
+            return self._unstored("batch", req.headers, req.body, self._meta(req))
         return await self._store(self.collector.batch, req.headers, req.body,
                                  self._meta(req))
 
     def _typed(self, kind: str) -> Handler:
         async def handler(req: Request) -> Response:
+            if self._untracked(req):
+                return self._unstored("capture", kind, req.headers, req.body,
+                                      self._meta(req))
             return await self._store(self.collector.capture, kind, req.headers, req.body,
                                      self._meta(req))
         return handler
@@ -134,6 +155,9 @@ class Api:
             raise ApiError("rate_limited", "too many POST /create calls from this address",
                            headers=((b"retry-after", b"%d" % max(1, math.ceil(wait))),))
         analytics_id = self.identities.issue()
+        if self._untracked(req):  # (ids check themselves: it works unrecorded)
+            return Response(200, msgspec.json.encode(Created(analytics_id,
+                                                             {"region": self.region})))
         try:
             await self.writer.run_store(self.writer.store.record_analytics_ids,
                                         [(analytics_id, self.clock() // 1000,

@@ -116,7 +116,7 @@ class _Load:
 class WriterStats:
     __slots__ = ("pending_rows", "unloaded_rows", "unloaded_bytes", "journaled_rows",
                  "loaded_rows", "rejected_busy", "groups", "syncs", "loads",
-                 "load_errors")
+                 "load_errors", "dnt_skipped")
 
     def __init__(self) -> None:
         for name in self.__slots__:

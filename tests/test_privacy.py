@@ -83,3 +83,17 @@ def test_ip_mode_flag():
     assert cli.config_of(args, {}).ip_mode == "truncate"
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["serve", "--ip-mode", "hash"])
+
+
+def test_forget_person_drops_live_sessions_so_no_session_end_follows():
+    from triolytics.core.sessions import Sessions
+    sessions = Sessions(1_000_000, iter(map(str, range(100))).__next__)
+    rows = []
+    sessions.touch(("default", "http", "a1"), "a1", "u1", 0, rows)
+    sessions.touch(("other", "http", "a1"), "a1", "u1", 0, rows)
+    sessions.touch(("default", "ws", "0.x"), "0.x", None, 0, rows)
+    assert sessions.forget_person("user", "u1", "other") == 1
+    assert sessions.forget_person("analytics_id", "0.x", None) == 1
+    assert sessions.forget_person("anonymous_id", "nobody", None) == 0
+    ended = sessions.expire(10_000_000, 100)
+    assert [(r.project, r.anonymous_id) for r in ended] == [("default", "a1")]

@@ -1,4 +1,4 @@
-"""The `triolytics` command: `serve`, `keys create|list|revoke`, and `query SQL`.
+"""The `triolytics` command: `serve`, `keys create|list|revoke`, `query SQL` and `forget`.
 
 Rules:
 - Each setting a user sets often is a `serve` flag (SERVE_FLAGS) named for its setting;
@@ -94,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--max-rows", type=int, help="at most this many rows (max_query_rows)")
     _file_flags(q, argparse.SUPPRESS)
+    f = sub.add_parser("forget", help="delete one person's stored events (docs/privacy.md)")
+    who = f.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="ID", help="the events with this userId")
+    who.add_argument("--anonymous-id", metavar="ID", help="the events with this anonymousId")
+    who.add_argument("--analytics-id", metavar="ID", help="a WebSocket device's events and "
+                     "its analytics_id record")
+    f.add_argument("--project", help="only in this project (default: every project)")
+    _file_flags(f, argparse.SUPPRESS)
     return p
 
 
@@ -205,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(config)
     if args.command == "query":
         return _query(args, config)
+    if args.command == "forget":
+        return _forget(args, config)
     return _keys(args, config)
 
 
@@ -271,6 +281,63 @@ def _query(args: argparse.Namespace, config: Config) -> int:
     if reply["truncated"]:
         print(f"(first {limit} rows)", file=sys.stderr)
     return 0
+
+
+def _forget(args: argparse.Namespace, config: Config) -> int:
+    """Delete one person's events, through the running server (which first loads what it
+    has journaled) or, stopped, in the file itself once the journal is replayed into it."""
+    kind = next(k for k in ("user", "anonymous_id", "analytics_id")
+                if getattr(args, k) is not None)
+    value = getattr(args, kind)
+    if not value.strip():
+        print(f"triolytics: --{kind.replace('_', '-')} needs a non-empty id", file=sys.stderr)
+        return 1
+    data = Path(config.data_dir)
+    server = _running_server(data)
+    if server is not None:
+        token = (data / "admin.token").read_text().strip()
+        try:
+            status, reply = _call(server, token, "POST", "/admin/forget",
+                                  {"kind": kind, "id": value, "project": args.project},
+                                  timeout=config.query_timeout_s + 10)
+        except OSError as exc:
+            print(f"triolytics: no answer from the server on port {server['port']}: "
+                  f"{exc or type(exc).__name__}", file=sys.stderr)
+            return 1
+        if status != 200:
+            error = reply.get("error", {})
+            print(f"triolytics: {error.get('message', f'HTTP {status}')} "
+                  f"[{error.get('code', status)}]", file=sys.stderr)
+            return 1
+        events, ids = reply["events"], reply["analytics_ids"]
+    else:
+        if not (data / "events.duckdb").exists():
+            print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
+            return 1
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        events, ids = _forget_in_file(data, config, kind, value, args.project)
+    print(f"deleted {events} events" + (f" and {ids} analytics_id" if ids else ""))
+    return 0
+
+
+def _forget_in_file(data: Path, config: Config, kind: str, value: str,
+                    project: str | None) -> tuple[int, int]:
+    """The stopped server's file: the journal's unloaded records first (as a start
+    would load them), then the DELETE."""
+    from triolytics.core.dedup import Dedup
+    from triolytics.core.journal import Journal
+    from triolytics.storage.store import Store
+    from triolytics.storage.writer import Writer
+    store = Store(data / "events.duckdb", threads=config.duckdb_threads)
+    journal = Journal(data / "journal", config.journal_segment_bytes,
+                      sync_on_rotate=config.fsync != "off")
+    try:
+        Writer(config, journal, store, Dedup(1, 1)).recover()
+        return store.forget(kind, value, project)
+    finally:
+        journal.close()
+        store.close()
 
 
 def _keys(args: argparse.Namespace, config: Config) -> int:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from functools import partial
 from time import time_ns
+from typing import Literal
 
 import duckdb
 import msgspec
@@ -50,6 +51,12 @@ class QueryBody(msgspec.Struct, forbid_unknown_fields=True):
     max_rows: int | None = None
 
 
+class ForgetBody(msgspec.Struct, forbid_unknown_fields=True):
+    kind: Literal["user", "anonymous_id", "analytics_id"]
+    id: str
+    project: str | None = None
+
+
 class Created(msgspec.Struct):
     analytics_id: str
     metadata: dict[str, str]
@@ -84,6 +91,7 @@ class Api:
             b"/admin/keys/revoke": {b"POST": self.revoke_key},
             b"/admin/stats": {b"GET": self.stats},
             b"/admin/query": {b"POST": self.query},
+            b"/admin/forget": {b"POST": self.forget},
         }
         for kind in TYPES:
             routes[b"/v1/" + kind.encode()] = {b"POST": self._typed(kind)}
@@ -240,6 +248,25 @@ class Api:
         except QueryError as exc:
             raise ApiError(exc.code, exc.message, field="$.sql") from None
         return Response(200, encode_result(result))
+
+    async def forget(self, req: Request) -> Response:
+        """Delete one person's rows (docs/privacy.md): first everything journaled so far
+        is loaded, then one transaction deletes; their live sessions are dropped too."""
+        self._admin(req)
+        body = _decode(req.body, ForgetBody)
+        if not body.id:
+            raise ApiError("bad_request", "id must not be empty", field="$.id")
+        writer = self.writer
+        with trio.move_on_after(self.query_timeout_s) as waited:
+            await writer.wait_loaded()
+        if waited.cancelled_caught:
+            raise ApiError("unavailable", "could not load the journal into DuckDB in time; "
+                           "nothing was deleted; retry", headers=(
+                               (b"retry-after", str(writer.config.retry_after_s).encode()),))
+        self.collector.sessions.forget_person(body.kind, body.id, body.project)
+        events, ids = await writer.run_store(writer.store.forget, body.kind, body.id,
+                                             body.project)
+        return Response(200, msgspec.json.encode({"events": events, "analytics_ids": ids}))
 
     async def stats(self, req: Request) -> Response:
         self._admin(req)

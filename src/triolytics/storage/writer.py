@@ -143,6 +143,8 @@ class Writer:
         self._unloaded: deque[tuple[list[list[Row]], Position, int]] = deque()
         self._oldest_unloaded = 0.0  # trio time of the oldest row waiting for a load
         self._loaded = Position(0, 0)
+        self._written = Position(0, 0)  # the end of the last group journaled
+        self._hurry = 0  # wait_loaded callers: load without waiting for the interval
         self._first_segment = 0  # the oldest journal segment kept
         self.quarantined: list[str] = []  # damaged DuckDB files set aside at start
         self._closing = False
@@ -182,7 +184,7 @@ class Writer:
         if end != self._loaded or batch.count:
             self.store.load(batch.rows, end, batch.columns, batch.rows_before)
             replayed += batch.count
-        self._loaded = end
+        self._loaded = self._written = end
         segments = self.journal.segments()
         self._first_segment = segments[0] if segments else 0
         self._release(end)
@@ -311,6 +313,20 @@ class Writer:
             found.append(f"damaged DuckDB files moved: {', '.join(self.quarantined)}")
         return found
 
+    async def wait_loaded(self) -> None:
+        """Return once DuckDB holds everything journaled when called (loaded now, not
+        after `load_interval_ms`); ApiError (503) if the writer closes first."""
+        target = self._written
+        self._hurry += 1
+        try:
+            while self._loaded < target:
+                if self._closing:
+                    raise self._refusal("server is shutting down")
+                self._load_wakeup.set()
+                await self._room.wait()  # (set after each journal write and each load)
+        finally:
+            self._hurry -= 1
+
     @property
     def closing(self) -> bool:
         return self._closing
@@ -342,7 +358,7 @@ class Writer:
         self.stats.groups += 1
         try:
             payloads = [encode_part(b) for b in group.batches]
-            group.end = self.journal.append(payloads)
+            group.end = self._written = self.journal.append(payloads)
             group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
         except JournalError as exc:
             self._finish(group, exc)
@@ -408,7 +424,7 @@ class Writer:
                 continue
             deadline = self._oldest_unloaded + interval
             while (self.stats.unloaded_rows < batch and not self._drained
-                   and trio.current_time() < deadline):
+                   and not self._hurry and trio.current_time() < deadline):
                 self._load_wakeup = trio.Event()
                 with trio.move_on_at(deadline):
                     await self._load_wakeup.wait()

@@ -224,4 +224,6 @@ def test_forget_is_one_transaction(tmp_path):
     assert store.conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
     assert store.forget("analytics_id", "0.x", None) == (1, 1)
     assert store.conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    # checkpointed: the DELETE is in the file, so a WAL set aside later cannot undo it
+    assert not store.wal_path.exists() or store.wal_path.stat().st_size == 0
     store.close()

@@ -503,6 +503,10 @@ class Store:
             except BaseException as exc:
                 self._rollback(exc)
                 raise
+        try:  # the DELETE into the file itself: a WAL set aside later cannot undo it
+            self.checkpoint()
+        except duckdb.Error as exc:
+            log.warning("forget: checkpoint failed (%s); the DELETE is in the WAL", exc)
         log.info("forget --%s%s: deleted %d events, %d analytics_id records",
                  kind.replace("_", "-"), "" if project is None else f" --project {project}",
                  events, ids)

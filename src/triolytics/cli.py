@@ -1,4 +1,4 @@
-"""The `triolytics` command: `serve`, `keys create|list|revoke`, and `query SQL`.
+"""The `triolytics` command: `serve`, `keys create|list|revoke`, `query SQL` and `forget`.
 
 Rules:
 - Each setting a user sets often is a `serve` flag (SERVE_FLAGS) named for its setting;
@@ -64,6 +64,8 @@ SERVE_FLAGS = (
     ("--shutdown-grace", "shutdown_grace_s", "DURATION", "on SIGINT/SIGTERM, in-flight "
      "requests get this long: plain seconds or with a unit (10s, 1m)"),
     ("--log-level", "log_level", None, "log messages of this level and above (to stderr)"),
+    ("--ip-mode", "ip_mode", None, "client IPs stored: full, truncate (IPv4 /24, IPv6 "
+     "/48) or drop (none)"),
 )
 
 
@@ -103,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--until", help="events before this date or ISO 8601 time")
     e.add_argument("--project", help="only this project's events")
     _file_flags(e, argparse.SUPPRESS)
+    f = sub.add_parser("forget", help="delete one person's stored events (docs/privacy.md)")
+    who = f.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="ID", help="the events with this userId")
+    who.add_argument("--anonymous-id", metavar="ID", help="the events with this anonymousId")
+    who.add_argument("--analytics-id", metavar="ID", help="a WebSocket device's events and "
+                     "its analytics_id record")
+    f.add_argument("--project", help="only in this project (default: every project)")
+    _file_flags(f, argparse.SUPPRESS)
     return p
 
 
@@ -124,8 +134,8 @@ def _serve_flag(p: argparse.ArgumentParser, flag: str, name: str, metavar: str |
         kwargs.update(action="extend", type=_comma_list)
     elif name == "log_level":
         kwargs.update(type=str.lower, choices=LOG_LEVELS)
-    elif name == "fsync":
-        kwargs.update(choices=typing.get_args(typing.get_type_hints(Config)["fsync"]))
+    elif name in ("fsync", "ip_mode"):
+        kwargs.update(choices=typing.get_args(typing.get_type_hints(Config)[name]))
     else:
         kwargs["type"] = _flag_type(name)
     p.add_argument(flag, **kwargs)
@@ -216,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return _query(args, config)
     if args.command == "export":
         return _export(args, config)
+    if args.command == "forget":
+        return _forget(args, config)
     return _keys(args, config)
 
 
@@ -330,6 +342,63 @@ def _progress(done: int, days: int, day: str, rows: int) -> None:
     bar = "#" * (width * done // days) + "-" * (width - width * done // days)
     print(f"\r[{bar}] {done}/{days} days ({day}: {rows} events)", end="",
           file=sys.stderr, flush=True)
+
+
+def _forget(args: argparse.Namespace, config: Config) -> int:
+    """Delete one person's events, through the running server (which first loads what it
+    has journaled) or, stopped, in the file itself once the journal is replayed into it."""
+    kind = next(k for k in ("user", "anonymous_id", "analytics_id")
+                if getattr(args, k) is not None)
+    value = getattr(args, kind)
+    if not value.strip():
+        print(f"triolytics: --{kind.replace('_', '-')} needs a non-empty id", file=sys.stderr)
+        return 1
+    data = Path(config.data_dir)
+    server = _running_server(data)
+    if server is not None:
+        token = (data / "admin.token").read_text().strip()
+        try:
+            status, reply = _call(server, token, "POST", "/admin/forget",
+                                  {"kind": kind, "id": value, "project": args.project},
+                                  timeout=config.query_timeout_s + 10)
+        except OSError as exc:
+            print(f"triolytics: no answer from the server on port {server['port']}: "
+                  f"{exc or type(exc).__name__}", file=sys.stderr)
+            return 1
+        if status != 200:
+            error = reply.get("error", {})
+            print(f"triolytics: {error.get('message', f'HTTP {status}')} "
+                  f"[{error.get('code', status)}]", file=sys.stderr)
+            return 1
+        events, ids = reply["events"], reply["analytics_ids"]
+    else:
+        if not (data / "events.duckdb").exists():
+            print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
+            return 1
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        events, ids = _forget_in_file(data, config, kind, value, args.project)
+    print(f"deleted {events} events" + (f" and {ids} analytics_id" if ids else ""))
+    return 0
+
+
+def _forget_in_file(data: Path, config: Config, kind: str, value: str,
+                    project: str | None) -> tuple[int, int]:
+    """The stopped server's file: the journal's unloaded records first (as a start
+    would load them), then the DELETE."""
+    from triolytics.core.dedup import Dedup
+    from triolytics.core.journal import Journal
+    from triolytics.storage.store import Store
+    from triolytics.storage.writer import Writer
+    store = Store(data / "events.duckdb", threads=config.duckdb_threads)
+    journal = Journal(data / "journal", config.journal_segment_bytes,
+                      sync_on_rotate=config.fsync != "off")
+    try:
+        Writer(config, journal, store, Dedup(1, 1)).recover()
+        return store.forget(kind, value, project)
+    finally:
+        journal.close()
+        store.close()
 
 
 def _keys(args: argparse.Namespace, config: Config) -> int:

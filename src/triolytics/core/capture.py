@@ -22,6 +22,7 @@ import msgspec
 
 from triolytics.core.config import Config
 from triolytics.core.errors import ApiError
+from triolytics.core.privacy import anonymize_ip
 from triolytics.core.rows import Columns, Row
 from triolytics.core.sessions import Intake
 
@@ -71,8 +72,9 @@ class RequestMeta(msgspec.Struct, gc=False):
     """What the I/O layer knows about the request, beyond its body."""
 
     received_at: int  # µs since epoch
-    ip: str
+    ip: str | None  # as `ip_mode` stores it (privacy.py): None stores no IP
     user_agent: str | None = None
+    ip_mode: str = "full"  # an `ip` a client puts in its context is stored this way too
 
 
 EVENT_DECODER = msgspec.json.Decoder(WireEvent)
@@ -273,32 +275,37 @@ def enricher_for(meta: RequestMeta, batch_context: msgspec.Raw = NO_JSON) -> Con
     """The enricher for one request: shared per (ip, user agent) unless the request
     brings a batch-level context to merge."""
     if _absent(batch_context):
-        return _plain_enricher(meta.ip, meta.user_agent)
-    return ContextEnricher(meta.ip, meta.user_agent, batch_context)
+        return _plain_enricher(meta.ip, meta.user_agent, meta.ip_mode)
+    return ContextEnricher(meta.ip, meta.user_agent, batch_context, ip_mode=meta.ip_mode)
 
 
 @functools.lru_cache(maxsize=4096)  # (ip, user agent) pairs: most requests repeat one
-def _plain_enricher(ip: str, user_agent: str | None) -> ContextEnricher:
-    return ContextEnricher(ip, user_agent)
+def _plain_enricher(ip: str | None, user_agent: str | None, ip_mode: str) -> ContextEnricher:
+    return ContextEnricher(ip, user_agent, ip_mode=ip_mode)
 
 
 class ContextEnricher:
     """Adds `ip` and `userAgent` to each event's context unless the client set them.
+    An `ip` the client set is stored as `ip_mode` says (privacy.py); an `ip` of None
+    adds none.
 
     Without a batch-level context it splices text (the common, cheap case); with one, it
     merges objects (the batch's keys lose to the event's). Immutable once built.
     """
 
-    def __init__(self, ip: str, user_agent: str | None, batch_context: msgspec.Raw = NO_JSON,
-                 field: str = "$.context") -> None:
+    def __init__(self, ip: str | None, user_agent: str | None,
+                 batch_context: msgspec.Raw = NO_JSON, field: str = "$.context",
+                 ip_mode: str = "full") -> None:
         self.ip = ip
         self.ua = user_agent
-        items = [b'"ip":' + _JSON.encode(ip)]
+        self.ip_mode = ip_mode
+        items = [b'"ip":' + _JSON.encode(ip)] if ip is not None else []
         if user_agent:
             items.append(b'"userAgent":' + _JSON.encode(user_agent))
         joined = b",".join(items).decode()
         self.fresh = "{" + joined + "}"  # the context of an event that sent none
-        self.prefix = "{" + joined + ","  # spliced before the rest of the event's own
+        # spliced before the rest of the event's own
+        self.prefix = "{" + joined + "," if joined else "{"
         self.base: dict | None = None
         if not _absent(batch_context):
             base = _decode_any(batch_context, field)
@@ -344,7 +351,15 @@ class ContextEnricher:
             if not isinstance(own, dict):
                 raise ApiError("invalid_event", "expected an object", field=field)
             ctx.update(own)
-        ctx.setdefault("ip", self.ip)
+        if self.ip_mode != "full" and "ip" in ctx:  # the client's own: as ip_mode says
+            ip = ctx["ip"]
+            ip = anonymize_ip(ip, self.ip_mode) if isinstance(ip, str) else None
+            if ip is None:
+                del ctx["ip"]
+            else:
+                ctx["ip"] = ip
+        if self.ip is not None:
+            ctx.setdefault("ip", self.ip)
         if self.ua:
             ctx.setdefault("userAgent", self.ua)
         return _JSON.encode(ctx).decode()

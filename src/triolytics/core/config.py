@@ -99,6 +99,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ws_id_max_events_per_s: float = 0.0  # events per analytics_id (its connections together)
     ws_id_burst_events: int = 2_500  # ...after a burst of this many
     ws_rate_limit_action: Literal["wait", "close"] = "wait"  # over a rate: stop reading, or 1008
+    # --- privacy (docs/privacy.md)
+    ip_mode: Literal["full", "truncate", "drop"] = "full"  # client IPs: kept, /24 (/48), none
+    respect_dnt: bool = False  # DNT: 1 / Sec-GPC: 1 requests are answered, not stored
     # --- sessions (both APIs)
     session_timeout_s: float = 1800.0  # a session ends after this long without an event
     session_end_chunk_rows: int = 500  # session_end rows per reaper step (loop latency)

@@ -117,6 +117,7 @@ class Realtime:
         self.project = project
         self.analytics_id = analytics_id
         self.context = context  # {"ip": ..., "userAgent": ...} of the connection
+        self.untracked = False  # do not track (respect_dnt): batches are answered, not stored
         self.key = (project, "ws", analytics_id)
         self.max_skew_us = config.max_future_skew_s * 1_000_000
         self.max_id_chars = config.max_message_id_chars

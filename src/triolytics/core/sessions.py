@@ -133,6 +133,18 @@ class Sessions:
             heapq.heapify(self._heap)
             self._forgotten = 0
 
+    def forget_person(self, kind: str, value: str, project: str | None) -> int:
+        """Drop the live sessions of one person (`triolytics forget`): no `session_end`
+        row with their ids is stored later. O(live sessions); returns how many."""
+        gone = [k for k, s in self.live.items()
+                if (s.user_id if kind == "user" else s.anonymous_id) == value
+                and (project is None or k[0] == project)]
+        for key in gone:
+            del self.live[key]
+            self.opened -= 1
+            self._forgotten += 1
+        return len(gone)
+
     def current(self, key: Key) -> str | None:
         """The live session id of `key`, touching nothing."""
         s = self.live.get(key)

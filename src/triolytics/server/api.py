@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from functools import partial
 from time import time_ns
+from typing import Literal
 
 import duckdb
 import msgspec
@@ -23,6 +24,7 @@ from triolytics.core.capture import TYPES, RequestMeta
 from triolytics.core.collector import Accepted, Collector
 from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
+from triolytics.core.privacy import anonymize_ip, do_not_track
 from triolytics.core.ratelimit import RateLimit
 from triolytics.core.web import Handler, Request, Response, Routes
 from triolytics.storage.export import ExportError, export, to_json
@@ -58,6 +60,12 @@ class ExportBody(msgspec.Struct, forbid_unknown_fields=True):
     project: str | None = None
 
 
+class ForgetBody(msgspec.Struct, forbid_unknown_fields=True):
+    kind: Literal["user", "anonymous_id", "analytics_id"]
+    id: str
+    project: str | None = None
+
+
 class Created(msgspec.Struct):
     analytics_id: str
     metadata: dict[str, str]
@@ -85,6 +93,8 @@ class Api:
         # request refused whole counts once).
         self.events_received = 0
         self.refused: dict[str, int] = {}
+        self.ip_mode = config.ip_mode  # (privacy.py)
+        self.respect_dnt = config.respect_dnt
 
     def routes(self) -> Routes:
         routes: Routes = {
@@ -101,6 +111,7 @@ class Api:
             b"/admin/query": {b"POST": self.query},
             b"/metrics": {b"GET": self.metrics},
             b"/admin/export": {b"POST": self.export},
+            b"/admin/forget": {b"POST": self.forget},
         }
         for kind in TYPES:
             routes[b"/v1/" + kind.encode()] = {b"POST": self._typed(kind)}
@@ -110,8 +121,10 @@ class Api:
 
     def _meta(self, req: Request) -> RequestMeta:
         ua = req.headers.get(b"user-agent")
-        return RequestMeta(self.clock() // 1000, req.client_ip,
-                           ua.decode("latin-1") if ua else None)
+        ip = req.client_ip if self.ip_mode == "full" else anonymize_ip(req.client_ip,
+                                                                      self.ip_mode)
+        return RequestMeta(self.clock() // 1000, ip, ua.decode("latin-1") if ua else None,
+                           self.ip_mode)
 
     async def _store(self, build: Callable[..., Accepted], *args) -> Response:
         """`_store_rows`, its refusals counted by code (for GET /metrics)."""
@@ -145,16 +158,36 @@ class Api:
         for r in getattr(exc, "rejected", None) or (exc,):  # BatchRejected: each event
             refused[r.code] = refused.get(r.code, 0) + 1
 
+    def _untracked(self, req: Request) -> bool:
+        """`respect_dnt` and the request asks not to be tracked: answer, store nothing."""
+        if self.respect_dnt and do_not_track(req.headers):
+            self.writer.stats.dnt_skipped += 1
+            return True
+        return False
+
+    def _unstored(self, name: str, *args) -> Response:
+        """The answer `Collector.<name>` would give, from a collector with sessions and
+        dedup memory of its own: the same status and refusals, and nothing stored."""
+        accepted = getattr(Collector(self.collector.config, self.collector.keys), name)(*args)
+        return Response(accepted.status, accepted.body)
+
     async def capture(self, req: Request) -> Response:  # (the hot path)
+        if self._untracked(req):
+            return self._unstored("capture", None, req.headers, req.body, self._meta(req))
         return await self._store(self.collector.capture, None, req.headers, req.body,
                                  self._meta(req))
 
     async def batch(self, req: Request) -> Response:
+        if self._untracked(req):
+            return self._unstored("batch", req.headers, req.body, self._meta(req))
         return await self._store(self.collector.batch, req.headers, req.body,
                                  self._meta(req))
 
     def _typed(self, kind: str) -> Handler:
         async def handler(req: Request) -> Response:
+            if self._untracked(req):
+                return self._unstored("capture", kind, req.headers, req.body,
+                                      self._meta(req))
             return await self._store(self.collector.capture, kind, req.headers, req.body,
                                      self._meta(req))
         return handler
@@ -167,9 +200,13 @@ class Api:
             raise ApiError("rate_limited", "too many POST /create calls from this address",
                            headers=((b"retry-after", b"%d" % max(1, math.ceil(wait))),))
         analytics_id = self.identities.issue()
+        if self._untracked(req):  # (ids check themselves: it works unrecorded)
+            return Response(200, msgspec.json.encode(Created(analytics_id,
+                                                             {"region": self.region})))
         try:
             await self.writer.run_store(self.writer.store.record_analytics_ids,
-                                        [(analytics_id, self.clock() // 1000, req.client_ip)])
+                                        [(analytics_id, self.clock() // 1000,
+                                          anonymize_ip(req.client_ip, self.ip_mode))])
         except duckdb.Error as exc:  # a full disk, say: not stored, so not handed out
             raise ApiError("unavailable", f"could not record the analytics_id: {exc}",
                            headers=((b"retry-after",
@@ -265,7 +302,7 @@ class Api:
         body = _decode(req.body, ExportBody)
         if not body.to.startswith("/"):
             raise ApiError("bad_request", "to must be an absolute path", field="$.to")
-        await self.writer.flush()  # what was acknowledged before the export is in it
+        await self.writer.wait_loaded()  # what was acknowledged before is in it
         cursor = await self.writer.run_store(self.writer.store.cursor)
         try:
             manifest = await trio.to_thread.run_sync(partial(
@@ -278,6 +315,25 @@ class Api:
         finally:
             cursor.close()
         return Response(200, msgspec.json.encode(to_json(manifest)))
+
+    async def forget(self, req: Request) -> Response:
+        """Delete one person's rows (docs/privacy.md): first everything journaled so far
+        is loaded, then one transaction deletes; their live sessions are dropped too."""
+        self._admin(req)
+        body = _decode(req.body, ForgetBody)
+        if not body.id:
+            raise ApiError("bad_request", "id must not be empty", field="$.id")
+        writer = self.writer
+        with trio.move_on_after(self.query_timeout_s) as waited:
+            await writer.wait_loaded()
+        if waited.cancelled_caught:
+            raise ApiError("unavailable", "could not load the journal into DuckDB in time; "
+                           "nothing was deleted; retry", headers=(
+                               (b"retry-after", str(writer.config.retry_after_s).encode()),))
+        self.collector.sessions.forget_person(body.kind, body.id, body.project)
+        events, ids = await writer.run_store(writer.store.forget, body.kind, body.id,
+                                             body.project)
+        return Response(200, msgspec.json.encode({"events": events, "analytics_ids": ids}))
 
     async def stats(self, req: Request) -> Response:
         self._admin(req)

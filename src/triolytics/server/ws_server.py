@@ -45,8 +45,10 @@ import msgspec
 import trio
 
 from triolytics.core.config import Config
+from triolytics.core.dedup import Dedup
 from triolytics.core.errors import ApiError
 from triolytics.core.identity import Identities
+from triolytics.core.privacy import anonymize_ip, do_not_track
 from triolytics.core.ratelimit import EventRates
 from triolytics.core.realtime import CLOSE_ERROR, CLOSE_POLICY, Batch, FrameError, Realtime
 from triolytics.core.sessions import Intake, Sessions
@@ -67,6 +69,23 @@ from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics.ws")
 _FAILED = object()  # the answer of a batch without seq that could not be stored
+
+
+class _Unstored:
+    """The stand-in for the journal group of a batch not stored (do not track): done."""
+
+    error = None
+
+    @property
+    def done(self) -> _Unstored:
+        return self
+
+    @staticmethod
+    def is_set() -> bool:
+        return True
+
+
+_UNSTORED = _Unstored()
 CLOSE_TIMEOUT_S = 5.0  # a closing handshake the peer does not finish is cut after this
 CLOSE_IDLE, CLOSE_GOING_AWAY = 1000, 1001
 PING_PAYLOAD = b"triolytics"
@@ -189,11 +208,13 @@ class RealtimeServer:
         ids = parse_qs(request.query.decode("latin-1")).get("analytics_id")
         analytics_id = self.identities.check(ids[-1] if ids else None)
         ua = h.get(b"user-agent")
-        context = {"ip": request.client_ip}
+        ip = anonymize_ip(request.client_ip, self.config.ip_mode)  # (once per connection)
+        context = {"ip": ip} if ip is not None else {}
         if ua:
             context["userAgent"] = ua.decode("latin-1")
         rt = Realtime(self.config, self.config.realtime_project, analytics_id,
                       _ENCODE.encode(context).decode())
+        rt.untracked = self.config.respect_dnt and do_not_track(h)  # the whole connection
         return rt, response
 
     async def upgrade(self, stream: trio.abc.Stream, checked: tuple[Realtime, bytes],
@@ -387,7 +408,10 @@ class RealtimeServer:
                 p.stop, p.close = True, (CLOSE_POLICY, "events over the rate limit "
                                          "(ws_max_events_per_s, ws_id_max_events_per_s)")
                 return
-        intake = Intake(writer.dedup, self.sessions, self.clock() // 1000)
+        if rt.untracked:  # do not track: validated as usual, acked, nothing stored
+            intake = Intake(Dedup(1, 1), Sessions(1, str), self.clock() // 1000)
+        else:
+            intake = Intake(writer.dedup, self.sessions, self.clock() // 1000)
         try:
             batch = rt.batch(data, intake)
         except FrameError as exc:
@@ -401,6 +425,10 @@ class RealtimeServer:
             return
         if rates is not None:
             rates.spend(p, rt.analytics_id, batch.events, now)
+        if rt.untracked:
+            writer.stats.dnt_skipped += 1
+            p.pending.append((Batch([], [], batch.seq, batch.events, None, None), _UNSTORED))
+            return
         p.pending.append((batch, writer.submit(batch.system_rows, batch.keys, batch.columns,
                                                notify=p)))
 

@@ -52,6 +52,8 @@ log = logging.getLogger("triolytics.store")
 
 SCHEMA_VERSION = "2"  # 1: the first; 2: events.ingest_seq
 ARRIVAL = "ingest_seq"  # the events column numbering rows in arrival order
+FORGET_COLUMNS = {"user": "user_id", "anonymous_id": "anonymous_id",
+                  "analytics_id": "anonymous_id"}  # `forget`'s kinds and their column
 _ARROW_TYPES = {
     "VARCHAR": pa.string(),
     "JSON": pa.string(),
@@ -472,11 +474,43 @@ class Store:
         return restored
 
     # --- analytics ids (the real-time API's identities)
-    def record_analytics_ids(self, issued: list[tuple[str, int, str]]) -> None:
+    def record_analytics_ids(self, issued: list[tuple[str, int, str | None]]) -> None:
         """(analytics_id, issued µs, client ip) of ids handed out by `POST /create`."""
         with self._live() as c:
             c.executemany("INSERT OR IGNORE INTO analytics_ids "
                           "VALUES (?, make_timestamptz(?), ?)", issued)
+
+    # --- privacy: one person's rows deleted (`triolytics forget`, docs/privacy.md)
+    def forget(self, kind: str, value: str, project: str | None) -> tuple[int, int]:
+        """Delete every event of one person, and with `kind` "analytics_id" its
+        `analytics_ids` record, in one transaction (a crash or a kill deletes all or
+        nothing). `kind`: "user" (user_id), "anonymous_id" or "analytics_id" (the
+        anonymous_id of a WebSocket's rows). Returns (events, analytics_ids) deleted.
+        Logged at INFO: the kind and the counts, never the id."""
+        column = FORGET_COLUMNS[kind]
+        where, args = f"{column} = ?", [value]
+        if project is not None:
+            where, args = where + " AND project = ?", [value, project]
+        with self._live() as c:
+            c.execute("BEGIN")
+            try:
+                events = c.execute(f"DELETE FROM events WHERE {where}", args).fetchone()[0]
+                ids = 0
+                if kind == "analytics_id":
+                    ids = c.execute("DELETE FROM analytics_ids WHERE analytics_id = ?",
+                                    [value]).fetchone()[0]
+                c.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback(exc)
+                raise
+        try:  # the DELETE into the file itself: a WAL set aside later cannot undo it
+            self.checkpoint()
+        except duckdb.Error as exc:
+            log.warning("forget: checkpoint failed (%s); the DELETE is in the WAL", exc)
+        log.info("forget --%s%s: deleted %d events, %d analytics_id records",
+                 kind.replace("_", "-"), "" if project is None else f" --project {project}",
+                 events, ids)
+        return events, ids
 
     # --- reading
     def cursor(self) -> duckdb.DuckDBPyConnection:

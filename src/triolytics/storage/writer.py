@@ -138,7 +138,7 @@ class _Load:
 class WriterStats:
     __slots__ = ("pending_rows", "unloaded_rows", "unloaded_bytes", "journaled_rows",
                  "loaded_rows", "rejected_busy", "groups", "syncs", "loads",
-                 "load_errors")
+                 "load_errors", "dnt_skipped")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -167,8 +167,8 @@ class Writer:
         self._unloaded: deque[tuple[list[list[Row]], Position, int]] = deque()
         self._oldest_unloaded = 0.0  # trio time of the oldest row waiting for a load
         self._loaded = Position(0, 0)
-        self._durable_end = Position(0, 0)  # the end of the last group made durable
-        self._hurry = False  # `flush` waits: load now, not at the interval
+        self._written = Position(0, 0)  # the end of the last group journaled
+        self._hurry = 0  # wait_loaded callers: load without waiting for the interval
         self._first_segment = 0  # the oldest journal segment kept
         self.quarantined: list[str] = []  # damaged DuckDB files set aside at start
         self._closing = False
@@ -208,7 +208,7 @@ class Writer:
         if end != self._loaded or batch.count:
             self.store.load(batch.rows, end, batch.columns, batch.rows_before)
             replayed += batch.count
-        self._loaded = end
+        self._loaded = self._written = end
         segments = self.journal.segments()
         self._first_segment = segments[0] if segments else 0
         self._release(end)
@@ -286,19 +286,6 @@ class Writer:
         self.stats.rejected_busy += 1
         raise overloaded(self.config.retry_after_s)
 
-    async def flush(self) -> None:
-        """Return once every row made durable before the call is in DuckDB (an export
-        or a query that must see them); raise ApiError (503) while loads are failing."""
-        target = self._durable_end
-        while self._loaded < target:
-            if self.fault is not None:
-                raise self._refusal(f"cannot load the journaled events: {self.fault}")
-            self._hurry = True
-            self._load_wakeup.set()
-            with trio.move_on_after(LOAD_RETRY_S):  # (a failed load sets nothing)
-                await self._room.wait()  # (set after every load)
-        self._hurry = False
-
     def _room_changed(self) -> None:
         self._room.set()
         self._room = trio.Event()
@@ -350,6 +337,24 @@ class Writer:
             found.append(f"damaged DuckDB files moved: {', '.join(self.quarantined)}")
         return found
 
+    async def wait_loaded(self) -> None:
+        """Return once DuckDB holds everything journaled when called (loaded now, not
+        after `load_interval_ms`): what an export or a forget must cover. ApiError (503)
+        if the writer closes first or storage is failing."""
+        target = self._written
+        self._hurry += 1
+        try:
+            while self._loaded < target:
+                if self._closing:
+                    raise self._refusal("server is shutting down")
+                if self.fault is not None:
+                    raise self._refusal(f"cannot load the journaled events: {self.fault}")
+                self._load_wakeup.set()
+                with trio.move_on_after(LOAD_RETRY_S):  # (a failed load sets nothing)
+                    await self._room.wait()  # (set after each journal write and each load)
+        finally:
+            self._hurry -= 1
+
     @property
     def closing(self) -> bool:
         return self._closing
@@ -382,7 +387,7 @@ class Writer:
         group.written = trio.current_time()
         try:
             payloads = [encode_part(b) for b in group.batches]
-            group.end = self.journal.append(payloads)
+            group.end = self._written = self.journal.append(payloads)
             group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
         except JournalError as exc:
             self._finish(group, exc)
@@ -419,7 +424,6 @@ class Writer:
             if first:
                 self._oldest_unloaded = trio.current_time()
             self._unloaded.append((group.batches, group.end, group.size))
-            self._durable_end = group.end
             self.stats.unloaded_rows += group.rows
             self.stats.unloaded_bytes += group.size
             self.stats.journaled_rows += group.rows
@@ -450,8 +454,7 @@ class Writer:
                 continue
             deadline = self._oldest_unloaded + interval
             while (self.stats.unloaded_rows < batch and not self._drained
-                   and not self._hurry
-                   and trio.current_time() < deadline):
+                   and not self._hurry and trio.current_time() < deadline):
                 self._load_wakeup = trio.Event()
                 with trio.move_on_at(deadline):
                     await self._load_wakeup.wait()

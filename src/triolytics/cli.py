@@ -253,20 +253,10 @@ def _query(args: argparse.Namespace, config: Config) -> int:
     data = Path(config.data_dir)
     limit = min(args.max_rows or config.max_query_rows, config.max_query_rows)
     server = _running_server(data)
-    if server is not None:
-        token = (data / "admin.token").read_text().strip()
-        try:  # the server's own query_timeout_s applies; wait a little longer for it
-            status, reply = _call(server, token, "POST", "/admin/query",
-                                  {"sql": args.sql, "max_rows": limit},
-                                  timeout=config.query_timeout_s + 10)
-        except OSError as exc:
-            print(f"triolytics: no answer from the server on port {server['port']}: "
-                  f"{exc or type(exc).__name__}", file=sys.stderr)
-            return 1
-        if status != 200:
-            error = reply.get("error", {})
-            print(f"triolytics: {error.get('message', f'HTTP {status}')} "
-                  f"[{error.get('code', status)}]", file=sys.stderr)
+    if server is not None:  # (its own query_timeout_s applies; we wait a little longer)
+        reply = _ask(server, data, "/admin/query", {"sql": args.sql, "max_rows": limit},
+                     timeout=config.query_timeout_s + 10)
+        if reply is None:
             return 1
     else:
         from triolytics.server.api import encode_result
@@ -305,12 +295,8 @@ def _export(args: argparse.Namespace, config: Config) -> int:
                "project": args.project}
     server = _running_server(data)
     if server is not None:
-        token = (data / "admin.token").read_text().strip()
-        status, reply = _call(server, token, "POST", "/admin/export", {"to": to, **filters},
-                              timeout=24 * 3600)
-        if status != 200:
-            error = reply.get("error", {})
-            print(f"triolytics: {error.get('message', f'HTTP {status}')}", file=sys.stderr)
+        reply = _ask(server, data, "/admin/export", {"to": to, **filters}, timeout=24 * 3600)
+        if reply is None:
             return 1
     else:
         from triolytics.storage.export import ExportError, export, to_json
@@ -356,19 +342,10 @@ def _forget(args: argparse.Namespace, config: Config) -> int:
     data = Path(config.data_dir)
     server = _running_server(data)
     if server is not None:
-        token = (data / "admin.token").read_text().strip()
-        try:
-            status, reply = _call(server, token, "POST", "/admin/forget",
-                                  {"kind": kind, "id": value, "project": args.project},
-                                  timeout=config.query_timeout_s + 10)
-        except OSError as exc:
-            print(f"triolytics: no answer from the server on port {server['port']}: "
-                  f"{exc or type(exc).__name__}", file=sys.stderr)
-            return 1
-        if status != 200:
-            error = reply.get("error", {})
-            print(f"triolytics: {error.get('message', f'HTTP {status}')} "
-                  f"[{error.get('code', status)}]", file=sys.stderr)
+        reply = _ask(server, data, "/admin/forget",
+                     {"kind": kind, "id": value, "project": args.project},
+                     timeout=config.query_timeout_s + 10)
+        if reply is None:
             return 1
         events, ids = reply["events"], reply["analytics_ids"]
     else:
@@ -461,6 +438,24 @@ def _keys_via_server(server: dict, data: Path, args: argparse.Namespace):
             raise KeyError(f"{reply['error']['message']}: {args.key}")
         return f"revoked {args.key}"
     return _call(server, token, "GET", "/admin/keys", None)[1]["keys"]
+
+
+def _ask(server: dict, data: Path, path: str, body: dict, timeout: float) -> dict | None:
+    """The running server's 200 answer to an admin POST, or None once one line on stderr
+    says why not (`triolytics: <message> [<code>]`)."""
+    token = (data / "admin.token").read_text().strip()
+    try:
+        status, reply = _call(server, token, "POST", path, body, timeout=timeout)
+    except OSError as exc:
+        print(f"triolytics: no answer from the server on port {server['port']}: "
+              f"{exc or type(exc).__name__}", file=sys.stderr)
+        return None
+    if status != 200:
+        error = reply.get("error", {})
+        print(f"triolytics: {error.get('message', f'HTTP {status}')} "
+              f"[{error.get('code', status)}]", file=sys.stderr)
+        return None
+    return reply
 
 
 def _call(server: dict, token: str, method: str, path: str, body: dict | None,

@@ -261,11 +261,9 @@ def _query(args: argparse.Namespace, config: Config) -> int:
     else:
         from triolytics.server.api import encode_result
         from triolytics.storage.query import QueryError
-        from triolytics.storage.store import Store
-        if not (data / "events.duckdb").exists():
-            print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
+        store = _read_only_store(data)
+        if store is None:
             return 1
-        store = Store(data / "events.duckdb", read_only=True)
         try:
             reply = json.loads(encode_result(store.query(
                 args.sql, limit, timeout_s=config.query_timeout_s)))
@@ -300,11 +298,9 @@ def _export(args: argparse.Namespace, config: Config) -> int:
             return 1
     else:
         from triolytics.storage.export import ExportError, export, to_json
-        from triolytics.storage.store import Store
-        if not (data / "events.duckdb").exists():
-            print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
+        store = _read_only_store(data)
+        if store is None:
             return 1
-        store = Store(data / "events.duckdb", read_only=True)
         shown = sys.stderr.isatty()
         try:
             reply = to_json(export(store.cursor(), to, fmt=filters["format"],
@@ -438,6 +434,16 @@ def _keys_via_server(server: dict, data: Path, args: argparse.Namespace):
             raise KeyError(f"{reply['error']['message']}: {args.key}")
         return f"revoked {args.key}"
     return _call(server, token, "GET", "/admin/keys", None)[1]["keys"]
+
+
+def _read_only_store(data: Path):
+    """The stopped server's DuckDB file, read-only; None once one line says it is not
+    there."""
+    from triolytics.storage.store import Store
+    if not (data / "events.duckdb").exists():
+        print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
+        return None
+    return Store(data / "events.duckdb", read_only=True)
 
 
 def _ask(server: dict, data: Path, path: str, body: dict, timeout: float) -> dict | None:

@@ -5,6 +5,8 @@
        ├─ signal watcher    SIGINT/SIGTERM: drain; a second one cancels `service`
        ├─ writer            journal (+ Syncer thread) and DuckDB loads; exits last
        └─ service           (cancel scope)
+          ├─ archiver       archive_dir / retention_days: every archive_interval_s
+          │                 (archive.py); returns on `stop`
           └─ listener
              ├─ timers      the sweeper: idle and request timeouts of all connections;
              │              the session reaper: sleeps until the earliest session
@@ -64,6 +66,7 @@ from triolytics.server.startup import (
 )
 from triolytics.server.unready import Unready
 from triolytics.server.ws_server import RealtimeServer
+from triolytics.storage.archive import archive_loop
 from triolytics.storage.store import Store
 from triolytics.storage.writer import Writer
 
@@ -256,6 +259,8 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                 async with trio.open_nursery() as nursery:
                     reaper = partial(reap_sessions, sessions, writer,
                                      config.session_end_chunk_rows, clock)
+                    if config.archive_dir or config.retention_days:
+                        nursery.start_soon(archive_loop, config, writer, stop, clock)
                     bound = await nursery.start(_listen, config, http, realtime, reaper,
                                                 stop, listeners)
                     if listeners is None:  # (else started while start-up waited)

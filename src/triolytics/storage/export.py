@@ -138,18 +138,24 @@ def _write(cursor, partial: Path, fmt: str, condition: str, params: list,
     for done, (day, rows, _, _) in enumerate(days, 1):
         folder = partial / f"dt={day}"
         folder.mkdir()
-        path = folder / f"part-0.{fmt}"
-        begins = datetime.fromisoformat(day).replace(tzinfo=UTC)
-        cursor.execute(f"COPY (SELECT * FROM events WHERE {condition} AND timestamp >= ? "
-                       f"AND timestamp < ? ORDER BY ingest_seq) TO '{_quoted(path)}' "
-                       f"{FORMATS[fmt]}", [*params, begins, begins + timedelta(days=1)])
-        files.append(ExportFile(str(path.relative_to(partial)), rows, path.stat().st_size,
-                                _sha256(path)))
+        files.append(write_day(cursor, folder / f"part-0.{fmt}", partial, day, rows, fmt,
+                               condition, params))
         if progress is not None:
             progress(done, len(days), day, rows)
     return Manifest(fmt, None, None, None, sum(f.rows for f in files),
                     days[0][2] if days else None, days[-1][3] if days else None, files,
                     datetime.now().astimezone().isoformat(timespec="seconds"))
+
+
+def write_day(cursor, path: Path, root: Path, day: str, rows: int, fmt: str = "parquet",
+              condition: str = "true", params: list | tuple = ()) -> ExportFile:
+    """Write one UTC day's rows matching `condition` to `path`, in arrival order; the
+    file as the manifest lists it (its path relative to `root`)."""
+    begins = datetime.fromisoformat(day).replace(tzinfo=UTC)
+    cursor.execute(f"COPY (SELECT * FROM events WHERE {condition} AND timestamp >= ? "
+                   f"AND timestamp < ? ORDER BY ingest_seq) TO '{_quoted(path)}' "
+                   f"{FORMATS[fmt]}", [*params, begins, begins + timedelta(days=1)])
+    return ExportFile(str(path.relative_to(root)), rows, path.stat().st_size, _sha256(path))
 
 
 def _quoted(path: Path) -> str:

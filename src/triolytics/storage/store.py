@@ -255,6 +255,9 @@ class Store:
         c.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         c.execute("CREATE TABLE IF NOT EXISTS analytics_ids (analytics_id VARCHAR PRIMARY KEY, "
                   "issued_at TIMESTAMPTZ NOT NULL, ip VARCHAR)")
+        c.execute("CREATE TABLE IF NOT EXISTS archived_days (day DATE PRIMARY KEY, "
+                  "rows BIGINT NOT NULL, archived_at TIMESTAMPTZ NOT NULL, "
+                  "ingest_seq_max BIGINT NOT NULL)")  # (archive.py)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -511,6 +514,44 @@ class Store:
                  kind.replace("_", "-"), "" if project is None else f" --project {project}",
                  events, ids)
         return events, ids
+
+    # --- archive and retention (archive.py, docs/archive.md)
+    def archived_days(self) -> dict[str, int]:
+        """The archived days (ISO dates) and each one's `ingest_seq_max`."""
+        with self._live() as c:
+            return {d.isoformat(): seq for d, seq in c.execute(
+                "SELECT day, ingest_seq_max FROM archived_days").fetchall()}
+
+    def record_archived(self, day: str, rows: int, seq_max: int) -> None:
+        with self._live() as c:
+            c.execute("INSERT OR IGNORE INTO archived_days VALUES (?::DATE, ?, now(), ?)",
+                      [day, rows, seq_max])
+
+    def delete_days(self, days: list[tuple[str, int | None]]) -> int:
+        """Delete the rows of UTC `days` (up to each one's ingest_seq_max; None: all) in
+        one transaction, then CHECKPOINT; returns the rows deleted."""
+        deleted = 0
+        with self._live() as c:
+            c.execute("BEGIN")
+            try:
+                for day, seq in days:
+                    begins = datetime.fromisoformat(day).replace(tzinfo=UTC)
+                    where = "timestamp >= ?::TIMESTAMPTZ AND timestamp < ?::TIMESTAMPTZ " \
+                            "+ INTERVAL 1 DAY"
+                    args = [begins, begins]
+                    if seq is not None:
+                        where, args = where + " AND ingest_seq <= ?", [*args, seq]
+                    deleted += c.execute(f"DELETE FROM events WHERE {where}",
+                                         args).fetchone()[0]
+                c.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback(exc)
+                raise
+        try:
+            self.checkpoint()
+        except duckdb.Error as exc:
+            log.warning("retention: checkpoint failed (%s); the DELETE is in the WAL", exc)
+        return deleted
 
     # --- reading
     def cursor(self) -> duckdb.DuckDBPyConnection:

@@ -301,7 +301,7 @@ class Server:
     `wait_healthy` reads it from the `server.json` this process writes in `data_dir`."""
 
     def __init__(self, data_dir: Path, log_path: Path, *, write_key: str = WRITE_KEY,
-                 port: int | None = None) -> None:
+                 port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port() if port is None else port
         self.data_dir = data_dir
         self.log_path = log_path
@@ -319,6 +319,7 @@ class Server:
             str(data_dir),
             "--write-key",
             write_key,
+            *extra,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env = {k: v for k, v in env.items() if not k.startswith("TRIOLYTICS_")}

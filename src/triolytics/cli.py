@@ -343,22 +343,23 @@ def _forget(args: argparse.Namespace, config: Config) -> int:
                      timeout=config.query_timeout_s + 10)
         if reply is None:
             return 1
-        events, ids = reply["events"], reply["analytics_ids"]
+        events, ids, archived = reply["events"], reply["analytics_ids"], reply["archived_rows"]
     else:
         if not (data / "events.duckdb").exists():
             print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
             return 1
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        events, ids = _forget_in_file(data, config, kind, value, args.project)
-    print(f"deleted {events} events" + (f" and {ids} analytics_id" if ids else ""))
+        events, ids, archived = _forget_in_file(data, config, kind, value, args.project)
+    print(f"deleted {events} events" + (f" and {ids} analytics_id" if ids else "")
+          + (f"; {archived} rows from the archive" if archived else ""))
     return 0
 
 
 def _forget_in_file(data: Path, config: Config, kind: str, value: str,
-                    project: str | None) -> tuple[int, int]:
+                    project: str | None) -> tuple[int, int, int]:
     """The stopped server's file: the journal's unloaded records first (as a start
-    would load them), then the DELETE."""
+    would load them), then the DELETE, then the archive's partitions."""
     from triolytics.core.dedup import Dedup
     from triolytics.core.journal import Journal
     from triolytics.storage.store import Store
@@ -368,7 +369,14 @@ def _forget_in_file(data: Path, config: Config, kind: str, value: str,
                       sync_on_rotate=config.fsync != "off")
     try:
         Writer(config, journal, store, Dedup(1, 1)).recover()
-        return store.forget(kind, value, project)
+        events, ids = store.forget(kind, value, project)
+        archived = 0
+        if config.archive_dir:
+            from triolytics.storage.archive import forget_archived
+            from triolytics.storage.store import FORGET_COLUMNS
+            archived = forget_archived(store.cursor(), config.archive_dir,
+                                       FORGET_COLUMNS[kind], value, project)
+        return events, ids, archived
     finally:
         journal.close()
         store.close()

@@ -10,6 +10,7 @@ Rules:
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 from collections.abc import Callable
 from functools import partial
@@ -27,8 +28,10 @@ from triolytics.core.identity import Identities
 from triolytics.core.privacy import anonymize_ip, do_not_track
 from triolytics.core.ratelimit import RateLimit
 from triolytics.core.web import Handler, Request, Response, Routes
+from triolytics.storage.archive import forget_archived
 from triolytics.storage.export import ExportError, export, to_json
 from triolytics.storage.query import QueryError, QueryResult
+from triolytics.storage.store import FORGET_COLUMNS
 from triolytics.storage.writer import Writer
 
 # Paths whose POST has no body by definition: one without framing is empty, not a 411
@@ -36,6 +39,9 @@ from triolytics.storage.writer import Writer
 BODILESS = frozenset({b"/create"})
 SHORT_NAMES = {"t": "track", "p": "page", "i": "identify", "s": "screen", "g": "group",
                "a": "alias"}  # analytics.js posts to /v1/t, /v1/p, ...
+
+
+log = logging.getLogger("triolytics")
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,6 +100,7 @@ class Api:
         self.events_received = 0
         self.refused: dict[str, int] = {}
         self.ip_mode = config.ip_mode  # (privacy.py)
+        self.archive_dir = config.archive_dir  # (forget rewrites its partitions too)
         self.respect_dnt = config.respect_dnt
 
     def routes(self) -> Routes:
@@ -333,7 +340,19 @@ class Api:
         self.collector.sessions.forget_person(body.kind, body.id, body.project)
         events, ids = await writer.run_store(writer.store.forget, body.kind, body.id,
                                              body.project)
-        return Response(200, msgspec.json.encode({"events": events, "analytics_ids": ids}))
+        archived = 0
+        if self.archive_dir:
+            cursor = await writer.run_store(writer.store.cursor)
+            try:
+                archived = await trio.to_thread.run_sync(
+                    forget_archived, cursor, self.archive_dir, FORGET_COLUMNS[body.kind],
+                    body.id, body.project)
+            finally:
+                cursor.close()
+            log.info("forget --%s: removed %d rows from the archive",
+                     body.kind.replace("_", "-"), archived)
+        return Response(200, msgspec.json.encode({"events": events, "analytics_ids": ids,
+                                                  "archived_rows": archived}))
 
     async def stats(self, req: Request) -> Response:
         self._admin(req)

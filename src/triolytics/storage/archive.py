@@ -17,6 +17,12 @@ Rules (docs/archive.md):
 - Late events (an old `timestamp` arriving after its day was archived) have a higher
   `ingest_seq`: they stay in DuckDB only, and retention never deletes them (it deletes a
   day's rows up to `ingest_seq_max` only). Nothing is lost; nothing is doubled.
+- Forget (docs/privacy.md): each archived day holding the person's rows is written
+  again without them, with a new manifest, under a hidden `.dt=DAY.forget-*`, fsynced;
+  then the old `dt=DAY` is renamed aside and the new one into its place. A crash between
+  those two renames is finished by the next archive or forget run (`finish_swaps`): a
+  whole new directory with no `dt=DAY` beside it is renamed into place; one with a
+  `dt=DAY` beside it never started and is removed.
 - Retention: rows whose UTC day is more than `retention_days` before today leave DuckDB
   only if their day is archived and its partition verifies (manifest present, every
   file's sha256 matching), or with `retention_without_archive`. Otherwise nothing is
@@ -36,11 +42,13 @@ import trio
 
 from triolytics.storage.export import (
     DAY,
+    FORMATS,
     MANIFEST,
     ExportFile,
     Manifest,
     _fsync_dir,
     _fsync_tree,
+    _quoted,
     _sha256,
     write_day,
 )
@@ -85,6 +93,65 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def finish_swaps(root: Path) -> None:
+    """Complete or undo the partition swaps a crashed forget left (see the rules)."""
+    for fresh in sorted(root.glob(".dt=*.forget-*")):
+        target = root / fresh.name[1:].split(".forget-")[0]
+        if target.exists() or not (fresh / MANIFEST).exists():
+            shutil.rmtree(fresh, ignore_errors=True)
+        else:
+            fresh.rename(target)
+            _fsync_dir(root)
+    for aside in root.glob(".dt=*.old-*"):
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def forget_archived(cursor, root: str | Path, column: str, value: str,
+                    project: str | None) -> int:
+    """Rewrite every archived day holding rows with `column` = `value` (in `project`)
+    without them; returns how many rows left the archive."""
+    root = Path(root).absolute()
+    if not root.is_dir():
+        return 0
+    finish_swaps(root)
+    match = f"{column} = ?" + ("" if project is None else " AND project = ?")
+    params = [value] + ([] if project is None else [project])
+    removed = 0
+    for folder in sorted(root.glob("dt=*")):
+        source = f"read_parquet('{_quoted(folder / PART)}', hive_partitioning = false)"
+        if not (folder / PART).exists():
+            continue
+        found = cursor.execute(f"SELECT count(*) FROM {source} WHERE {match}",
+                               params).fetchone()[0]
+        if found:
+            _rewrite_without(cursor, root, folder, source, match, params)
+            removed += found
+    return removed
+
+
+def _rewrite_without(cursor, root: Path, folder: Path, source: str, match: str,
+                     params: list) -> None:
+    fresh = root / f".{folder.name}.forget-{secrets.token_hex(4)}"
+    fresh.mkdir()
+    out = fresh / PART
+    cursor.execute(f"COPY (SELECT * FROM {source} WHERE ({match}) IS NOT TRUE ORDER BY "
+                   f"ingest_seq) TO '{_quoted(out)}' {FORMATS['parquet']}", params)
+    rows, first, last = cursor.execute(
+        f"SELECT count(*), min(timestamp)::VARCHAR, max(timestamp)::VARCHAR FROM "
+        f"read_parquet('{_quoted(out)}', hive_partitioning = false)").fetchone()
+    old = read_manifest(folder)
+    file = ExportFile(PART, rows, out.stat().st_size, _sha256(out))
+    _write_manifest(fresh, msgspec.structs.replace(
+        old, rows=rows, min_timestamp=first, max_timestamp=last, files=[file],
+        exported_at=datetime.now().astimezone().isoformat(timespec="seconds")))
+    _fsync_tree(fresh)
+    aside = root / f".{folder.name}.old-{secrets.token_hex(4)}"
+    folder.rename(aside)  # (a crash from here to the next rename: finish_swaps)
+    fresh.rename(folder)
+    _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def archive_closed(cursor, root: str | Path, now_us: int, grace_s: float,
                    archived: set[str]) -> list[DayManifest]:
     """Write every closed day not in `archived` (ISO dates); returns the manifests of the
@@ -93,6 +160,7 @@ def archive_closed(cursor, root: str | Path, now_us: int, grace_s: float,
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob(".dt=*.partial-*"):
         shutil.rmtree(old, ignore_errors=True)  # an interrupted run's leftovers
+    finish_swaps(root)
     cutoff = closed_before(now_us, grace_s)
     done: list[DayManifest] = []
     cursor.execute("BEGIN")

@@ -236,7 +236,8 @@ def _layout(data: bytes, marker: bytes | None, start: int) -> _Layout:
     return _Layout(1, None, False, _spans_v1(data, start))
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -256,7 +257,7 @@ def _write_file(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(temp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 class Journal:
@@ -325,7 +326,7 @@ class Journal:
         """Make `segment` (or reuse it, empty) with its header, durably, and append to it."""
         self._start(segment)
         os.fdatasync(self.fd)
-        _fsync(self.dir)
+        fsync_path(self.dir)
 
     def _start(self, segment: int) -> None:
         fd = os.open(self.path(segment), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -347,7 +348,7 @@ class Journal:
         start = damaged[-1][0]
         self.torn_bytes += size - start
         os.truncate(self.path(segment), start)
-        _fsync(self.path(segment))
+        fsync_path(self.path(segment))
         return start
 
     # --- the sync marker
@@ -450,7 +451,7 @@ class Journal:
                 self.fd = -1
             self._start(segment or self.segment + 1)
             if self.sync_on_rotate:
-                _fsync(self.dir)
+                fsync_path(self.dir)
 
     def skip_past(self, position: Position) -> None:
         """Make the next append land after `position`. DuckDB may hold a mark beyond the
@@ -526,7 +527,7 @@ class Journal:
         try:
             if not self.quarantine_dir.exists():
                 self.quarantine_dir.mkdir(mode=0o700)
-                _fsync(self.dir)
+                fsync_path(self.dir)
             _write_file(path, data[start:end])
         except OSError as exc:
             log.error("could not quarantine journal bytes %d-%d of %s in %s: %s",

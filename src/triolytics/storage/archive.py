@@ -40,13 +40,13 @@ from pathlib import Path
 import msgspec
 import trio
 
+from triolytics.core.journal import fsync_path
 from triolytics.storage.export import (
     DAY,
     FORMATS,
     MANIFEST,
     ExportFile,
     Manifest,
-    _fsync_dir,
     _fsync_tree,
     _quoted,
     _sha256,
@@ -101,7 +101,7 @@ def finish_swaps(root: Path) -> None:
             shutil.rmtree(fresh, ignore_errors=True)
         else:
             fresh.rename(target)
-            _fsync_dir(root)
+            fsync_path(root)
     for aside in root.glob(".dt=*.old-*"):
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -148,7 +148,7 @@ def _rewrite_without(cursor, root: Path, folder: Path, source: str, match: str,
     aside = root / f".{folder.name}.old-{secrets.token_hex(4)}"
     folder.rename(aside)  # (a crash from here to the next rename: finish_swaps)
     fresh.rename(folder)
-    _fsync_dir(root)
+    fsync_path(root)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -196,7 +196,7 @@ def _archive_day(cursor, root: Path, folder: Path, day: str, rows: int, first: s
     _write_manifest(partial, manifest)
     _fsync_tree(partial)
     partial.rename(folder)
-    _fsync_dir(root)
+    fsync_path(root)
     return manifest
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import duckdb
 import msgspec
 
+from triolytics.core.journal import fsync_path
+
 FORMATS = {
     "parquet": "(FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 3, "
                "ROW_GROUP_SIZE 122880)",
@@ -122,7 +124,7 @@ def export(cursor: duckdb.DuckDBPyConnection, to: str | Path, *, fmt: str = "par
         if target.exists():
             target.rmdir()  # (empty: checked above)
         partial.rename(target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -173,20 +175,8 @@ def _sha256(path: Path) -> str:
 def _fsync_tree(root: Path) -> None:
     for folder, _, names in os.walk(root):
         for name in names:
-            fd = os.open(Path(folder) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 def to_json(manifest: Manifest) -> dict:

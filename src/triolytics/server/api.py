@@ -134,35 +134,31 @@ class Api:
                            self.ip_mode)
 
     async def _store(self, build: Callable[..., Accepted], *args) -> Response:
-        """`_store_rows`, its refusals counted by code (for GET /metrics)."""
-        try:
-            return await self._store_rows(build, *args)
-        except ApiError as exc:
-            self._count_refusal(exc)
-            raise
-
-    async def _store_rows(self, build: Callable[..., Accepted], *args) -> Response:
         """Wait for room in the writer *before* building the rows (sessions and dedup
-        are touched then), submit them with no await in between, answer once durable."""
+        are touched then), submit them with no await in between, answer once durable.
+        Events received and refusals by code are counted here (for GET /metrics)."""
         writer = self.writer
-        if writer.closing or not writer.has_room(1):
-            await writer.wait_room()
-        accepted = build(*args)
         try:
-            await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
-                                                    accepted.columns))
-        except ApiError:  # not journaled (a full disk): the sessions it opened go too
-            self.collector.sessions.forget_started(accepted.rows)
+            if writer.closing or not writer.has_room(1):
+                await writer.wait_room()
+            accepted = build(*args)
+            try:
+                await writer.wait_durable(writer.submit(accepted.rows, accepted.keys,
+                                                        accepted.columns))
+            except ApiError:  # not journaled (a full disk): the sessions it opened go too
+                self.collector.sessions.forget_started(accepted.rows)
+                raise
+        except ApiError as exc:  # (BatchRejected: each of its events)
+            self._count_refused(getattr(exc, "rejected", None) or (exc,))
             raise
         self.events_received += accepted.received
         if accepted.refused:
-            for r in accepted.refused:
-                self.refused[r.code] = self.refused.get(r.code, 0) + 1
+            self._count_refused(accepted.refused)
         return Response(accepted.status, accepted.body)
 
-    def _count_refusal(self, exc: ApiError) -> None:
+    def _count_refused(self, refusals) -> None:
         refused = self.refused
-        for r in getattr(exc, "rejected", None) or (exc,):  # BatchRejected: each event
+        for r in refusals:
             refused[r.code] = refused.get(r.code, 0) + 1
 
     def _untracked(self, req: Request) -> bool:

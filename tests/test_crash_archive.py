@@ -45,7 +45,7 @@ def test_a_kill_during_the_archive_leaves_whole_days_once(tmp_path, delay_s):
     data, archive = tmp_path / "data", tmp_path / "archive"
     config = tmp_path / "archive.toml"
     config.write_text(f'archive_dir = "{archive}"\narchive_interval_s = 0.5\n'
-                      "archive_grace_s = 0\n")
+                      "archive_grace_s = 0\narchive_min_bytes = 0\n")  # (days alone)
     extra = ("--config", str(config))
     sent = set()
     first = crash_loop.Server(data, tmp_path / "first.log", port=0)  # (no archive)

@@ -375,7 +375,8 @@ def _forget_in_file(data: Path, config: Config, kind: str, value: str,
             from triolytics.storage.archive import forget_archived
             from triolytics.storage.store import FORGET_COLUMNS
             archived = forget_archived(store.cursor(), config.archive_dir,
-                                       FORGET_COLUMNS[kind], value, project)
+                                       FORGET_COLUMNS[kind], value, project,
+                                       config.archive_max_file_bytes)
         return events, ids, archived
     finally:
         journal.close()

@@ -109,6 +109,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     archive_dir: str = ""  # closed UTC days go here as Parquet partitions; empty: off
     archive_interval_s: float = 300.0  # the archive (and retention) step runs this often
     archive_grace_s: float = 3600.0  # a day is closed this long after the midnight ending it
+    archive_min_bytes: int = 100 << 20  # a smaller day waits for its month (one partition)
+    archive_max_file_bytes: int = 1 << 30  # a partition's file ends past this size
     retention_days: int = 0  # rows older than this many days leave DuckDB; 0: kept forever
     retention_without_archive: bool = False  # delete them even if not archived (verified)
     # --- monitoring: GET /metrics (docs/metrics.md)
@@ -129,7 +131,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "ws_max_fragments", "ws_message_timeout_s", "ws_burst_events",
                     "ws_id_burst_events", "create_burst", "max_future_skew_s",
                     "max_message_id_chars", "fault_log_interval_s", "startup_retry_s",
-                    "archive_interval_s")
+                    "archive_interval_s", "archive_max_file_bytes")
         for name in positive:
             if not getattr(self, name) > 0:  # (NaN too)
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -140,8 +142,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not 0 < self.ws_message_timeout_s < math.inf:
             raise ConfigError(f"ws_message_timeout_s must be a finite number of seconds, "
                               f"got {self.ws_message_timeout_s}")
-        if not 0 <= self.archive_grace_s < math.inf or not self.retention_days >= 0:
-            raise ConfigError("archive_grace_s and retention_days must be 0 or positive")
+        if not 0 <= self.archive_grace_s < math.inf or not self.retention_days >= 0 \
+                or not self.archive_min_bytes >= 0:
+            raise ConfigError("archive_grace_s, archive_min_bytes and retention_days must "
+                              "be 0 or positive")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
         if not self.create_rate_per_min > 0:

@@ -101,6 +101,7 @@ class Api:
         self.refused: dict[str, int] = {}
         self.ip_mode = config.ip_mode  # (privacy.py)
         self.archive_dir = config.archive_dir  # (forget rewrites its partitions too)
+        self.archive_lock = trio.Lock()  # (forget and the archive task, one at a time)
         self.respect_dnt = config.respect_dnt
 
     def routes(self) -> Routes:
@@ -338,13 +339,15 @@ class Api:
                                              body.project)
         archived = 0
         if self.archive_dir:
-            cursor = await writer.run_store(writer.store.cursor)
-            try:
-                archived = await trio.to_thread.run_sync(
-                    forget_archived, cursor, self.archive_dir, FORGET_COLUMNS[body.kind],
-                    body.id, body.project)
-            finally:
-                cursor.close()
+            async with self.archive_lock:
+                cursor = await writer.run_store(writer.store.cursor)
+                try:
+                    archived = await trio.to_thread.run_sync(
+                        forget_archived, cursor, self.archive_dir,
+                        FORGET_COLUMNS[body.kind], body.id, body.project,
+                        writer.config.archive_max_file_bytes)
+                finally:
+                    cursor.close()
             log.info("forget --%s: removed %d rows from the archive",
                      body.kind.replace("_", "-"), archived)
         return Response(200, msgspec.json.encode({"events": events, "analytics_ids": ids,

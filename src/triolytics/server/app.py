@@ -260,7 +260,8 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                     reaper = partial(reap_sessions, sessions, writer,
                                      config.session_end_chunk_rows, clock)
                     if config.archive_dir or config.retention_days:
-                        nursery.start_soon(archive_loop, config, writer, stop, clock)
+                        nursery.start_soon(archive_loop, config, writer, stop, clock,
+                                           api.archive_lock)
                     bound = await nursery.start(_listen, config, http, realtime, reaper,
                                                 stop, listeners)
                     if listeners is None:  # (else started while start-up waited)

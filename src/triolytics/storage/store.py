@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import accumulate
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import msgspec
@@ -75,6 +76,11 @@ class KeyInfo(msgspec.Struct):
     project: str
     created_at: str
     revoked_at: str | None
+
+
+class Archived(NamedTuple):
+    seq_max: int  # the partition holds the day's rows up to this ingest_seq
+    partition: str  # its dt= value in the archive (archive.py)
 
 
 def new_write_key() -> str:
@@ -258,6 +264,8 @@ class Store:
         c.execute("CREATE TABLE IF NOT EXISTS archived_days (day DATE PRIMARY KEY, "
                   "rows BIGINT NOT NULL, archived_at TIMESTAMPTZ NOT NULL, "
                   "ingest_seq_max BIGINT NOT NULL)")  # (archive.py)
+        # (dt: the day's partition, archive.py; NULL in older files: the day itself)
+        c.execute("ALTER TABLE archived_days ADD COLUMN IF NOT EXISTS dt VARCHAR")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -516,16 +524,23 @@ class Store:
         return events, ids
 
     # --- archive and retention (archive.py, docs/archive.md)
-    def archived_days(self) -> dict[str, int]:
-        """The archived days (ISO dates) and each one's `ingest_seq_max`."""
+    def archived_days(self) -> dict[str, Archived]:
+        """The archived days (ISO dates): each one's `ingest_seq_max` and partition."""
         with self._live() as c:
-            return {d.isoformat(): seq for d, seq in c.execute(
-                "SELECT day, ingest_seq_max FROM archived_days").fetchall()}
+            return {d.isoformat(): Archived(seq, dt or d.isoformat()) for d, seq, dt in
+                    c.execute("SELECT day, ingest_seq_max, dt FROM archived_days").fetchall()}
 
-    def record_archived(self, day: str, rows: int, seq_max: int) -> None:
+    def record_archived(self, dt: str, days: dict[str, int], seq_max: int) -> None:
+        """Partition `dt` holds `days` (day -> rows) up to `seq_max`."""
         with self._live() as c:
-            c.execute("INSERT OR IGNORE INTO archived_days VALUES (?::DATE, ?, now(), ?)",
-                      [day, rows, seq_max])
+            c.executemany(
+                "INSERT INTO archived_days (day, rows, archived_at, ingest_seq_max, dt) "
+                "VALUES (?::DATE, ?, now(), ?, ?) ON CONFLICT (day) DO UPDATE SET "
+                "rows = excluded.rows, archived_at = excluded.archived_at, "
+                "ingest_seq_max = excluded.ingest_seq_max, dt = excluded.dt "
+                "WHERE excluded.ingest_seq_max > archived_days.ingest_seq_max "
+                "OR archived_days.dt IS DISTINCT FROM excluded.dt",
+                [[day, rows, seq_max, dt] for day, rows in days.items()])
 
     def delete_days(self, days: list[tuple[str, int | None]]) -> int:
         """Delete the rows of UTC `days` (up to each one's ingest_seq_max; None: all) in

@@ -172,7 +172,7 @@ var triolytics = (() => {
         es.forEach(e => e.s = 1); busy++;
         const body = JSON.stringify({ batch: es.map(e => e.m), sentAt: new Date(now()).toISOString(), writeKey: o.writeKey });
         Promise.resolve().then(() => fetch(host + "/v1/batch", {
-          method: "POST", body, keepalive, credentials: "omit", headers: { "content-type": "text/plain" },
+          method: "POST", body, keepalive: !!keepalive, credentials: "omit", headers: { "content-type": "text/plain" },
         })).then(async r => {
           const s = r.status, a = await r.json().catch(() => ({}));
           if (s == 408 || s == 429 || s > 499) throw r;

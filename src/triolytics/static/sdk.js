@@ -137,14 +137,17 @@ var triolytics = (() => {
         msg(ts, "identify", { userId: uid, traits: { ...traits } });
       }),
       reset: call(() => { uid = null; store("uid"); store("aid", aid = uuid()) }),
-      flush: () => ready.then(() => new Promise((ok, no) => {
-        if (closed) return no(err("closed"));
-        const w = { mark: N, ok, no };
-        w.t = later(() => { waiters = waiters.filter(x => x != w); no(err("timeout")) }, opt("flushTimeout", 10000));
-        waiters.push(w);
-        settle([]);
-        T?.send(1);
-      })),
+      flush: () => new Promise((ok, no) => {
+        const go = () => {
+          if (closed) return no(err("closed"));
+          const w = { mark: N, ok, no };
+          w.t = later(() => { waiters = waiters.filter(x => x != w); no(err("timeout")) }, opt("flushTimeout", 10000));
+          waiters.push(w);
+          settle([]);
+          T?.send(1);
+        };
+        loaded ? go() : pre.push(go);
+      }),
       // Counters for tests and dashboards; `dropped` counts events lost to the bounds.
       stats: () => ({ queued: Q.length, bytes, dropped, anonymousId: aid, userId: uid, analyticsId: T?.id() }),
       close: () => {
@@ -160,8 +163,8 @@ var triolytics = (() => {
       uid = u;
       try { JSON.parse(q || "[]").forEach(push) } catch {}
       loaded = true;
-      pre.splice(0).forEach(f => f());
       if (!dnt && !closed) T = (http ? httpTransport : realtime)();
+      pre.splice(0).forEach(f => f());
       T?.send();
     });
 
@@ -269,7 +272,7 @@ var triolytics = (() => {
         for (let i = 0; i < un.length && Object.keys(sent).length < 16; i += 100) {
           const es = sent[++seq] = un.slice(i, i + 100);
           es.forEach(e => e.s = seq);
-          ws.send(JSON.stringify({ events: es.map(wire), seq }));
+          ws.send(JSON.stringify({ events: es.map(e => wire(e.m)), seq }));
         }
       };
       on(doc, "visibilitychange", () => {
@@ -277,7 +280,10 @@ var triolytics = (() => {
         if (hidden) { clearT(retry); retry = 0; down()?.close?.(1000) } else { tries = 0; send() }
       });
       on(win, "online", () => { tries = 0; clearT(retry); retry = 0; send() });
-      return { send, id: () => rid, stop: () => { clearT(retry); down()?.close?.(1000) } };
+      // Calls within one task go as one batch.
+      let soon;
+      const kick = () => soon ||= Promise.resolve().then(() => { soon = 0; send() });
+      return { send: kick, id: () => rid, stop: () => { clearT(retry); down()?.close?.(1000) } };
     }
 
     // A message as the realtime API takes it: type, ts (ms), payload, id.

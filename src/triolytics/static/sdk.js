@@ -93,18 +93,18 @@ var triolytics = (() => {
     };
 
     // Messages, Segment-shaped; calls made before storage is read wait for it, keeping
-    // the time they were made.
+    // the time, page and context of the moment they were made.
     const pre = [];
     let loaded = false;
     const call = fn => (...a) => {
-      const ts = now();
       if (dnt || closed) return;
-      loaded ? fn(ts, ...a) : pre.push(() => fn(ts, ...a));
+      const at = { ts: now(), c: http && context(), p: page() };
+      loaded ? fn(at, ...a) : pre.push(() => fn(at, ...a));
     };
-    const msg = (ts, type, x) => {
-      const m = { type, messageId: uuid(), timestamp: new Date(ts).toISOString(), anonymousId: aid, ...x };
+    const msg = (at, type, x) => {
+      const m = { type, messageId: uuid(), timestamp: new Date(at.ts).toISOString(), anonymousId: aid, ...x };
       if (uid != null && m.userId === undefined) m.userId = uid;
-      if (http) m.context = context();
+      if (http) m.context = at.c;
       add(m);
     };
     const page = () => loc ? { path: loc.pathname, referrer: doc?.referrer, search: loc.search,
@@ -117,24 +117,24 @@ var triolytics = (() => {
       if (s) c.screen = { width: s.width, height: s.height, density: win.devicePixelRatio };
       return c;
     };
-    const named = (type, auto) => call((ts, name, properties) => {
+    const named = (type, auto) => call((at, name, properties) => {
       if (typeof name == "object" && name) { properties = name; name = undefined }
-      msg(ts, type, { name, properties: { ...auto && page(), ...name != null && { name }, ...properties } });
+      msg(at, type, { name, properties: { ...auto && at.p, ...name != null && { name }, ...properties } });
     });
 
     const api = {
       VERSION,
-      track: call((ts, event, properties) => {
+      track: call((at, event, properties) => {
         if (typeof event != "string" || !event || event.length > 200 || /^session_(start|end)$/.test(event))
           return report("invalid_event", `event name ${JSON.stringify(event)} is refused`, 1);
-        msg(ts, "track", { event, properties: { ...properties } });
+        msg(at, "track", { event, properties: { ...properties } });
       }),
       page: named("page", 1),
       screen: named("screen"),
-      identify: call((ts, userId, traits) => {
+      identify: call((at, userId, traits) => {
         if (typeof userId == "object" && userId) { traits = userId; userId = uid }
         if (userId != null) store("uid", uid = String(userId));
-        msg(ts, "identify", { userId: uid, traits: { ...traits } });
+        msg(at, "identify", { userId: uid, traits: { ...traits } });
       }),
       reset: call(() => { uid = null; store("uid"); store("aid", aid = uuid()) }),
       flush: () => new Promise((ok, no) => {

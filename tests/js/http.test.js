@@ -155,3 +155,13 @@ test("the page going to background sends with keepalive too", async () => {
   await tick();
   assert.equal(fetch.batches()[0].init.keepalive, true);
 });
+
+test("a batch stays under the server's 500 KB body limit, however large its events", async () => {
+  const { t, fetch } = http({ maxBytes: 1e7 });
+  for (let i = 0; i < 20; i++) t.track("big", { pad: "x".repeat(30000) });
+  await t.flush();
+  const calls = fetch.batches();
+  assert.ok(calls.length >= 2);
+  calls.forEach(c => assert.ok(c.init.body.length < 512000));
+  assert.equal(calls.reduce((n, c) => n + c.body.batch.length, 0), 20);
+});

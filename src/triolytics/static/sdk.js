@@ -198,9 +198,11 @@ var triolytics = (() => {
           timer ||= later(() => { timer = 0; send(1) }, opt("flushInterval", 5000));
           return;
         }
-        // keepalive bodies share a 64 KB budget per page: chunks of at most ~60 KB.
+        // Bodies stay under the server's max_request_bytes (500 KB); keepalive bodies
+        // share a 64 KB budget per page: chunks of at most ~60 KB.
+        const cap = keepalive ? 6e4 : 3e5;
         for (let i = 0, size = 0, j = 0; j <= un.length; j++) {
-          if (j == un.length || j - i == flushAt || size + un[j].b > 6e4 && j > i) {
+          if (j == un.length || j - i == flushAt || size + un[j].b > cap && j > i) {
             if (j > i) post(un.slice(i, j), keepalive);
             if (!keepalive) break;
             i = j; size = 0;

@@ -6,17 +6,23 @@ with `rjsmin` when it is installed, else with `strip`, a conservative stripper t
 only removes whole-line comments, the block comments that open a line, indentation and
 empty lines — it never breaks code (checked with `node --check` when Node is there),
 so it overstates the size a real minifier would reach.
+
+End to end, tests/js/live.mjs drives the module variant against a live server (both
+transports, and a resend of the same events that must be stored once).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from seed_examples import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SDK = ROOT / "src" / "triolytics" / "static" / "sdk.js"
@@ -68,3 +74,53 @@ def test_the_sdk_is_within_its_size_budget(tmp_path):
 def test_the_stripper_keeps_code():
     source = 'const a = "//x"; // note\n  /* block\n  comment */\n  f(a); /* kept */\n'
     assert strip(source) == 'const a = "//x"; // note\nf(a); /* kept */'
+
+
+def _node_major() -> int:
+    if NODE is None:
+        return 0
+    version = subprocess.run([NODE, "--version"], capture_output=True, text=True).stdout
+    return int(version.strip().lstrip("v").split(".")[0])
+
+
+@needs_node
+def test_the_sdk_against_a_live_server(tmp_path):
+    crash_loop = load_bench_script("crash_loop")
+    server = crash_loop.Server(tmp_path / "data", tmp_path / "server.log", port=0)
+    try:
+        server.wait_healthy()
+        host = f"http://{crash_loop.HOST}:{server.port}"
+        flags = [] if _node_major() >= 22 else ["--experimental-websocket"]
+        done = subprocess.run([NODE, *flags, str(ROOT / "tests/js/live.mjs"), host,
+                               crash_loop.WRITE_KEY], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        sent = json.loads(done.stdout)
+        assert sent["errors"] == []
+        ids = sent["http"]["ids"] + sent["realtime"]["ids"]
+        token = (tmp_path / "data" / "admin.token").read_text().strip()
+        sql = ("SELECT channel, type, event, message_id, anonymous_id FROM events "
+               "WHERE type NOT IN ('session_start', 'session_end') ORDER BY ingest_seq")
+        deadline = time.monotonic() + 10
+        while True:  # loads into DuckDB run every second
+            rows = _query(host, token, sql)
+            if len(rows) >= len(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        server.terminate()
+    assert sorted(r[3] for r in rows) == sorted(ids), "each event stored once, by its id"
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("http", "track", "sdk_http"), ("http", "page", None), ("http", "screen", None),
+        ("http", "identify", None), ("ws", "sdk_realtime", None), ("ws", "page", None),
+        ("ws", "screen", None), ("ws", "identify", None)]
+    assert {r[4] for r in rows if r[0] == "ws"} == {sent["realtime"]["analyticsId"]}
+
+
+def _query(host: str, token: str, sql: str) -> list[list]:
+    import urllib.request
+
+    req = urllib.request.Request(f"{host}/admin/query", json.dumps({"sql": sql}).encode(),
+                                 {"Authorization": f"Bearer {token}",
+                                  "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as answer:
+        return json.load(answer)["rows"]

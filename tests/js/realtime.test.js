@@ -216,3 +216,22 @@ test("no more than 16 batches in flight; acks let the rest go", async () => {
   for (let i = 0; i < 40 && sentCount() < 2000; i++) { ws.sent.forEach(m => ws.ack(m.seq)); await tick() }
   assert.equal(sentCount(), 2000);
 });
+
+test("the browser's online event reconnects at once, without waiting for the backoff", async () => {
+  const b = fakeBrowser();
+  const { ws, WebSocket, clock } = await started({ ...b, minBackoff: 30000 });
+  ws.drop(1006);
+  assert.ok(clock.pending()[0] >= 15000);
+  b.window.dispatchEvent(new Event("online"));
+  await tick();
+  assert.equal(WebSocket.sockets.length, 2);
+});
+
+test("close() ends the socket and reconnects no more", async () => {
+  const { t, ws, WebSocket, clock } = await started();
+  t.close();
+  await tick();
+  assert.equal(ws.closedWith, 1000);
+  await clock.advance(600000);
+  assert.equal(WebSocket.sockets.length, 1);
+});

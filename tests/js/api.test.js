@@ -58,6 +58,12 @@ test("identify(userId, traits) sets userId on later events; reset() forgets it a
   assert.equal(storage.map.get("triolytics.aid"), batch[4].anonymousId);
 });
 
+test("identify(traits) before any userId: traits with the anonymousId alone", async () => {
+  const { batch } = await sent({}, t => t.identify({ plan: "free" }));
+  assert.equal("userId" in batch[0], false);
+  assert.deepEqual(batch[0].traits, { plan: "free" });
+});
+
 test("track refuses names the server would refuse, reported, not queued", async () => {
   const { t, errors } = make({ writeKey: "k" });
   t.track(""); t.track("session_start"); t.track("x".repeat(201)); t.track(undefined);

@@ -132,9 +132,9 @@ var triolytics = (() => {
       page: named("page", 1),
       screen: named("screen"),
       identify: call((at, userId, traits) => {
-        if (typeof userId == "object" && userId) { traits = userId; userId = uid }
+        if (typeof userId == "object" && userId) { traits = userId; userId = null }
         if (userId != null) store("uid", uid = String(userId));
-        msg(at, "identify", { userId: uid, traits: { ...traits } });
+        msg(at, "identify", { traits: { ...traits } });
       }),
       reset: call(() => { uid = null; store("uid"); store("aid", aid = uuid()) }),
       flush: () => new Promise((ok, no) => {

@@ -78,7 +78,8 @@ class Cors:
     def headers(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
         if origin is None or not self.allowed(origin):
             return []
-        return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+        return [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
+                (b"access-control-expose-headers", b"retry-after")]  # (for the SDK)
 
     def preflight(self, req: Request, methods: list[bytes]) -> Response:
         origin = req.headers.get(b"origin")

@@ -64,6 +64,7 @@ from triolytics.server.startup import (
     open_listeners,
     open_store,
 )
+from triolytics.server.static import sdk_routes
 from triolytics.server.unready import Unready
 from triolytics.server.ws_server import RealtimeServer
 from triolytics.storage.archive import archive_loop
@@ -248,7 +249,7 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
     collector = Collector(config, ready.keys, sessions, writer.dedup)
     api = Api(collector, writer, ready.admin_token, ready.identities, clock)
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
-    http = HttpServer(config, api.routes(), upgrades={b"/analytics": realtime},
+    http = HttpServer(config, api.routes() | sdk_routes(), upgrades={b"/analytics": realtime},
                       bodiless=BODILESS)
     api.render_metrics = Metrics(api, http, realtime, writer, sessions).render
     async with trio.open_nursery() as root:

@@ -26,12 +26,12 @@ from triolytics.storage.compact import compact_if_needed, should_compact
 from triolytics.storage.store import Store
 from triolytics.storage.writer import Writer
 
-DAYS, PER_DAY = 8, 40_000
+DAYS, PER_DAY = 12, 30_000
 TABLES = ("events", "write_keys", "journal_mark", "meta", "analytics_ids", "archived_days")
 
 
 def fill(path: Path) -> Store:
-    """Eight days of rows in arrival order, keys (one revoked), an analytics id, an
+    """Twelve days of rows in arrival order, keys (one revoked), an analytics id, an
     archived day; then all days but the last deleted as retention does."""
     s = Store(path)
     for day in range(DAYS):
@@ -40,7 +40,7 @@ def fill(path: Path) -> Store:
     s.revoke_key(s.create_key("p2", "wk_b"))
     s.record_analytics_ids([("aid-1", 1_714_564_800_000_000, "10.0.0.1")])
     s.record_archived("2024-05-01", PER_DAY, PER_DAY)
-    s.delete_days([(f"2024-05-0{d + 1}", None) for d in range(DAYS - 1)])
+    s.delete_days([(f"2024-05-{d + 1:02d}", None) for d in range(DAYS - 1)])
     return s
 
 
@@ -77,7 +77,8 @@ def test_should_compact():
 def test_compaction_shrinks_the_file_and_keeps_every_table(filled, tmp_path):
     path = tmp_path / "events.duckdb"
     free, total, size = filled.free_space()
-    assert free / total >= 0.5 and size == path.stat().st_size
+    assert free / total > 0.3 and size == path.stat().st_size  # (blocks hold parts of
+    # several row groups: some stay in use)
     before = contents(filled)
     last_seq, mark = filled.last_seq, filled.loaded_position()
     assert filled.compact() == (size, path.stat().st_size)
@@ -143,10 +144,15 @@ async def test_compact_if_needed_follows_the_settings(tmp_path, template, caplog
     writer = make_writer(tmp_path, compact_free_ratio=0, compact_min_bytes=0)
     try:
         assert await compact_if_needed(writer.config, writer) is None  # off
-        writer.config = Config(data_dir=str(tmp_path), compact_min_bytes=10**12)
+        writer.config = Config(data_dir=str(tmp_path), compact_free_ratio=0.3,
+                               compact_min_bytes=10**12)
         assert await compact_if_needed(writer.config, writer) is None  # too small
+        writer.config = Config(data_dir=str(tmp_path), compact_free_ratio=0.9,
+                               compact_min_bytes=0)
+        assert await compact_if_needed(writer.config, writer) is None  # not enough free
         size = (tmp_path / "events.duckdb").stat().st_size
-        writer.config = Config(data_dir=str(tmp_path), compact_min_bytes=0)
+        writer.config = Config(data_dir=str(tmp_path), compact_free_ratio=0.3,
+                               compact_min_bytes=0)
         before, after = await compact_if_needed(writer.config, writer)
         assert before == size and after == (tmp_path / "events.duckdb").stat().st_size < size
         assert "compacted" in caplog.text

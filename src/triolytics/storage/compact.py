@@ -3,7 +3,7 @@
 Rules:
 - DuckDB reuses the blocks a DELETE frees but never shortens the file (docs/archive.md,
   "The file's size"); `Store.compact` rewrites it into a new file and swaps it in.
-- It runs through `writer.run_store`, so loads wait for it (about 1 s per million rows
+- It runs through `writer.run_store`, so loads wait for it (3 to 5 s per million rows
   kept, docs/archive.md); only when it pays: at least `compact_free_ratio` of the
   blocks are free and the file is at least `compact_min_bytes`.
   `compact_free_ratio = 0` turns it off.

@@ -1,8 +1,9 @@
 """Compaction: give the space retention freed back to the file system.
 
 Rules:
-- DuckDB reuses the blocks a DELETE frees but never shortens the file (docs/archive.md,
-  "The file's size"); `Store.compact` rewrites it into a new file and swaps it in.
+- DuckDB reuses the blocks a DELETE frees but does not shorten the file (unless it was
+  emptied; docs/archive.md, "The file's size"); `Store.compact` rewrites it into a new
+  file and swaps it in.
 - It runs through `writer.run_store`, so loads wait for it (3 to 5 s per million rows
   kept, docs/archive.md); only when it pays: at least `compact_free_ratio` of the
   blocks are free and the file is at least `compact_min_bytes`.

@@ -113,6 +113,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     archive_max_file_bytes: int = 1 << 30  # a partition's file ends past this size
     retention_days: int = 0  # rows older than this many days leave DuckDB; 0: kept forever
     retention_without_archive: bool = False  # delete them even if not archived (verified)
+    compact_free_ratio: float = 0.5  # after retention, rewrite the file once this share
+    # of its blocks is free...; 0: never
+    compact_min_bytes: int = 64 * MiB  # ...and it is at least this big
     # --- monitoring: GET /metrics (docs/metrics.md)
     metrics_token: str = ""  # bearer token for GET /metrics; empty: the admin token
 
@@ -142,6 +145,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not 0 < self.ws_message_timeout_s < math.inf:
             raise ConfigError(f"ws_message_timeout_s must be a finite number of seconds, "
                               f"got {self.ws_message_timeout_s}")
+        if not 0 <= self.compact_free_ratio <= 1 or not self.compact_min_bytes >= 0:
+            raise ConfigError(f"compact_free_ratio must be 0 (off) to 1 and compact_min_bytes "
+                              f"0 or positive, got {self.compact_free_ratio} and "
+                              f"{self.compact_min_bytes}")
         if not 0 <= self.archive_grace_s < math.inf or not self.retention_days >= 0 \
                 or not self.archive_min_bytes >= 0:
             raise ConfigError("archive_grace_s, archive_min_bytes and retention_days must "

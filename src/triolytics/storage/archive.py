@@ -35,6 +35,7 @@ Rules (docs/archive.md):
   only if their day is archived and its partition verifies (manifest present, every
   file's sha256 matching), up to the partition's `ingest_seq_max`; or all of them with
   `retention_without_archive`. Otherwise nothing is deleted and a warning says why.
+  Then the file is compacted if enough of it is free (compact.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import pyarrow.parquet as pq
 import trio
 
 from triolytics.core.journal import fsync_path
+from triolytics.storage.compact import compact_if_needed
 from triolytics.storage.export import (
     DAY,
     MANIFEST,
@@ -458,6 +460,7 @@ async def archive_once(config, writer, now_us: int) -> tuple[int, int]:
         if delete:
             deleted = await writer.run_store(store.delete_days, delete)
             log.info("retention: deleted %d rows of %d days", deleted, len(delete))
+        await compact_if_needed(config, writer)  # (when enough of the file is free)
     return written, deleted
 
 

@@ -16,6 +16,13 @@ Rules:
   a file that had to be quarantined as damaged (startup.py) gives its keys to the new one.
 - `checkpoint()` says whether everything committed is in the file itself (the WAL is
   gone or empty afterwards): only then may the journal drop what the mark covers.
+- `compact()` rewrites the database into `<file>.compact-tmp` (CHECKPOINT first, then
+  ATTACH, COPY FROM DATABASE, DETACH, a check that every table has the same columns and
+  rows, fsync) and only then closes the connection and renames it over the file (fsync
+  of the directory), then reopens. A kill at any point leaves the old file or the new
+  one, whole; a leftover `.compact-tmp` is removed at the next open or compaction.
+  Cursors of the closed connection are closed with it (a reader running a statement
+  is waited for; its next statement fails).
 - The owner's queries are checked, time-limited and rolled back by query.py.
 - A failed transaction raises its own error (a failing ROLLBACK never replaces it). A
   fatal DuckDB error invalidates the instance; the next load (or key, id or query call)
@@ -33,7 +40,7 @@ import logging
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from itertools import accumulate
 from pathlib import Path
@@ -44,13 +51,14 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from triolytics.core.journal import Position
+from triolytics.core.journal import Position, fsync_path
 from triolytics.core.rows import COLUMNS, Columns, Row, RtColumns
 from triolytics.storage import query
 from triolytics.storage.query import QueryResult
 
 log = logging.getLogger("triolytics.store")
 
+COMPACT_SUFFIX = ".compact-tmp"  # beside the file: the copy `compact` writes
 SCHEMA_VERSION = "2"  # 1: the first; 2: events.ingest_seq
 ARRIVAL = "ingest_seq"  # the events column numbering rows in arrival order
 FORGET_COLUMNS = {"user": "user_id", "anonymous_id": "anonymous_id",
@@ -191,6 +199,7 @@ class Store:
         self.last_seq = 0  # the last `ingest_seq` stored (kept by loads, read at open)
         self._counting = pa.array([], pa.int64())  # 0, 1, 2, ...: arrival numbers' base
         if not read_only:
+            self._remove_compact_tmp()
             self._create()
             self.last_seq = self.conn.execute(
                 f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
@@ -567,6 +576,73 @@ class Store:
         except duckdb.Error as exc:
             log.warning("retention: checkpoint failed (%s); the DELETE is in the WAL", exc)
         return deleted
+
+    # --- size (compact.py, docs/archive.md)
+    def free_space(self) -> tuple[int, int, int]:
+        """(free blocks, total blocks, file bytes): cheap, DuckDB's own block counts."""
+        with self._live() as c:
+            free, total = c.execute("SELECT free_blocks, total_blocks FROM pragma_database_size() "
+                                    "WHERE database_name = current_database()").fetchone()
+        return free, total, os.path.getsize(self.path)
+
+    @property
+    def compact_path(self) -> Path:
+        return Path(self.path + COMPACT_SUFFIX)
+
+    def _remove_compact_tmp(self) -> None:
+        for leftover in (self.compact_path, Path(f"{self.compact_path}.wal")):
+            leftover.unlink(missing_ok=True)
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the database into a new file and swap it in (see Rules); returns the
+        file's bytes before and after. On an error the old file stays in use."""
+        before = os.path.getsize(self.path)
+        self._remove_compact_tmp()
+        if not self.checkpoint():  # (everything committed must be in the file copied)
+            raise RuntimeError("compaction: the WAL is not empty after a CHECKPOINT")
+        quoted = str(self.compact_path).replace("'", "''")
+        with self._live() as c:
+            old = c.execute("SELECT current_database()").fetchone()[0]
+            c.execute(f"ATTACH '{quoted}' AS compact_new")
+            try:
+                c.execute(f'COPY FROM DATABASE "{old}" TO compact_new')
+                if self._contents(old) != self._contents("compact_new"):
+                    raise RuntimeError("compaction: the copy differs from the database")
+            except BaseException:
+                with suppress(duckdb.Error):
+                    c.execute("DETACH compact_new")
+                self._remove_compact_tmp()
+                raise
+            c.execute("DETACH compact_new")  # (checkpoints the copy into its file)
+        try:
+            if Path(f"{self.compact_path}.wal").exists():
+                raise RuntimeError("compaction: the copy kept a WAL")
+            fsync_path(self.compact_path)
+            self.conn.close()
+            self.invalidated = True  # until reopened (a failed reopen: the next call's)
+            if self.wal_path.exists() and self.wal_path.stat().st_size:
+                raise RuntimeError("compaction: the file has a WAL after closing")
+        except BaseException:
+            self._remove_compact_tmp()
+            raise
+        os.replace(self.compact_path, self.path)
+        fsync_path(Path(self.path).parent)
+        self.reopen()
+        return before, os.path.getsize(self.path)
+
+    def _contents(self, database: str) -> tuple[list[tuple], list[tuple]]:
+        """Every table's columns (names, types, NOT NULL) and rows, and its constraints."""
+        c = self.conn
+        constraints = c.execute(
+            "SELECT schema_name, table_name, list(constraint_text ORDER BY constraint_text) "
+            "FROM duckdb_constraints() WHERE database_name = ? GROUP BY ALL ORDER BY ALL",
+            [database]).fetchall()
+        tables = c.execute(
+            "SELECT schema_name, table_name, list(column_name || ' ' || data_type || ' ' || "
+            "is_nullable ORDER BY column_index) FROM duckdb_columns() WHERE database_name = ? "
+            "GROUP BY ALL ORDER BY ALL", [database]).fetchall()
+        return [(*t, c.execute(f'SELECT count(*) FROM "{database}"."{t[0]}"."{t[1]}"')
+                 .fetchone()[0]) for t in tables], constraints
 
     # --- reading
     def cursor(self) -> duckdb.DuckDBPyConnection:

@@ -238,3 +238,32 @@ def test_a_kill_during_compaction_leaves_a_whole_file(filled, tmp_path, delay_s)
         assert not Path(f"{path}.compact-tmp").exists()
     finally:
         reopened.close()
+
+
+async def test_the_server_retains_then_compacts_and_the_file_shrinks(tmp_path, caplog):
+    """End to end: the archive task's retention step deletes old days, then compacts."""
+    from test_e2e_collector import running
+    caplog.set_level(logging.INFO, "triolytics")
+    data = tmp_path / "data"
+    data.mkdir()
+    s = Store(data / "events.duckdb")
+    for day in range(DAYS):
+        s.load([row(i, day) for i in range(PER_DAY)], Position(1, day + 1))
+    now_us = time.time_ns() // 1000
+    s.load([row(i, 0)._replace(message_id=f"now-{i}", timestamp=now_us)
+            for i in range(PER_DAY)], Position(1, DAYS + 1))  # (today: kept)
+    s.close()
+    full = (data / "events.duckdb").stat().st_size
+    async with running(data, retention_days=1, retention_without_archive=True,
+                       archive_interval_s=0.2, compact_min_bytes=0):
+        with trio.fail_after(60):
+            while "compacted" not in caplog.text:
+                await trio.sleep(0.05)
+    after = (data / "events.duckdb").stat().st_size
+    print(f"\n{full} bytes with {DAYS * PER_DAY} rows -> {after} after retention")
+    assert after < full / 3
+    s = Store(data / "events.duckdb", read_only=True)
+    try:
+        assert s.count() == PER_DAY  # (the days of 2024 are past one day of retention)
+    finally:
+        s.close()

@@ -7,12 +7,13 @@ drift in the machine's speed falls on all arms alike):
            15x Prometheus's default) from a thread of this script, on the load CPU
   pre      with `--pre SRC`: the server from another source tree (the commit before
            /metrics was added, checked out with `git worktree add --detach`), never scraped
-Each run is bench/http_capture.py's measurement: a fresh pinned server and data
-directory, its built-in keep-alive generator (or wrk) on the other CPU, stop, count the
-stored rows. Prints one JSON document: per arm and load the events/s of every round,
-their median and spread (min, max, and the median absolute deviation as a fraction of
-the median), and the ratios scraped/off and off/pre (medians of the per-round ratios and
-the ratio of the medians).
+Each run is as in bench/http_capture.py: a fresh server and data directory pinned to
+CPU 0, its built-in keep-alive generator on CPU 1, then a SIGINT stop. Prints one JSON
+document: per arm and load, for events/s and for server CPU per event (µs; less moved
+by other work on the machine), every round's figure, their median and spread (min, max,
+and the median absolute deviation as a fraction of the median), and the ratios
+scraped/off and off/pre (the median of the per-round ratios and the ratio of the
+medians); for scraped runs, the scrapes and their round-trip time.
 
     .venv/bin/python bench/metrics_overhead.py [--rounds 6] [--duration 4] \\
         [--loads single,batch] [--pre /tmp/wt-premetrics/src]
@@ -25,11 +26,12 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import harness
 import http_capture
-from harness import HOST, Server, free_port, log
+from harness import HOST, CpuMeter, Server, free_port, log
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -43,10 +45,12 @@ class Scraper(threading.Thread):
         self.done = threading.Event()
         self.ok = self.failed = 0
         self.bytes = 0
+        self.ms: list[float] = []  # each scrape's round trip
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
             conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
+            began = time.perf_counter()
             try:
                 conn.request("GET", "/metrics")
                 resp = conn.getresponse()
@@ -54,6 +58,7 @@ class Scraper(threading.Thread):
                 if resp.status == 200 and b"triolytics_events_received_total" in body:
                     self.ok += 1
                     self.bytes = len(body)
+                    self.ms.append((time.perf_counter() - began) * 1e3)
                 else:
                     self.failed += 1
             except OSError:
@@ -62,9 +67,9 @@ class Scraper(threading.Thread):
                 conn.close()
 
 
-def measure(arm: str, load: str, args, tmp: Path, n: int) -> dict:
-    port, run_dir = free_port(), tmp / f"{arm}-{load}-{n}"
-    data = run_dir / "data"
+def make_server(arm: str, args, run_dir: Path) -> tuple[Server, int | None]:
+    """The server of `arm` (not started), and its metrics_listen port (None: pre)."""
+    port = free_port()
     extra = ["--write-key", http_capture.WRITE_KEY]
     metrics_port = None
     if arm != "pre":
@@ -72,16 +77,46 @@ def measure(arm: str, load: str, args, tmp: Path, n: int) -> dict:
         extra += ["--metrics-listen", f"{HOST}:{metrics_port}"]
     argv = harness.pinned(harness.SERVER_CPU) + [
         sys.executable, "-m", "triolytics", "serve", "--host", HOST, "--port", str(port),
-        "--data", str(data), *extra, "--fsync", args.fsync]
+        "--data", str(run_dir / "data"), *extra, "--fsync", args.fsync]
     src = args.pre if arm == "pre" else str(SRC)
-    server = Server(arm, argv, port, run_dir, env={"PYTHONPATH": src})
+    return Server(arm, argv, port, run_dir, env={"PYTHONPATH": src}), metrics_port
+
+
+def scrape_cost(args, tmp: Path, n: int) -> dict:
+    """Server CPU per scrape: `n` scrapes back to back of an idle server."""
+    srv, metrics_port = make_server("off", args, tmp / "scrape-cost")
+    try:
+        srv.start(args.startup_timeout)
+        meter = CpuMeter(srv)
+        began = time.perf_counter()
+        for _ in range(n):
+            conn = http.client.HTTPConnection(HOST, metrics_port, timeout=5)
+            conn.request("GET", "/metrics")
+            assert conn.getresponse().read()
+            conn.close()
+        wall = time.perf_counter() - began
+        cpu, _ = meter.stop()
+        srv.shut_down(args.stop_timeout)
+    finally:
+        srv.kill()
+    ms = cpu * 1e3 / n
+    return {"scrapes": n, "server_cpu_ms_per_scrape": round(ms, 3),
+            "wall_ms_per_scrape": round(wall * 1e3 / n, 3),
+            "core_fraction_at_interval": round(ms / 1e3 / args.scrape_interval, 5)}
+
+
+def measure(arm: str, load: str, args, tmp: Path, n: int) -> dict:
+    server, metrics_port = make_server(arm, args, tmp / f"{arm}-{load}-{n}")
+    port = server.port
     conns = args.connections if load == "single" else args.batch_connections
     scraper = Scraper(metrics_port, args.scrape_interval) if arm == "scraped" else None
     try:
         server.start(args.startup_timeout)
         if scraper:
             scraper.start()
+        meter = CpuMeter(server)
         r = http_capture.run_builtin(port, load, conns, args.duration, 1)
+        server_cpu, busy = meter.stop()
         if scraper:
             scraper.done.set()
             scraper.join()
@@ -89,11 +124,16 @@ def measure(arm: str, load: str, args, tmp: Path, n: int) -> dict:
     finally:
         server.kill()
     per_req = http_capture.LOADS[load][2]
-    out = {"events_per_s": round(r["ok"] * per_req / (r["elapsed_s"] or float("nan")), 1),
-           "non_2xx": r["non_2xx"], "socket_errors": r["socket_errors"]}
+    elapsed = r["elapsed_s"] or float("nan")
+    out = {"events_per_s": round(r["ok"] * per_req / elapsed, 1),
+           # server CPU per event: less moved than events/s by other work on the machine
+           "server_cpu_us_per_event": round(server_cpu * 1e6 / (r["ok"] * per_req or 1), 3),
+           "non_2xx": r["non_2xx"], "socket_errors": r["socket_errors"],
+           **harness.cpu_utils(server_cpu, r["load_cpu_s"], busy, elapsed)}
     if scraper:
         out.update(scrapes_ok=scraper.ok, scrapes_failed=scraper.failed,
-                   scrape_bytes=scraper.bytes)
+                   scrape_bytes=scraper.bytes,
+                   scrape_ms_median=round(statistics.median(scraper.ms or [0]), 2))
     log(f"{arm}/{load} round {n}: {out['events_per_s']:.0f} events/s")
     return out
 
@@ -124,6 +164,8 @@ def main() -> int:
     p.add_argument("--fsync", default="always")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds")
     p.add_argument("--pre", help="src directory of the code before /metrics (an arm)")
+    p.add_argument("--scrape-cost", type=int, default=200,
+                   help="scrapes of an idle server to time first (0: none)")
     p.add_argument("--startup-timeout", type=float, default=30.0)
     p.add_argument("--stop-timeout", type=float, default=60.0)
     p.add_argument("--out", type=Path, help="also write the JSON here")
@@ -133,19 +175,23 @@ def main() -> int:
     loads = args.loads.split(",")
     runs: dict = {arm: {load: [] for load in loads} for arm in arms}
     with tempfile.TemporaryDirectory(prefix="triolytics-metrics-") as tmp:
+        cost = scrape_cost(args, Path(tmp), args.scrape_cost) if args.scrape_cost else None
         for n in range(args.rounds):
             for load in loads:
                 k = n % len(arms)
                 for arm in arms[k:] + arms[:k]:
                     runs[arm][load].append(measure(arm, load, args, Path(tmp), n))
-    eps = {arm: {load: [r["events_per_s"] for r in runs[arm][load]] for load in loads}
-           for arm in arms}
-    summary = {load: {arm: spread(eps[arm][load]) for arm in arms} for load in loads}
-    ratios = {load: {"scraped_vs_off": compare(eps["scraped"][load], eps["off"][load])}
-              for load in loads}
-    if args.pre:
-        for load in loads:
-            ratios[load]["off_vs_pre"] = compare(eps["off"][load], eps["pre"][load])
+    summary: dict = {}
+    ratios: dict = {}
+    for key in ("events_per_s", "server_cpu_us_per_event") if args.rounds else ():
+        x = {arm: {load: [r[key] for r in runs[arm][load]] for load in loads}
+             for arm in arms}
+        summary[key] = {load: {arm: spread(x[arm][load]) for arm in arms} for load in loads}
+        ratios[key] = {load: {"scraped_vs_off": compare(x["scraped"][load], x["off"][load])}
+                       for load in loads}
+        if args.pre:
+            for load in loads:
+                ratios[key][load]["off_vs_pre"] = compare(x["off"][load], x["pre"][load])
     report = {
         **harness.report_head("metrics_overhead", "triolytics", "trio", "h11",
                               "prometheus_client"),
@@ -153,6 +199,7 @@ def main() -> int:
                    "scrape_interval_s": args.scrape_interval, "pre_src": args.pre,
                    "load_tool": "builtin", "pinning": harness.pinning(),
                    "src": str(SRC)},
+        "scrape_cost": cost,
         "summary": summary,
         "ratios": ratios,
         "runs": runs,

@@ -44,8 +44,10 @@ def wall_clock(offset_s: float = 0.0):
 
 
 class Server:
-    def __init__(self, port: int, data_dir: Path, stop: trio.Event) -> None:
+    def __init__(self, port: int, data_dir: Path, stop: trio.Event,
+                 metrics_port: int | None = None) -> None:
         self.port = port
+        self.metrics_port = metrics_port  # of metrics_listen, when set
         self.data_dir = data_dir
         self.stop = stop
 
@@ -100,7 +102,7 @@ async def running(data_dir: Path, offset_s: float = 0.0, **overrides):
         bound = await nursery.start(partial(serve, config, stop=stop,
                                             clock=wall_clock(offset_s)))
         try:
-            yield Server(bound.port, data_dir, stop)
+            yield Server(bound.port, data_dir, stop, bound.metrics_port)
         finally:
             stop.set()
 

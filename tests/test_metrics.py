@@ -13,9 +13,13 @@ import re
 from pathlib import Path
 
 import duckdb
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e_realtime import Server, ack, running, ws
+
+from triolytics.core.config import Config, ConfigError
+from triolytics.server.startup import startup_error
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "wk_metrics_1"
@@ -55,6 +59,55 @@ async def test_metrics_need_the_admin_token_or_the_metrics_token(tmp_path):
         samples = await scrape(server, [(b"authorization", b"Bearer scrape-secret")])
         assert value(samples, "triolytics_ws_connections") == 0
         assert ("process_cpu_seconds_total", frozenset()) in samples
+
+
+def private(server: Server) -> Server:
+    """The same server, reached on its metrics_listen address."""
+    assert server.metrics_port and server.metrics_port != server.port
+    return Server(server.metrics_port, server.data_dir, server.stop)
+
+
+async def test_metrics_listen_serves_only_metrics_there_and_no_token(tmp_path):
+    async with running(tmp_path, metrics_listen="127.0.0.1:0") as server:
+        samples = await scrape(private(server), [])  # no token asked for
+        assert value(samples, "triolytics_ready") == 1
+        assert ("process_cpu_seconds_total", frozenset()) in samples
+        status, _, body = await server.http(b"GET", b"/metrics", admin(server))
+        assert status == 404, body  # only on the private address
+        assert (await server.http(b"GET", b"/healthz"))[0] == 200
+        for path in (b"/healthz", b"/admin/stats", b"/v1/capture"):
+            assert (await private(server).http(b"GET", path, admin(server)))[0] == 404
+        assert (await private(server).http(b"POST", b"/metrics"))[0] == 405
+        samples = await scrape(private(server), [])
+        assert value(samples, "triolytics_http_requests_total", route="/healthz",
+                     status="200") == 1  # (the main port's responses only)
+
+
+async def test_metrics_listen_with_a_metrics_token_asks_for_it(tmp_path):
+    async with running(tmp_path, metrics_listen="127.0.0.1:0",
+                       metrics_token="scrape-secret") as server:
+        there = private(server)
+        assert (await there.http(b"GET", b"/metrics"))[0] == 401
+        assert (await there.http(b"GET", b"/metrics", admin(server)))[0] == 401
+        assert await scrape(there, [(b"authorization", b"Bearer scrape-secret")])
+        status, _, _ = await server.http(b"GET", b"/metrics",
+                                         [(b"authorization", b"Bearer scrape-secret")])
+        assert status == 404
+
+
+async def test_metrics_listen_malformed_or_taken_is_a_clear_startup_error(tmp_path):
+    for bad in ("9464", "localhost", ":9464", "127.0.0.1:x", "127.0.0.1:70000"):
+        with pytest.raises(ConfigError, match="metrics_listen must be host:port"):
+            Config(metrics_listen=bad)
+    taken = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = taken.socket.getsockname()[1]
+    with pytest.raises(BaseException) as caught:  # noqa: PT011 (trio wraps it in a group)
+        async with running(tmp_path, metrics_listen=f"127.0.0.1:{port}"):
+            pass
+    fault = startup_error(caught.value)
+    assert fault is not None and f"127.0.0.1:{port}" in str(fault)
+    assert "metrics_listen" in str(fault)
+    await taken.aclose()
 
 
 async def test_counters_agree_with_duckdb_after_a_mixed_load(tmp_path):

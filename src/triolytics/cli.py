@@ -66,6 +66,8 @@ SERVE_FLAGS = (
     ("--log-level", "log_level", None, "log messages of this level and above (to stderr)"),
     ("--ip-mode", "ip_mode", None, "client IPs stored: full, truncate (IPv4 /24, IPv6 "
      "/48) or drop (none)"),
+    ("--metrics-listen", "metrics_listen", "HOST:PORT", "serve GET /metrics on this "
+     "address only (e.g. 127.0.0.1:9464; no token there unless metrics_token is set)"),
 )
 
 

@@ -118,6 +118,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     compact_min_bytes: int = 64 * MiB  # ...and it is at least this big
     # --- monitoring: GET /metrics (docs/metrics.md)
     metrics_token: str = ""  # bearer token for GET /metrics; empty: the admin token
+    metrics_listen: str = ""  # host:port serving only GET /metrics (then not on `port`); empty: off
 
     def __post_init__(self) -> None:
         positive = ("max_connections", "journal_segment_bytes", "load_batch_rows",
@@ -165,6 +166,19 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got "
                               f"{self.log_level!r}")
         self.log_level = self.log_level.lower()
+        if self.metrics_listen:
+            split_address(self.metrics_listen, "metrics_listen")
+
+
+def split_address(text: str, name: str) -> tuple[str, int]:
+    """`host:port` (IPv6: `[::1]:port`) -> (host, port), or a ConfigError naming `name`."""
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name} must be host:port (e.g. 127.0.0.1:9464, [::1]:9464), "
+                          f"got {text!r}")
+    return host, int(port)
 
 
 FIELDS = Config.__struct_fields__

@@ -90,9 +90,11 @@ class Api:
         self.region = config.analytics_region
         self.create_limit = RateLimit(config.create_rate_per_min, config.create_burst)
         self.clock = clock  # wall clock, ns since epoch
-        # GET /metrics: its token (the admin token unless `metrics_token` is set), and
-        # what renders the text (set by app.py: server/metrics.py)
-        self.metrics_token = config.metrics_token.encode() or self.admin_token
+        # GET /metrics: its token (unless `metrics_token` is set: the admin token, or none
+        # on the private `metrics_listen` address), and what renders the text (set by
+        # app.py: server/metrics.py)
+        self.metrics_token = config.metrics_token.encode() or \
+            (b"" if config.metrics_listen else self.admin_token)
         self.render_metrics: Callable[[], tuple[bytes, bytes]] | None = None
         # Counted per request, read at scrape time (server/metrics.py): events answered
         # as stored, and refusals by error code (a batch's events refused one by one; a
@@ -250,8 +252,8 @@ class Api:
 
     async def metrics(self, req: Request) -> Response:
         """`GET /metrics`: Prometheus text (docs/metrics.md), for `metrics_token` or,
-        when that is not set, the admin token."""
-        if not _bearer(req, self.metrics_token):
+        when that is not set, the admin token (on `metrics_listen`: no token)."""
+        if self.metrics_token and not _bearer(req, self.metrics_token):
             raise ApiError("unauthorized", "GET /metrics needs the bearer token "
                            "`metrics_token` (or, when unset, <data_dir>/admin.token)")
         if self.render_metrics is None:

@@ -8,10 +8,11 @@
           ├─ archiver       archive_dir / retention_days: every archive_interval_s
           │                 (archive.py); returns on `stop`
           └─ listener
-             ├─ timers      the sweeper: idle and request timeouts of all connections;
+             ├─ timers      the sweepers: idle and request timeouts of all connections;
              │              the session reaper: sleeps until the earliest session
              │              deadline, stores session_end rows (runs until drained)
-             ├─ acceptors   one per listening socket; cancelled first on shutdown
+             ├─ acceptors   one per listening socket (those of `metrics_listen` too,
+             │              with their own one-route HttpServer); cancelled first on shutdown
              └─ handlers    one task per connection; get `shutdown_grace_s` to finish
                             (a WebSocket connection: its task reads, an acker answers).
                             Over a connection cap, the task answers 503 and closes
@@ -47,7 +48,7 @@ import trio
 
 from triolytics.core.capture import new_id
 from triolytics.core.collector import Collector
-from triolytics.core.config import Config
+from triolytics.core.config import Config, split_address
 from triolytics.core.dedup import Dedup
 from triolytics.core.faults import Faults
 from triolytics.core.identity import Identities
@@ -80,6 +81,7 @@ _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 class Bound(msgspec.Struct):
     host: str
     port: int
+    metrics_port: int | None = None  # of `metrics_listen`, when set
 
 
 def _secret_file(path: Path) -> str:
@@ -249,8 +251,11 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
     collector = Collector(config, ready.keys, sessions, writer.dedup)
     api = Api(collector, writer, ready.admin_token, ready.identities, clock)
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
-    http = HttpServer(config, api.routes() | sdk_routes(), upgrades={b"/analytics": realtime},
-                      bodiless=BODILESS)
+    routes = api.routes() | sdk_routes()
+    # With metrics_listen, GET /metrics is served there only (docs/metrics.md)
+    private = HttpServer(config, {b"/metrics": routes.pop(b"/metrics")}) \
+        if config.metrics_listen else None
+    http = HttpServer(config, routes, upgrades={b"/analytics": realtime}, bodiless=BODILESS)
     api.render_metrics = Metrics(api, http, realtime, writer, sessions).render
     async with trio.open_nursery() as root:
         writer_done = trio.Event()
@@ -263,8 +268,8 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                     if config.archive_dir or config.retention_days:
                         nursery.start_soon(archive_loop, config, writer, stop, clock,
                                            api.archive_lock)
-                    bound = await nursery.start(_listen, config, http, realtime, reaper,
-                                                stop, listeners)
+                    bound = await nursery.start(_listen, config, http, private, realtime,
+                                                reaper, stop, listeners)
                     if listeners is None:  # (else started while start-up waited)
                         task_status.started(bound)
         finally:
@@ -294,37 +299,55 @@ def _write_server_json(config: Config, bound: Bound) -> None:
         log.warning("could not write %s/server.json: %s", config.data_dir, exc)
 
 
-async def _listen(config: Config, http: HttpServer, realtime: RealtimeServer, reaper,
-                  stop: trio.Event, listeners: list[trio.SocketListener] | None = None, *,
+async def _listen(config: Config, http: HttpServer, private: HttpServer | None,
+                  realtime: RealtimeServer, reaper, stop: trio.Event,
+                  listeners: list[trio.SocketListener] | None = None, *,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve on `listeners` (opened here when None) until `stop`."""
+    """Serve `http` on `listeners` (opened here when None), and `private` on
+    `metrics_listen`, until `stop`."""
     if listeners is None:
         listeners = await open_listeners(config.port, config.host)
     bound = _bound(listeners)
+    served = [(listener, http) for listener in listeners]
+    if private is not None:
+        host, port = split_address(config.metrics_listen, "metrics_listen")
+        try:
+            metrics = await open_listeners(port, host, "metrics_listen")
+        except BaseException:
+            for listener in listeners:  # (nothing is left listening)
+                listener.socket.close()
+            raise
+        bound.metrics_port = _bound(metrics).port
+        served += [(listener, private) for listener in metrics]
+        log.info("serving GET /metrics on http://%s:%d", host, bound.metrics_port)
     _write_server_json(config, bound)
     log.info("listening on http://%s:%d", bound.host, bound.port)
+    servers = [http] if private is None else [http, private]
     async with trio.open_nursery() as timers:
-        timers.start_soon(http.sweep)
+        for server in servers:
+            timers.start_soon(server.sweep)
         timers.start_soon(reaper)
-        await _serve_until(listeners, http, realtime, stop, config, bound, task_status)
+        await _serve_until(served, servers, realtime, stop, config, bound, task_status)
         timers.cancel_scope.cancel()
     (Path(config.data_dir) / "server.json").unlink(missing_ok=True)
 
 
-async def _serve_until(listeners, http: HttpServer, realtime: RealtimeServer,
+async def _serve_until(served: list[tuple[trio.SocketListener, HttpServer]],
+                       servers: list[HttpServer], realtime: RealtimeServer,
                        stop: trio.Event, config: Config, bound: Bound, task_status) -> None:
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptors:
-            for listener in listeners:
+            for listener, http in served:
                 acceptors.start_soon(_accept, listener, handlers, http)
             task_status.started(bound)
             await stop.wait()
             acceptors.cancel_scope.cancel()
-        for listener in listeners:
+        for listener, _ in served:
             await listener.aclose()
-        log.info("draining %d connections (grace %.0fs)", http.connections.count,
-                 config.shutdown_grace_s)
-        http.connections.drain()
+        log.info("draining %d connections (grace %.0fs)",
+                 sum(http.connections.count for http in servers), config.shutdown_grace_s)
+        for http in servers:
+            http.connections.drain()
         realtime.drain()
         handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s
 

@@ -186,19 +186,21 @@ def no_space(exc: BaseException) -> bool:
     return False
 
 
-async def open_listeners(port: int, host: str) -> list[trio.SocketListener]:
-    """The listening sockets, or a StartupError naming host:port and the flag to change."""
+async def open_listeners(port: int, host: str, setting: str = "") -> list[trio.SocketListener]:
+    """The listening sockets, or a StartupError naming host:port and the flag (or the
+    `setting`, such as metrics_listen) to change."""
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         place = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         reason = exc.strerror or str(exc)
+        flag = setting or "--port"
         if exc.errno == errno.EADDRINUSE:
-            fix = "choose another port with --port"
+            fix = f"choose another port with {flag}"
         elif exc.errno == errno.EACCES:
-            fix = "ports below 1024 need privileges; choose another with --port"
+            fix = f"ports below 1024 need privileges; choose another with {flag}"
         else:
-            fix = "check --host and --port"
+            fix = f"check {setting or '--host and --port'}"
         raise StartupError(f"cannot listen on {place}: {reason}; {fix}") from exc
 
 

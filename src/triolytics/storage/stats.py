@@ -41,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 import msgspec
+import pyarrow as pa
 from ua_parser import parse_os, parse_user_agent
 
 HOUR = timedelta(hours=1)
@@ -174,10 +175,11 @@ def _plan(conn, since: datetime, until: datetime, project: str | None,
              "ingest_seq <= ? AND timestamp >= ? AND timestamp < ?",
              "ingest_seq <= ? AND timestamp >= ? AND timestamp < ?"]
     raw_params = [mark, since, until, mark, since, h0, mark, h1, until]
-    where = "(" + " OR ".join(f"({p})" for p in parts) + ")" + proj
-    fparams = raw_params + pp
-    ctes = f"f AS MATERIALIZED ({_FACTS.format(where=where)})"
-    params: list = [*fparams]
+    # (one scan each, not one scan with OR: a range on its own skips row groups by their
+    # min/max, and so never reads their JSON)
+    ctes = "f AS MATERIALIZED (" + " UNION ALL ".join(
+        _FACTS.format(where=p + proj) for p in parts) + ")"
+    params: list = [*raw_params[:3], *pp, *raw_params[3:6], *pp, *raw_params[6:], *pp]
     eparams = [mark, since, until, *pp]
     ends = _ENDS.format(where="ingest_seq > ? AND timestamp >= ? AND timestamp < ?" + proj)
     if mark:
@@ -315,13 +317,20 @@ def top(conn, since: datetime, until: datetime, project: str | None = None,
         uas = [r[0] for r in conn.execute(f"WITH {plan.ctes} SELECT DISTINCT ua FROM v",
                                           plan.params).fetchall()]
         parsed = [browser_and_os(ua) for ua in uas]
-        people = conn.execute(
-            f"WITH {plan.ctes}, m AS (SELECT unnest(?::VARCHAR[]) AS ua, "
-            "unnest(?::VARCHAR[]) AS browser, unnest(?::VARCHAR[]) AS os), "
-            "w AS (SELECT DISTINCT project, visitor, browser, os FROM v JOIN m USING (ua)) "
-            "SELECT 'browser', browser, count(DISTINCT (project, visitor)) FROM w GROUP BY 2 "
-            "UNION ALL SELECT 'os', os, count(DISTINCT (project, visitor)) FROM w GROUP BY 2",
-            [*plan.params, uas, [b for b, _ in parsed], [o for _, o in parsed]]).fetchall()
+        # (an Arrow table joins in a tenth of the time a list parameter unnested does)
+        conn.register("stats_ua", pa.table({"ua": uas, "browser": [b for b, _ in parsed],
+                                            "os": [o for _, o in parsed]}))
+        try:
+            people = conn.execute(
+                f"WITH {plan.ctes}, w AS MATERIALIZED (SELECT DISTINCT project, visitor, "
+                "browser, os FROM v JOIN stats_ua USING (ua)) "
+                "SELECT 'browser', browser, count(*) FROM "
+                "(SELECT DISTINCT project, visitor, browser FROM w) GROUP BY 2 "
+                "UNION ALL SELECT 'os', os, count(*) FROM "
+                "(SELECT DISTINCT project, visitor, os FROM w) GROUP BY 2",
+                plan.params).fetchall()
+        finally:
+            conn.unregister("stats_ua")
     lists: dict[str, list[Item]] = {"event": [], "page": [], "referrer": [],
                                     "browser": [], "os": []}
     for kind, key, n in counts:

@@ -83,7 +83,8 @@ WITH s AS (
     CAST(20 + hash(i * 5) % 70 AS BIGINT) AS gap
   FROM range(?) r(i)),
 s2 AS (SELECT *, 'p' || (v % 3) AS project, CASE WHEN v % 5 = 0 THEN 'ws' ELSE 'http' END
-  AS channel, 'v' || v AS visitor, 's' || i AS sid, uas[CAST(1 + hash(v) % len(uas) AS BIGINT)] AS ua
+  AS channel, 'v' || v AS visitor, 's' || i AS sid,
+  uas[CAST(1 + hash(v) % len(uas) AS BIGINT)] AS ua
   FROM s, (SELECT ?::VARCHAR[] AS uas)),
 e AS (SELECT s2.*, unnest(range(n)) AS j FROM s2),
 rows AS (
@@ -167,7 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--raw-repeat", type=int, default=3)
+    ap.add_argument("--raw-repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="DuckDB threads (server: 1)")
     ap.add_argument("--load-rate", type=int, default=5000, help="rows/s loaded meanwhile")
     ap.add_argument("--file", help="keep the generated file here (reused if it exists)")

@@ -252,3 +252,13 @@ def test_rollups_equal_raw(tmp_path):
     assert stats.watermark(c) == 0
     assert everything(c, True) == raw
     store.close()
+
+
+def test_rollups_of_another_hash_are_rebuilt(conn):
+    assert stats.refresh_rollups(conn) == len(data())
+    conn.execute("UPDATE stats_mark SET hashing = hashing + 1")  # as another DuckDB made them
+    assert stats.watermark(conn) == 0  # not read: its visitor hashes would not match
+    assert stats.overview(conn, T, T + D).visitors.value == 4
+    assert stats.refresh_rollups(conn) == len(data())  # dropped and built again
+    assert stats.watermark(conn) == len(data())
+    assert stats.overview(conn, T, T + D).visitors.value == 4

@@ -88,8 +88,13 @@ SELECT project, timestamp AS ts, CAST(properties->>'$.duration_ms' AS BIGINT) AS
   CAST(properties->>'$.event_count' AS BIGINT) AS event_count
 FROM events WHERE type = 'session_end' AND ({where})"""
 
+_ROLLUPS = ("stats_mark", "stats_hourly", "stats_visitors", "stats_session_ends")
+# A value of DuckDB's hash(): rollups made by another hash() (another DuckDB version) hold
+# visitor hashes that raw rows would not match, so they are not read and are rebuilt.
+_HASHING = "hash('triolytics')"
 _TABLES = (
-    "CREATE TABLE IF NOT EXISTS stats_mark (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS stats_mark (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, "
+    "hashing UBIGINT NOT NULL)",  # `_HASHING` when the visitor hashes were made
     "CREATE TABLE IF NOT EXISTS stats_hourly (project VARCHAR, hour TIMESTAMP, "
     "kind VARCHAR, key VARCHAR, n BIGINT NOT NULL, PRIMARY KEY (project, hour, kind, key))",
     "CREATE TABLE IF NOT EXISTS stats_visitors (project VARCHAR, hour TIMESTAMP, "
@@ -228,7 +233,7 @@ def _snapshot(conn) -> Iterator[None]:
 def watermark(conn) -> int:
     """The last `ingest_seq` folded into the rollups (0: none, or no rollup tables)."""
     try:
-        got = conn.execute("SELECT seq FROM stats_mark").fetchone()
+        got = conn.execute(f"SELECT seq FROM stats_mark WHERE hashing = {_HASHING}").fetchone()
     except duckdb.CatalogException:
         return 0
     return got[0] if got else 0
@@ -370,6 +375,10 @@ def refresh_rollups(conn, max_rows: int = REFRESH_MAX_ROWS) -> int:
     try:
         for sql in _TABLES:
             conn.execute(sql)
+        if conn.execute(f"SELECT hashing <> {_HASHING} FROM stats_mark").fetchone() == (True,):
+            _drop(conn)  # made by another DuckDB's hash(): built again
+            for sql in _TABLES:
+                conn.execute(sql)
         mark = watermark(conn)
         top_seq = conn.execute("SELECT max(ingest_seq) FROM events WHERE ingest_seq > ?",
                                [mark]).fetchone()[0]
@@ -387,7 +396,7 @@ def refresh_rollups(conn, max_rows: int = REFRESH_MAX_ROWS) -> int:
         conn.execute(f"INSERT OR IGNORE INTO stats_visitors {facts} {_VISITORS}", [mark, upto])
         conn.execute(f"INSERT INTO stats_session_ends {_ENDS.format(where=where)}",
                      [mark, upto])
-        conn.execute("INSERT OR REPLACE INTO stats_mark VALUES (1, ?)", [upto])
+        conn.execute(f"INSERT OR REPLACE INTO stats_mark VALUES (1, ?, {_HASHING})", [upto])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -402,9 +411,13 @@ def reset_rollups(conn) -> None:
     raw rows until the next refreshes have built them again."""
     conn.execute("BEGIN")
     try:
-        for table in ("stats_mark", "stats_hourly", "stats_visitors", "stats_session_ends"):
-            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        _drop(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _drop(conn) -> None:
+    for table in _ROLLUPS:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")

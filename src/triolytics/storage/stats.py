@@ -180,16 +180,14 @@ def _plan(conn, since: datetime, until: datetime, project: str | None,
         h0 = h1 = until
     proj = "" if project is None else " AND project = ?"
     pp = [] if project is None else [project]
-    # Raw rows: past the watermark anywhere in the range, or before it at the edges.
-    parts = ["ingest_seq > ? AND timestamp >= ? AND timestamp < ?",
-             "ingest_seq <= ? AND timestamp >= ? AND timestamp < ?",
-             "ingest_seq <= ? AND timestamp >= ? AND timestamp < ?"]
-    raw_params = [mark, since, until, mark, since, h0, mark, h1, until]
-    # (one scan each, not one scan with OR: a range on its own skips row groups by their
-    # min/max, and so never reads their JSON)
-    ctes = fcte = "f AS MATERIALIZED (" + " UNION ALL ".join(
-        _FACTS.format(where=p + proj) for p in parts) + ")"
-    params: list = [*raw_params[:3], *pp, *raw_params[3:6], *pp, *raw_params[6:], *pp]
+    # Raw rows: past the watermark anywhere in the range, or up to it at the edges. (One
+    # scan each, not one scan with OR: a range on its own skips row groups by their
+    # min/max, and so never reads their JSON.)
+    raw = [(">", since, until), ("<=", since, h0), ("<=", h1, until)]
+    ctes = fcte = "f AS MATERIALIZED (" + " UNION ALL ".join(_FACTS.format(
+        where=f"ingest_seq {op} ? AND timestamp >= ? AND timestamp < ?{proj}")
+        for op, _, _ in raw) + ")"
+    params: list = [x for _, a, b in raw for x in (mark, a, b, *pp)]
     fparams = [*params]
     eparams = [mark, since, until, *pp]
     ends = _ENDS.format(where="ingest_seq > ? AND timestamp >= ? AND timestamp < ?" + proj)

@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="DuckDB threads (server: 1)")
     ap.add_argument("--load-rate", type=int, default=5000, help="rows/s loaded meanwhile")
     ap.add_argument("--file", help="keep the generated file here (reused if it exists)")
+    ap.add_argument("--no-raw", action="store_true",
+                    help="skip the raw timings and keep the rollups the file has")
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.file or Path(tmp.name) / "events.duckdb")
@@ -185,13 +187,14 @@ def main() -> None:
     store = Store(path, threads=args.threads)
     c = store.cursor()
     out["rows_stored"] = store.count()
-    stats.reset_rollups(store.conn)
-    print("raw ...", file=sys.stderr)
-    out["raw"] = {name: {f.__name__: timed(lambda f=f, d=d: f(c, NOW - d, NOW,
-                                                              use_rollups=False),
-                                           args.raw_repeat)
-                         for f in (stats.overview, stats.series, stats.top)}
-                  for name, d in VIEWS.items()}
+    if not args.no_raw:
+        stats.reset_rollups(store.conn)
+        print("raw ...", file=sys.stderr)
+        out["raw"] = {name: {f.__name__: timed(lambda f=f, d=d: f(c, NOW - d, NOW,
+                                                                  use_rollups=False),
+                                               args.raw_repeat)
+                             for f in (stats.overview, stats.series, stats.top)}
+                      for name, d in VIEWS.items()}
     print("rollups ...", file=sys.stderr)
     t, folded = time.perf_counter(), 0
     while (n := stats.refresh_rollups(store.conn)):

@@ -34,6 +34,8 @@ test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q
 
 # The README's shell examples use curl (tests/test_readme.py runs them).
+# tests/test_browser_sdk.py drives Debian's `chromium` (/usr/bin/chromium) with Playwright
+# for Python (a locked dev dependency); Playwright never downloads a browser of its own.
 # tests/test_nginx.py runs deploy/nginx.conf with nginx in front of a server (Debian's
 # `nginx`; `nginx-light` is only a wrapper around it). Installing it must not start a
 # system nginx on port 80: without a policy-rc.d, a temporary one (exit 101) stops apt
@@ -45,6 +47,7 @@ test-tools:
 	  (apt-get update -qq && apt-get install -y -qq nginx) >/dev/null 2>&1 || echo "nginx not installed: tests/test_nginx.py will be skipped"; \
 	  [ -z "$$rcd" ] || rm -f /usr/sbin/policy-rc.d; \
 	  systemctl disable --now nginx >/dev/null 2>&1 || true; }
+	@test -x /usr/bin/chromium || { (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: tests/test_browser_sdk.py will be skipped"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

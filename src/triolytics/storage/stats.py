@@ -267,6 +267,10 @@ def overview(conn, since: datetime, until: datetime, project: str | None = None,
     with _snapshot(conn):
         now = _figures(conn, since, until, project, use_rollups)
         before = _figures(conn, since - (until - since), since, project, use_rollups)
+    return _overview(now, before)
+
+
+def _overview(now: tuple, before: tuple) -> Overview:
     return Overview(*[Figure(_number(v), _number(p), _change(v, p))
                       for v, p in zip(now, before, strict=True)])
 
@@ -284,17 +288,20 @@ def series(conn, since: datetime, until: datetime, project: str | None = None, *
            use_rollups: bool = True) -> Series:
     """Visitors, sessions, events and views per hour (ranges up to 2 days) or per day,
     every bucket from the one holding `since` to the one holding the range's end."""
-    unit = interval_for(since, until)
     with _snapshot(conn):
-        plan = _plan(conn, since, until, project, use_rollups)
-        got = conn.execute(
-            f"WITH {plan.ctes}, c AS (SELECT date_trunc('{unit}', hour) AS b, "
-            "sum(n) FILTER (kind = 'session') AS s, sum(n) FILTER (kind = 'event') AS ev, "
-            "sum(n) FILTER (kind IN ('page', 'screen')) AS vw FROM h GROUP BY 1), "
-            f"p AS (SELECT date_trunc('{unit}', hour) AS b, count(DISTINCT vid) AS vis "
-            "FROM v GROUP BY 1) "
-            "SELECT coalesce(c.b, p.b), coalesce(vis, 0), coalesce(s, 0), coalesce(ev, 0), "
-            "coalesce(vw, 0) FROM c FULL JOIN p ON c.b = p.b", plan.params).fetchall()
+        return _series(conn, _plan(conn, since, until, project, use_rollups), since, until)
+
+
+def _series(conn, plan: _Plan, since: datetime, until: datetime) -> Series:
+    unit = interval_for(since, until)
+    got = conn.execute(
+        f"WITH {plan.ctes}, c AS (SELECT date_trunc('{unit}', hour) AS b, "
+        "sum(n) FILTER (kind = 'session') AS s, sum(n) FILTER (kind = 'event') AS ev, "
+        "sum(n) FILTER (kind IN ('page', 'screen')) AS vw FROM h GROUP BY 1), "
+        f"p AS (SELECT date_trunc('{unit}', hour) AS b, count(DISTINCT vid) AS vis "
+        "FROM v GROUP BY 1) "
+        "SELECT coalesce(c.b, p.b), coalesce(vis, 0), coalesce(s, 0), coalesce(ev, 0), "
+        "coalesce(vw, 0) FROM c FULL JOIN p ON c.b = p.b", plan.params).fetchall()
     by_bucket = {row[0]: row[1:] for row in got}
     step = HOUR if unit == "hour" else DAY
     t = _naive(since).replace(minute=0, second=0, microsecond=0)
@@ -327,17 +334,20 @@ def top(conn, since: datetime, until: datetime, project: str | None = None,
         limit: int = 10, *, use_rollups: bool = True) -> Top:
     """The first `limit` events, pages and screens, referrers, browsers and OS."""
     with _snapshot(conn):
-        plan = _plan(conn, since, until, project, use_rollups)
-        counts = conn.execute(
-            f"WITH {plan.ctes}, k AS (SELECT CASE WHEN kind IN ('page', 'screen') THEN 'page' "
-            "ELSE kind END AS kind, key, sum(n) AS n FROM h WHERE kind <> 'session' "
-            "GROUP BY ALL) SELECT kind, key, n FROM (SELECT *, row_number() OVER "
-            "(PARTITION BY kind ORDER BY n DESC, key) AS r FROM k) WHERE r <= ? "
-            "ORDER BY kind, r", [*plan.params, limit]).fetchall()
-        people = conn.execute(
-            f"WITH {plan.ctes} SELECT CASE WHEN os IS NULL THEN 'browser' ELSE 'os' END, "
-            "coalesce(browser, os), count(DISTINCT vid) FROM v "
-            "GROUP BY GROUPING SETS ((browser), (os))", plan.params).fetchall()
+        return _top(conn, _plan(conn, since, until, project, use_rollups), limit)
+
+
+def _top(conn, plan: _Plan, limit: int) -> Top:
+    counts = conn.execute(
+        f"WITH {plan.ctes}, k AS (SELECT CASE WHEN kind IN ('page', 'screen') THEN 'page' "
+        "ELSE kind END AS kind, key, sum(n) AS n FROM h WHERE kind <> 'session' "
+        "GROUP BY ALL) SELECT kind, key, n FROM (SELECT *, row_number() OVER "
+        "(PARTITION BY kind ORDER BY n DESC, key) AS r FROM k) WHERE r <= ? "
+        "ORDER BY kind, r", [*plan.params, limit]).fetchall()
+    people = conn.execute(
+        f"WITH {plan.ctes} SELECT CASE WHEN os IS NULL THEN 'browser' ELSE 'os' END, "
+        "coalesce(browser, os), count(DISTINCT vid) FROM v "
+        "GROUP BY GROUPING SETS ((browser), (os))", plan.params).fetchall()
     lists: dict[str, list[Item]] = {"event": [], "page": [], "referrer": [],
                                     "browser": [], "os": []}
     for kind, key, n in counts:
@@ -347,6 +357,61 @@ def top(conn, since: datetime, until: datetime, project: str | None = None,
             lists[kind].append(Item(key, n))
     return Top(lists["event"], lists["page"], lists["referrer"], lists["browser"],
                lists["os"])
+
+
+# --- the whole view at once
+class View(msgspec.Struct):
+    overview: Overview
+    series: Series
+    top: Top
+
+
+def view(conn, since: datetime, until: datetime, project: str | None = None,
+         limit: int = 10, *, use_rollups: bool = True) -> View:
+    """Overview, series and top lists of [since, until) from one snapshot: every figure
+    of the dashboard agrees with the others, and the range's plan (its raw edges and
+    user agents) is made once."""
+    with _snapshot(conn):
+        plan = _plan(conn, since, until, project, use_rollups)
+        now = conn.execute(f"WITH {plan.ctes} {_OVERVIEW}", plan.params).fetchone()
+        series_ = _series(conn, plan, since, until)
+        top_ = _top(conn, plan, limit)
+        before = _figures(conn, since - (until - since), since, project, use_rollups)
+    return View(_overview(now, before), series_, top_)
+
+
+# --- live
+class Latest(msgspec.Struct):
+    seq: int
+    timestamp: str
+    project: str
+    type: str
+    name: str  # the event's name, else its page/screen name, else its type
+    session_id: str | None
+    visitor: str | None  # anonymous_id, else user_id
+
+
+def latest(conn, after: int, last_seq: int, limit: int = 50) -> list[Latest]:
+    """The rows stored after `ingest_seq` `after`, newest first, at most `limit`.
+    `last_seq` is the store's last number: rows are numbered densely, so only the
+    last `limit` numbers are read (a range on `ingest_seq` skips every older row
+    group by its min/max)."""
+    lower = max(after, last_seq - limit)
+    got = conn.execute(
+        "SELECT ingest_seq, strftime(timezone('UTC', timestamp), '%Y-%m-%dT%H:%M:%S.%fZ'), "
+        "project, type, coalesce(event, name, type), session_id, "
+        "coalesce(anonymous_id, user_id) FROM events WHERE ingest_seq > ? "
+        "ORDER BY ingest_seq DESC LIMIT ?", [lower, limit]).fetchall()
+    return [Latest(*r) for r in got]
+
+
+def projects(conn) -> list[str]:
+    """The projects that have write keys, and those with rolled-up events."""
+    names = {r[0] for r in conn.execute("SELECT DISTINCT project FROM write_keys").fetchall()}
+    if watermark(conn):
+        names.update(r[0] for r in conn.execute(
+            "SELECT DISTINCT project FROM stats_hourly").fetchall())
+    return sorted(names)
 
 
 # --- session explorer

@@ -10,7 +10,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from time import time
 
@@ -35,6 +35,9 @@ class Response(msgspec.Struct):
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] = []
     content_type: bytes = JSON
+    # A body of unknown length instead (server-sent events): sent chunk by chunk as it
+    # yields them, then the connection closes.
+    stream: AsyncIterator[bytes] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -31,6 +31,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from http import HTTPStatus
@@ -415,9 +416,11 @@ class HttpServer:
                 pass  # too long to read past: close instead
         close = c.unread or upgrade is not None or self.connections.draining or \
             not _keeps_alive(event, headers)
+        self._count(path, response.status)
+        if response.stream is not None:
+            return await self._stream(stream, response, origin)
         c.phase = SENDING
         c.since = self.connections.tick
-        self._count(path, response.status)
         return await self._respond(stream, response, origin, close, method == b"HEAD")
 
     async def _ambiguous(self, stream, c: _Conn, headers: dict[bytes, bytes]) -> bool:
@@ -545,14 +548,30 @@ class HttpServer:
         await stream.send_all(data)
         return not close
 
-    def _head(self, response: Response, origin: bytes | None, close: bool) -> bytes:
+    async def _stream(self, stream, response: Response, origin: bytes | None) -> bool:
+        """A body of unknown length (`Response.stream`): the head without a length,
+        then each chunk as it comes, each sent within `request_timeout_s`; then close.
+        The connection stays in its handling phase (no timeout): the stream's own
+        source decides when it ends (drain included)."""
+        chunks = response.stream
+        async with contextlib.aclosing(chunks):
+            await stream.send_all(self._head(response, origin, True, length=False))
+            async for chunk in chunks:
+                with trio.move_on_after(self.config.request_timeout_s) as sending:
+                    await stream.send_all(chunk)
+                if sending.cancelled_caught:
+                    break  # a client that does not read
+        return False
+
+    def _head(self, response: Response, origin: bytes | None, close: bool,
+              length: bool = True) -> bytes:
         """The response head's bytes, written here rather than by h11: h11 rebuilds and
         re-validates every head it sends, which cost as much as parsing the request.
         Every value here is ours or one h11 already validated as a request header; the
         check below keeps it that way. Plain heads (no extra headers, no CORS) are
         cached for the current second: a busy server sends the same few all second."""
         date = self.date()
-        plain = not response.headers and origin is None
+        plain = not response.headers and origin is None and length
         if plain:
             if date is not self._heads_date:
                 self._heads.clear()
@@ -570,7 +589,8 @@ class HttpServer:
             response.status, REASONS.get(response.status, b""), date)]
         if response.content_type:
             lines.append(b"content-type: %s\r\n" % response.content_type)
-        lines.append(b"content-length: %d\r\n" % len(response.body))
+        if length:
+            lines.append(b"content-length: %d\r\n" % len(response.body))
         lines.extend(b"%s: %s\r\n" % header for header in extra)
         if close:
             lines.append(b"connection: close\r\n")

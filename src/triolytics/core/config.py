@@ -120,6 +120,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics_token: str = ""  # bearer token for GET /metrics; empty: the admin token
     metrics_listen: str = ""  # host:port serving only GET /metrics (then not on `port`); empty: off
 
+    # --- the dashboard at / (docs/dashboard.md)
+    dashboard_session_s: float = 7 * 86_400.0  # a login lasts this long
+    dashboard_secure_cookie: bool = False  # mark its cookie Secure (set it behind TLS)
+    dashboard_queries: int = 2  # dashboard reads running at once (each a thread)...
+    dashboard_nice: int = 19  # ...at this CPU priority (0-19; 19: only idle CPU)
+    dashboard_cache_s: float = 5.0  # the same figures are computed once per this; 0: always
+    dashboard_live_s: float = 1.0  # the live feed's message interval
+    dashboard_max_watchers: int = 16  # live feeds open at once (503 past it)
+    dashboard_max_range_days: int = 366  # the longest custom range
+    rollup_interval_s: float = 2.0  # new rows are folded into the rollups this often
+
     def __post_init__(self) -> None:
         positive = ("max_connections", "journal_segment_bytes", "load_batch_rows",
                     "load_interval_ms", "duckdb_threads", "max_pending_rows", "max_unloaded_rows",
@@ -135,7 +146,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "ws_max_fragments", "ws_message_timeout_s", "ws_burst_events",
                     "ws_id_burst_events", "create_burst", "max_future_skew_s",
                     "max_message_id_chars", "fault_log_interval_s", "startup_retry_s",
-                    "archive_interval_s", "archive_max_file_bytes")
+                    "archive_interval_s", "archive_max_file_bytes", "dashboard_session_s",
+                    "dashboard_queries", "dashboard_live_s", "dashboard_max_watchers",
+                    "dashboard_max_range_days", "rollup_interval_s")
         for name in positive:
             if not getattr(self, name) > 0:  # (NaN too)
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -154,6 +167,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 or not self.archive_min_bytes >= 0:
             raise ConfigError("archive_grace_s, archive_min_bytes and retention_days must "
                               "be 0 or positive")
+        if not 0 <= self.dashboard_nice <= 19:
+            raise ConfigError(f"dashboard_nice must be 0 to 19, got {self.dashboard_nice}")
+        if not 0 <= self.dashboard_cache_s < math.inf:
+            raise ConfigError(f"dashboard_cache_s must be 0 (off) or a number of seconds, "
+                              f"got {self.dashboard_cache_s}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
         if not self.create_rate_per_min > 0:

@@ -337,11 +337,11 @@ class Api:
                            "nothing was deleted; retry", headers=(
                                (b"retry-after", str(writer.config.retry_after_s).encode()),))
         self.collector.sessions.forget_person(body.kind, body.id, body.project)
-        events, ids = await writer.run_store(writer.store.forget, body.kind, body.id,
-                                             body.project)
         archived = 0
-        if self.archive_dir:
-            async with self.archive_lock:
+        async with self.archive_lock:  # (apart from the archive and the rollups' refresh)
+            events, ids = await writer.run_store(writer.store.forget, body.kind, body.id,
+                                                 body.project)
+            if self.archive_dir:
                 cursor = await writer.run_store(writer.store.cursor)
                 try:
                     archived = await trio.to_thread.run_sync(
@@ -350,8 +350,8 @@ class Api:
                         writer.config.archive_max_file_bytes)
                 finally:
                     cursor.close()
-            log.info("forget --%s: removed %d rows from the archive",
-                     body.kind.replace("_", "-"), archived)
+                log.info("forget --%s: removed %d rows from the archive",
+                         body.kind.replace("_", "-"), archived)
         return Response(200, msgspec.json.encode({"events": events, "analytics_ids": ids,
                                                   "archived_rows": archived}))
 

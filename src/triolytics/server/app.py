@@ -55,6 +55,7 @@ from triolytics.core.identity import Identities
 from triolytics.core.journal import Journal
 from triolytics.core.sessions import Session, Sessions
 from triolytics.server.api import BODILESS, Api
+from triolytics.server.dashboard import Auth, Background, Dashboard, Live, Rollups
 from triolytics.server.http_server import HttpServer
 from triolytics.server.metrics import Metrics
 from triolytics.server.reaper import reap_sessions
@@ -99,6 +100,7 @@ class Prepared(msgspec.Struct):
     writer: Writer
     keys: dict[str, str]  # write key -> project
     admin_token: str
+    viewer_token: str  # the dashboard's read-only login
     identities: Identities
     sessions: Sessions
 
@@ -147,7 +149,8 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
         log.info("resumed %d open sessions", len(sessions))
     identities = Identities(_secret_file(data / "analytics.secret").encode(),
                             config.analytics_shard)
-    return Prepared(writer, keys, _secret_file(data / "admin.token"), identities, sessions)
+    return Prepared(writer, keys, _secret_file(data / "admin.token"),
+                    _secret_file(data / "viewer.token"), identities, sessions)
 
 
 def _keys_list_command(config: Config) -> str:
@@ -251,7 +254,17 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
     collector = Collector(config, ready.keys, sessions, writer.dedup)
     api = Api(collector, writer, ready.admin_token, ready.identities, clock)
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
-    routes = api.routes() | sdk_routes()
+    background = Background(config.dashboard_queries, config.dashboard_nice,
+                            partial(writer.run_store, writer.store.cursor))
+    tasks: list[trio.Nursery] = []  # (the service nursery, once open: the live feed's task)
+    live = Live(config, lambda: api.events_received + realtime.events_received,
+                lambda: len(sessions), background, lambda: writer.store.last_seq,
+                lambda: stop.is_set(), clock=trio.current_time)
+    dashboard = Dashboard(config, Auth(ready.admin_token, ready.viewer_token,
+                                       config.dashboard_session_s,
+                                       config.dashboard_secure_cookie),
+                          background, live, lambda fn: tasks[0].start_soon(fn))
+    routes = api.routes() | sdk_routes() | dashboard.routes()
     # With metrics_listen, GET /metrics is served there only (docs/metrics.md)
     private = HttpServer(config, {b"/metrics": routes.pop(b"/metrics")}) \
         if config.metrics_listen else None
@@ -263,6 +276,9 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
         try:
             with service:
                 async with trio.open_nursery() as nursery:
+                    tasks.append(nursery)
+                    nursery.start_soon(Rollups(background, config.rollup_interval_s,
+                                               api.archive_lock).run, stop)
                     reaper = partial(reap_sessions, sessions, writer,
                                      config.session_end_chunk_rows, clock)
                     if config.archive_dir or config.retention_days:
@@ -273,6 +289,8 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                     if listeners is None:  # (else started while start-up waited)
                         task_status.started(bound)
         finally:
+            with trio.CancelScope(shield=True):  # (its cursors close before the store)
+                await trio.to_thread.run_sync(background.close)
             writer.close()
             with trio.CancelScope(shield=True):
                 await writer_done.wait()

@@ -23,6 +23,9 @@ Rules:
   one, whole; a leftover `.compact-tmp` is removed at the next open or compaction.
   Cursors of the closed connection are closed with it (a reader running a statement
   is waited for; its next statement fails).
+- Deleting rows keeps the dashboard's rollups (stats.py) true, in the same transaction:
+  `forget` drops them (reads are raw until refreshes rebuild them), retention deletes
+  their rows of the days it deletes.
 - The owner's queries are checked, time-limited and rolled back by query.py.
 - A failed transaction raises its own error (a failing ROLLBACK never replaces it). A
   fatal DuckDB error invalidates the instance; the next load (or key, id or query call)
@@ -41,7 +44,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
@@ -53,7 +56,7 @@ import pyarrow.compute as pc
 
 from triolytics.core.journal import Position, fsync_path
 from triolytics.core.rows import COLUMNS, Columns, Row, RtColumns
-from triolytics.storage import query
+from triolytics.storage import query, stats
 from triolytics.storage.query import QueryResult
 
 log = logging.getLogger("triolytics.store")
@@ -519,6 +522,8 @@ class Store:
                 if kind == "analytics_id":
                     ids = c.execute("DELETE FROM analytics_ids WHERE analytics_id = ?",
                                     [value]).fetchone()[0]
+                if events:  # the rollups may count them: reads are raw until rebuilt
+                    stats._drop(c)
                 c.execute("COMMIT")
             except BaseException as exc:
                 self._rollback(exc)
@@ -559,14 +564,16 @@ class Store:
             c.execute("BEGIN")
             try:
                 for day, seq in days:
+                    # (the end computed here: DuckDB's `+ INTERVAL 1 DAY` to a TIMESTAMPTZ
+                    # follows the session's TimeZone, 23 or 25 hours on a DST change)
                     begins = datetime.fromisoformat(day).replace(tzinfo=UTC)
-                    where = "timestamp >= ?::TIMESTAMPTZ AND timestamp < ?::TIMESTAMPTZ " \
-                            "+ INTERVAL 1 DAY"
-                    args = [begins, begins]
+                    where = "timestamp >= ? AND timestamp < ?"
+                    args = [begins, begins + timedelta(days=1)]
                     if seq is not None:
                         where, args = where + " AND ingest_seq <= ?", [*args, seq]
                     deleted += c.execute(f"DELETE FROM events WHERE {where}",
                                          args).fetchone()[0]
+                self._trim_rollups(c, [day for day, _ in days])
                 c.execute("COMMIT")
             except BaseException as exc:
                 self._rollback(exc)
@@ -576,6 +583,35 @@ class Store:
         except duckdb.Error as exc:
             log.warning("retention: checkpoint failed (%s); the DELETE is in the WAL", exc)
         return deleted
+
+    @staticmethod
+    def _trim_rollups(c: duckdb.DuckDBPyConnection, days: list[str]) -> None:
+        """Delete the rollups' rows (stats.py) of UTC `days`, whose rows were deleted in
+        this transaction; if rows of theirs that the rollups counted were kept (above
+        an `ingest_seq_max`), drop the rollups instead: reads are raw until rebuilt."""
+        have = {r[0] for r in c.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main'").fetchall()}
+        if not days or not have & set(stats._ROLLUPS):
+            return
+        if set(stats._ROLLUPS) - have:  # (not made by refresh_rollups, which makes all)
+            stats._drop(c)
+            return
+        spans = [(b, b + timedelta(days=1)) for b in
+                 (datetime.fromisoformat(day).replace(tzinfo=UTC) for day in days)]
+        mark = c.execute("SELECT coalesce(max(seq), 0) FROM stats_mark").fetchone()[0]
+        kept = c.execute("SELECT count(*) FROM events WHERE ingest_seq <= ? AND ("
+                         + " OR ".join(["timestamp >= ? AND timestamp < ?"] * len(spans))
+                         + ")", [mark, *[t for span in spans for t in span]]).fetchone()[0]
+        if kept:
+            stats._drop(c)
+            return
+        for begins, ends in spans:  # (hours are naive UTC timestamps, session ends aware)
+            hours = [begins.replace(tzinfo=None), ends.replace(tzinfo=None)]
+            c.execute("DELETE FROM stats_hourly WHERE hour >= ? AND hour < ?", hours)
+            c.execute("DELETE FROM stats_visitors WHERE hour >= ? AND hour < ?", hours)
+            c.execute("DELETE FROM stats_session_ends WHERE ts >= ? AND ts < ?",
+                      [begins, ends])
 
     # --- size (compact.py, docs/archive.md)
     def free_space(self) -> tuple[int, int, int]:

@@ -329,3 +329,25 @@ async def test_background_threads_run_niced_and_interruptible():
         assert len(made) == 1  # the cursor is reused
     finally:
         background.close()
+
+
+async def test_cache_keeps_asked_keys_warm(autojump_clock):
+    cache = Cache(4.0, warm_s=10.0)
+    calls = []
+
+    async def compute():
+        calls.append(trio.current_time())
+        await trio.sleep(0.5)
+        return len(calls)
+
+    assert await cache.get("k", compute) == 1
+    await trio.sleep(1)
+    assert await cache.warm() == 0  # still fresh (under half its ttl)
+    await trio.sleep(1.5)
+    assert await cache.warm() == 1  # past half: computed again, before it expires
+    await trio.sleep(2)
+    assert await cache.get("k", compute) == 2  # answered from memory
+    assert len(calls) == 2
+    await trio.sleep(11)
+    await cache.warm()  # not asked for within warm_s: forgotten
+    assert not cache.asked and len(calls) == 2

@@ -126,6 +126,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dashboard_queries: int = 2  # dashboard reads running at once (each a thread)...
     dashboard_nice: int = 19  # ...at this CPU priority (0-19; 19: only idle CPU)
     dashboard_cache_s: float = 5.0  # the same figures are computed once per this; 0: always
+    dashboard_warm_s: float = 60.0  # figures asked for within this are kept computed; 0: off
     dashboard_live_s: float = 1.0  # the live feed's message interval
     dashboard_max_watchers: int = 16  # live feeds open at once (503 past it)
     dashboard_max_range_days: int = 366  # the longest custom range
@@ -169,9 +170,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                               "be 0 or positive")
         if not 0 <= self.dashboard_nice <= 19:
             raise ConfigError(f"dashboard_nice must be 0 to 19, got {self.dashboard_nice}")
-        if not 0 <= self.dashboard_cache_s < math.inf:
-            raise ConfigError(f"dashboard_cache_s must be 0 (off) or a number of seconds, "
-                              f"got {self.dashboard_cache_s}")
+        for name in ("dashboard_cache_s", "dashboard_warm_s"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be 0 (off) or a number of seconds, "
+                                  f"got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
         if not self.create_rate_per_min > 0:

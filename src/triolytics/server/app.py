@@ -278,7 +278,7 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                 async with trio.open_nursery() as nursery:
                     tasks.append(nursery)
                     nursery.start_soon(Rollups(background, config.rollup_interval_s,
-                                               api.archive_lock).run, stop)
+                                               api.archive_lock, dashboard.cache).run, stop)
                     reaper = partial(reap_sessions, sessions, writer,
                                      config.session_end_chunk_rows, clock)
                     if config.archive_dir or config.retention_days:

@@ -14,10 +14,13 @@ Rules:
 - Reads run in `Background` threads, at most `dashboard_queries` at once, each on a
   DuckDB cursor of its own and at the lowest CPU priority (`dashboard_nice`), so a
   dashboard never takes the core from ingest. The same figures are computed once per
-  `dashboard_cache_s` however many pages ask (`Cache`: single flight, bounded).
+  `dashboard_cache_s` however many pages ask (`Cache`: single flight, bounded), and
+  those asked for within `dashboard_warm_s` are computed again in the background
+  before they expire: an open dashboard is answered from memory.
 - `Rollups` folds new rows into the rollups (storage/stats.py) every
   `rollup_interval_s`, `stats.REFRESH_MAX_ROWS` at a time, holding the archive lock (a
-  forget or retention step rewriting rows waits for it, and it for them).
+  forget or retention step rewriting rows waits for it, and it for them); then it
+  warms the cache.
 - `Live` is one task, running only while someone watches: every `dashboard_live_s` it
   reads the open sessions (the session table in memory: exact), events per second
   (the counters the server keeps) and the rows stored since its last look, and hands
@@ -240,20 +243,33 @@ class Background:
 
 
 class Cache:
-    """Results by key for `ttl_s`; one computation per key at a time (others wait for
-    it); at most `entries` keys (the oldest leave first). ttl 0: nothing kept."""
+    """Results by key, fresh for `ttl_s`; one computation per key at a time (others wait
+    for it); at most `entries` keys (the oldest leave first); ttl 0: nothing kept.
 
-    def __init__(self, ttl_s: float, entries: int = CACHE_ENTRIES) -> None:
+    Kept warm: a key asked for within `warm_s` is computed again by `warm` (the rollups
+    task calls it) once half its `ttl_s` has passed, so a page refreshing every few
+    seconds is answered from memory, with figures at most `ttl_s` old, and the cost of
+    a view is paid in the background, at the dashboard's low priority."""
+
+    def __init__(self, ttl_s: float, warm_s: float = 0.0,
+                 entries: int = CACHE_ENTRIES) -> None:
         self.ttl_s = ttl_s
+        self.warm_s = warm_s
         self.entries = entries
-        self.done: dict = {}  # key -> (expires, value)
+        self.done: dict = {}  # key -> (computed at, value)
         self.running: dict = {}  # key -> trio.Event
+        self.asked: dict = {}  # key -> (last asked at, compute)
 
     async def get(self, key, compute):
+        now = trio.current_time()
+        if self.warm_s > 0 and self.ttl_s > 0:
+            self.asked.pop(key, None)
+            self.asked[key] = (now, compute)
+            while len(self.asked) > self.entries:
+                del self.asked[next(iter(self.asked))]
         while True:
-            now = trio.current_time()
             hit = self.done.get(key)
-            if hit is not None and hit[0] > now:
+            if hit is not None and hit[0] + self.ttl_s > trio.current_time():
                 return hit[1]
             running = self.running.get(key)
             if running is None:
@@ -261,12 +277,16 @@ class Cache:
             await running.wait()
             if self.ttl_s <= 0:
                 break  # (nothing kept: compute our own)
+        return await self._compute(key, compute)
+
+    async def _compute(self, key, compute):
         self.running[key] = event = trio.Event()
         try:
+            started = trio.current_time()
             value = await compute()
             if self.ttl_s > 0:
                 self.done.pop(key, None)
-                self.done[key] = (trio.current_time() + self.ttl_s, value)
+                self.done[key] = (started, value)
                 while len(self.done) > self.entries:
                     del self.done[next(iter(self.done))]
             return value
@@ -274,11 +294,29 @@ class Cache:
             del self.running[key]
             event.set()
 
+    async def warm(self) -> int:
+        """Compute again the keys asked for lately whose value is past half its ttl;
+        forget the others. Returns how many were computed."""
+        computed = 0
+        for key, (asked, compute) in list(self.asked.items()):
+            now = trio.current_time()
+            if now - asked > self.warm_s:
+                del self.asked[key]
+                continue
+            hit = self.done.get(key)
+            if key in self.running or (hit is not None and hit[0] + self.ttl_s / 2 > now):
+                continue
+            await self._compute(key, compute)
+            computed += 1
+        return computed
+
 
 # --- rollups
 class Rollups:
-    def __init__(self, background: Background, interval_s: float, lock: trio.Lock) -> None:
+    def __init__(self, background: Background, interval_s: float, lock: trio.Lock,
+                 cache: Cache | None = None) -> None:
         self.background = background
+        self.cache = cache  # kept warm after each refresh
         self.interval_s = interval_s
         self.lock = lock  # the archive lock: forget and retention change rows
         self.folded = 0  # rows folded in since start
@@ -294,6 +332,8 @@ class Rollups:
                     self.folded += n
                     if n < stats.REFRESH_MAX_ROWS:
                         break
+                if self.cache is not None:
+                    await self.cache.warm()
             except Exception as exc:  # (a full disk, a conflict: next time)
                 log.warning("dashboard rollups: refresh failed: %s", exc)
             with trio.move_on_after(self.interval_s):
@@ -375,7 +415,7 @@ class Dashboard:
         self.background = background
         self.live = live
         self.spawn = spawn  # starts a task in the server's nursery (the live producer)
-        self.cache = Cache(config.dashboard_cache_s)
+        self.cache = Cache(config.dashboard_cache_s, config.dashboard_warm_s)
         self.assets: dict[str, str] = {}
         self.statics: dict[bytes, Static] = {}
         folder = files("triolytics").joinpath("static/dashboard")
@@ -445,17 +485,19 @@ class Dashboard:
     async def figures(self, req: Request) -> Response:
         role = self._role(req)
         query = self._query(req)
-        ttl = self.config.dashboard_cache_s
-        now = datetime.now(UTC)
-        if ttl > 0:  # every page asking within one `ttl` shares the same range, which
-            # ends at the next multiple of `ttl` (later than anything stored yet)
-            now = datetime.fromtimestamp(-(-now.timestamp() // ttl) * ttl, UTC)
-        name, since, until = time_range(query, now, self.config.dashboard_max_range_days)
+        max_days = self.config.dashboard_max_range_days
+        name, since, until = time_range(query, datetime.now(UTC), max_days)
         project = query.get("project", [""])[0] or None
-        key = (name, since, until, project)
-        result = await self.cache.get(key, lambda: self.background.run(
-            figures, name, since, until, project))
-        body = msgspec.json.encode(result)
+        # A rolling range (today, 24h, ...) is one key whatever the second: computed
+        # (again, when warmed) up to the time it is computed.
+        key = (name, since, until, project) if name == "custom" else (name, project)
+
+        async def compute() -> bytes:
+            _, since, until = time_range(query, datetime.now(UTC), max_days)
+            return msgspec.json.encode(await self.background.run(
+                figures, name, since, until, project))
+
+        body = await self.cache.get(key, compute)
         return Response(200, body[:-1] + b',"role":"%s"}' % role.encode(), SECURITY_HEADERS)
 
     async def session(self, req: Request) -> Response:

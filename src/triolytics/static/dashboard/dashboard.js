@@ -17,6 +17,7 @@
   const REFRESH_MS = 10000;
   const MAX_LATEST = 50;
   const RANGES = ["today", "24h", "7d", "30d", "custom"];
+  const MARKERS = ["session_start", "session_end"];
   const SERIES = {visitors: "Visitors", sessions: "Sessions", events: "Events",
                   views: "Pageviews & screen views"};
   const $ = sel => document.querySelector(sel);
@@ -300,7 +301,8 @@
   function addLatest(events) {
     if (!events.length) return;
     const seen = new Set(latest.map(e => e.seq));
-    const fresh = events.filter(e => !seen.has(e.seq));
+    // (the server's session_start/session_end rows are bookkeeping, not events)
+    const fresh = events.filter(e => !seen.has(e.seq) && !MARKERS.includes(e.type));
     latest.unshift(...fresh);  // the server sends the newest first
     latest.sort((a, b) => b.seq - a.seq);
     latest.length = Math.min(latest.length, MAX_LATEST);
@@ -362,7 +364,7 @@
   function renderSession(body, seq) {
     const events = body.events || [];
     const items = events.map(e => {
-      const marker = e.type === "session_start" || e.type === "session_end";
+      const marker = MARKERS.includes(e.type);
       const li = el("li", (marker ? "marker" : "") + (e.seq === seq ? " hit" : ""));
       li.dataset.seq = e.seq;
       const when = new Date(e.timestamp);
@@ -383,7 +385,7 @@
       if (!marker && Object.keys(p).length) li.append(el("pre", "", JSON.stringify(p, null, 2)));
       return li;
     });
-    const real = events.filter(e => e.type !== "session_start" && e.type !== "session_end");
+    const real = events.filter(e => !MARKERS.includes(e.type));
     $("#session-title").textContent = `Session · ${real.length} event${real.length === 1 ? "" : "s"}`;
     $("#session-events").replaceChildren(...(items.length ? items
       : [el("li", "", "No stored events for this session yet.")]));

@@ -220,3 +220,11 @@ def test_license_is_the_mit_license_pyproject_names():
     assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License\n\nCopyright (c) 2026 the triolytics authors\n")
+
+
+def test_every_setting_is_in_configuration_md():
+    from triolytics.core.config import FIELDS
+    rows = table_rows((ROOT / "docs/configuration.md").read_text())
+    missing = [name for name in FIELDS if not any(row.lstrip("| ").startswith(f"`{name}`")
+                                                  for row in rows)]
+    assert not missing, f"settings without a row in docs/configuration.md: {missing}"

@@ -31,8 +31,10 @@ Rules:
   read takes the rollups for whole hours inside the range and the raw rows for the
   rest: the partial hours at its edges and every row past the watermark. Both go
   through the same SQL (`_FACTS`), so figures are exact and equal the raw ones. Rows
-  deleted after they were rolled up (forget, retention) stay counted until
-  `reset_rollups`.
+  deleted after they were rolled up leave the rollups in the deleting transaction
+  (store.py: forget drops them, to be built again; retention deletes its days' rows).
+  Refreshes run under the server's archive lock, as forget and retention do (a write
+  beside theirs would conflict).
 """
 
 from __future__ import annotations

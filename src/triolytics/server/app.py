@@ -7,6 +7,9 @@
        └─ service           (cancel scope)
           ├─ archiver       archive_dir / retention_days: every archive_interval_s
           │                 (archive.py); returns on `stop`
+          ├─ rollups        the dashboard's rollups, every rollup_interval_s, then the
+          │                 figures kept warm (dashboard.py); returns on `stop`
+          ├─ live feed      one producer while a dashboard page is open (dashboard.py)
           └─ listener
              ├─ timers      the sweepers: idle and request timeouts of all connections;
              │              the session reaper: sleeps until the earliest session
@@ -17,6 +20,9 @@
                             (a WebSocket connection: its task reads, an acker answers).
                             Over a connection cap, the task answers 503 and closes
                             (`HttpServer.serve`): no client waits in the backlog
+
+The dashboard's reads, its rollups' refreshes included, run in its own worker threads
+at nice `dashboard_nice` (dashboard.Background), closed before the writer.
 
 Start-up (before listening): lock `<data_dir>/server.lock`, open the store, replay the
 journal's unloaded suffix, resume the sessions open in storage, register write keys,

@@ -114,11 +114,12 @@ SELECT 'm' || row_number() OVER w, project, channel, type, event, name, visitor,
 FROM rows WINDOW w AS (ORDER BY ts)"""
 
 
-def generate(path: Path, rows: int) -> float:
+def generate(path: Path, rows: int, base: datetime = BASE) -> float:
+    """Fill `path` with `rows` events over [base, base + 30 days); seconds taken."""
     t = time.perf_counter()
     store = Store(path, threads=os.cpu_count() or 2)
     sessions = int(rows / ROWS_PER_SESSION)
-    store.conn.execute(GENERATE, [max(1, sessions // 4), BASE, sessions, user_agents()])
+    store.conn.execute(GENERATE, [max(1, sessions // 4), base, sessions, user_agents()])
     store.conn.execute("CHECKPOINT")
     store.close()
     return time.perf_counter() - t

@@ -93,21 +93,22 @@
   async function refresh() {
     if (inflight) inflight.abort();
     const ctl = inflight = new AbortController();
-    let answer;
+    const mine = () => inflight === ctl;  // only the newest request may show its answer
+    let answer, body = null;
     try {
       answer = await fetch("/dashboard/figures?" + query(), {
         signal: ctl.signal, credentials: "same-origin", headers: {Accept: "application/json"}});
+      body = await answer.json().catch(() => null);
     } catch (err) {
-      if (ctl.signal.aborted) return;
-      showError("Cannot reach the server; the figures shown may be old.");
+      if (mine()) {
+        inflight = null;
+        showError("Cannot reach the server; the figures shown may be old.");
+      }
       return;
-    } finally {
-      if (inflight === ctl) inflight = null;
     }
+    if (!mine()) return;
+    inflight = null;
     if (answer.status === 401) { location.reload(); return; }
-    let body = null;
-    try { body = await answer.json(); } catch (err) { body = null; }
-    if (ctl.signal.aborted) return;
     if (!answer.ok || !body) {
       const message = body && body.error && body.error.message;
       showError(message || `The server answered ${answer.status}.`);
@@ -127,6 +128,7 @@
     const day = s => (s || "").slice(0, 16).replace("T", " ");
     $("#generated").textContent = `${day(r.since)} – ${day(r.until)} UTC, by ${r.interval}` +
       ` · updated ${clock(new Date())}`;
+    document.body.dataset.range = r.name;
     document.body.dataset.loaded = String(Date.now());
   }
 

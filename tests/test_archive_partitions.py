@@ -5,7 +5,6 @@ late rows added to their partition atomically; forget rewrites a month partition
 from __future__ import annotations
 
 import json
-import os
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq

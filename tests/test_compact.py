@@ -255,7 +255,8 @@ async def test_the_server_retains_then_compacts_and_the_file_shrinks(tmp_path, c
     s.close()
     full = (data / "events.duckdb").stat().st_size
     async with running(data, retention_days=1, retention_without_archive=True,
-                       archive_interval_s=0.2, compact_min_bytes=0):
+                       archive_interval_s=0.2, compact_min_bytes=0,
+                       rollup_interval_s=3600):  # (no dashboard rollups: the events alone)
         with trio.fail_after(60):
             while "compacted" not in caplog.text:
                 await trio.sleep(0.05)

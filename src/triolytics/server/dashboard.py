@@ -325,6 +325,8 @@ class Rollups:
         """Refresh every `interval_s` until `stop`; chunks of REFRESH_MAX_ROWS, each a
         transaction of its own, while there is more."""
         while not stop.is_set():
+            with trio.move_on_after(self.interval_s):  # (the first after one interval:
+                await stop.wait()  # start-up's own work goes first)
             try:
                 while not stop.is_set():
                     async with self.lock:
@@ -336,8 +338,6 @@ class Rollups:
                     await self.cache.warm()
             except Exception as exc:  # (a full disk, a conflict: next time)
                 log.warning("dashboard rollups: refresh failed: %s", exc)
-            with trio.move_on_after(self.interval_s):
-                await stop.wait()
 
 
 # --- live

@@ -16,7 +16,7 @@ PORT   ?= 3000
 DATA   ?= ./data
 ARGS   ?=
 
-.PHONY: run test test-tools lint lock upgrade bench bench-realtime bench-tools clean
+.PHONY: run test test-tools lint lock upgrade bench bench-realtime bench-tools screenshot clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -71,6 +71,10 @@ bench-realtime: $(STAMP)
 	$(BIN)/python bench/ws_stream.py
 	$(BIN)/python bench/connections.py
 	$(BIN)/python bench/sessions.py
+
+# docs/dashboard.png: the dashboard with a demo data set, in Debian's chromium (bench/screenshot.py).
+screenshot: $(STAMP) test-tools
+	$(BIN)/python bench/screenshot.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info src/*.egg-info

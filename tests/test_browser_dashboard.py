@@ -13,8 +13,9 @@ WebSocket. Then, in the browser:
 - live: events sent now appear in the latest list, and events per second moves, with
   no reload; clicking one opens the session explorer, which lists that session's rows
   in the order SQL gives;
-- a viewer logs in and sees the page, and gets 401 from `/admin/query` (bearer token
-  or cookie); a wrong token gets the login page again with its error;
+- a viewer logs in and sees the page (at 1280 px and at a phone's 390 px, nothing wider
+  than the screen), and gets 401 from `/admin/query` (bearer token or cookie); a wrong
+  token gets the login page again with its error;
 - the whole run, every page: no Content-Security-Policy violation (the page's
   `securitypolicyviolation` events and the console's reports, checked to be caught).
 
@@ -315,7 +316,7 @@ def test_live_events_arrive_without_reload_and_open_their_session(server, contex
     assert [k for _, k in shown] == ["session started", "page", "Live Ping", "Live Pong"]
     assert page.inner_text("#session-meta").startswith(session_id)
     assert page.inner_text("#session-events li.hit .kind") == "Live Pong"
-    page.keyboard.press("Escape")
+    page.click("#session .close")  # (a `<form method=dialog>`: no script, no request)
     page.wait_for_selector("#session", state="hidden")
 
 
@@ -325,6 +326,15 @@ def test_a_viewer_sees_the_page_but_not_admin(server, context):
     assert page.evaluate("document.body.dataset.role") == "viewer"
     assert page.inner_text(".role") == "viewer"
     assert int(shown["cards"]["visitors"]["value"]) >= 5
+    # on a phone: nothing wider than the screen, the chart resized to fit
+    overflow = "document.documentElement.scrollWidth - innerWidth"
+    assert page.evaluate(overflow) <= 0
+    page.set_viewport_size({"width": 390, "height": 800})
+    wait_until(page, "document.querySelector('#chart canvas').getBoundingClientRect().width "
+                     "< 390")
+    assert page.evaluate(overflow) <= 0
+    assert page.evaluate("getComputedStyle(document.querySelector('.cards'))"
+                         ".gridTemplateColumns.split(' ').length") == 2
     # neither the viewer token nor the cookie reaches /admin/*
     status, _ = server.post("/admin/query", {"sql": "SELECT 1"},
                             {"Authorization": f"Bearer {server.viewer_token}"})

@@ -351,3 +351,11 @@ async def test_cache_keeps_asked_keys_warm(autojump_clock):
     await trio.sleep(11)
     await cache.warm()  # not asked for within warm_s: forgotten
     assert not cache.asked and len(calls) == 2
+
+
+def test_a_new_viewer_token_ends_the_logins():
+    auth = Auth("A" * 43, "V" * 43, 60, False)
+    req = Request(b"GET", b"/", b"", {b"cookie": auth.cookie("viewer").split(b";")[0]}, b"",
+                  "127.0.0.1")
+    assert auth.role(req) == "viewer"
+    assert Auth("A" * 43, "W" * 43, 60, False).role(req) is None

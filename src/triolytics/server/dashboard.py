@@ -3,8 +3,8 @@
 
 Rules:
 - Who: a login with the admin token or the viewer token (`<data_dir>/viewer.token`)
-  sets a cookie `triolytics_dash` = `<role>.<expiry>.<HMAC>`, keyed by the admin token
-  (a new admin token ends every dashboard session): `HttpOnly`, `SameSite=Strict`,
+  sets a cookie `triolytics_dash` = `<role>.<expiry>.<HMAC>`, keyed by both tokens
+  (a new admin or viewer token ends every dashboard session): `HttpOnly`, `SameSite=Strict`,
   `Secure` with `dashboard_secure_cookie`, for `dashboard_session_s`. The cookie
   reaches the dashboard's routes only; `/admin/*` takes the bearer admin token alone,
   so a viewer (or a page forging requests) never reaches them.
@@ -74,7 +74,8 @@ class Auth:
     def __init__(self, admin_token: str, viewer_token: str, session_s: float,
                  secure: bool, clock: Callable[[], float] = time.time) -> None:
         self.tokens = {"admin": admin_token.encode(), "viewer": viewer_token.encode()}
-        self.key = hashlib.sha256(b"triolytics dashboard\0" + admin_token.encode()).digest()
+        self.key = hashlib.sha256(b"triolytics dashboard\0" + admin_token.encode() + b"\0" +
+                                  viewer_token.encode()).digest()
         self.session_s = session_s
         self.secure = secure
         self.clock = clock

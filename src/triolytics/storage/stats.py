@@ -390,7 +390,7 @@ class Latest(msgspec.Struct):
     timestamp: str
     project: str
     type: str
-    name: str  # the event's name, else its page/screen name, else its type
+    name: str  # a track's event, a page's path, a screen's name; else its type
     session_id: str | None
     visitor: str | None  # anonymous_id, else user_id
 
@@ -403,7 +403,9 @@ def latest(conn, after: int, last_seq: int, limit: int = 50) -> list[Latest]:
     lower = max(after, last_seq - limit)
     got = conn.execute(
         "SELECT ingest_seq, strftime(timezone('UTC', timestamp), '%Y-%m-%dT%H:%M:%S.%fZ'), "
-        "project, type, coalesce(event, name, type), session_id, "
+        "project, type, CASE type WHEN 'page' THEN coalesce(properties->>'$.path', "
+        "context->>'$.page.path', name, type) WHEN 'screen_view' THEN coalesce("
+        "properties->>'$.screen_name', type) ELSE coalesce(event, name, type) END, session_id, "
         "coalesce(anonymous_id, user_id) FROM events WHERE ingest_seq > ? "
         "ORDER BY ingest_seq DESC LIMIT ?", [lower, limit]).fetchall()
     return [Latest(*r) for r in got]

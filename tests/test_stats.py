@@ -262,3 +262,28 @@ def test_rollups_of_another_hash_are_rebuilt(conn):
     assert stats.refresh_rollups(conn) == len(data())  # dropped and built again
     assert stats.watermark(conn) == len(data())
     assert stats.overview(conn, T, T + D).visitors.value == 4
+
+
+def test_a_referrer_of_the_pages_own_site_is_no_referral(tmp_path):
+    m = Maker()
+    url = {"url": "https://www.shop.example/cart"}
+    m.session("web", "http", "s9", T, [
+        ("page", 0, page("/", "https://news.ycombinator.com/")),  # (no url: counted)
+        ("page", 1, {"props": {"path": "/cart", "referrer": "https://shop.example/", **url}}),
+        ("page", 2, {"props": {"path": "/pay", "referrer": "https://duck.example/", **url}}),
+        ("page", 3, {"props": {"path": "/x"}, "context": {"page": {
+            "url": "http://Shop.example:8080/x", "referrer": "http://shop.example/cart"}}}),
+        ("page", 4, {"props": {"path": "/y", **url}})], anon="a9")
+    store = Store(tmp_path / "events.duckdb")
+    try:
+        store.load(m.rows, Position(0, 1))
+        conn = store.conn.cursor()
+        raw = stats.top(conn, T, T + D, use_rollups=False)
+        assert msgspec.to_builtins(raw.referrers) == [
+            ["", 1], ["duck.example", 1], ["news.ycombinator.com", 1]]
+        stats.refresh_rollups(conn)
+        assert stats.top(conn, T - H, T + D + H) == stats.top(conn, T - H, T + D + H,
+                                                               use_rollups=False)
+        assert stats.top(conn, T, T + D).referrers == raw.referrers
+    finally:
+        store.close()

@@ -16,7 +16,9 @@ Rules:
   - a *pageview* is a `page` event (path: `properties.path`, else `context.page.path`,
     else `name`); a *screen view* a `screen` (`name`) or `screen_view` (WebSocket,
     `properties.screen_name`) event; a referrer is a pageview's `properties.referrer`
-    (else `context.page.referrer`), by domain without `www.` ("" is direct);
+    (else `context.page.referrer`), by domain without `www.` ("" is direct), unless it
+    is the page's own domain (`properties.url`, else `context.page.url`): a move inside
+    the site is no referral, and is not counted;
   - a *session* counts where its `session_start` row is; bounce rate and durations are
     over the sessions *ended* in the range (their `session_end` row): a bounce is a
     session whose `event_count` is 1 (one event; start and end rows are not events),
@@ -65,11 +67,23 @@ SELECT project, type, date_trunc('hour', timezone('UTC', timestamp)) AS hour,
   CASE type WHEN 'page' THEN coalesce(properties->>'$.path', context->>'$.page.path', name, '')
     WHEN 'screen' THEN coalesce(name, '')
     WHEN 'screen_view' THEN coalesce(properties->>'$.screen_name', '') END AS view,
-  CASE WHEN type = 'page' THEN regexp_replace(lower(regexp_extract(
-    coalesce(properties->>'$.referrer', context->>'$.page.referrer', ''),
-    '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/:?#]+)', 1)), '^www\\.', '') END AS referrer,
+  CASE WHEN type <> 'page' THEN NULL
+    WHEN {ref} <> '' AND {ref} = {url} THEN NULL ELSE {ref} END AS referrer,
   coalesce(context->>'$.userAgent', '') AS ua
 FROM events WHERE type <> 'session_end' AND ({where})"""
+
+
+
+def _domain(url: str) -> str:
+    """SQL: the host of the URL `url` (SQL), lower case, without `www.`; "" for none."""
+    return (f"regexp_replace(lower(regexp_extract(coalesce({url}, ''), "
+            "'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/:?#]+)', 1)), '^www\\.', '')")
+
+
+# A referrer of the page's own site is a move inside it, not a referral: not counted.
+_FACTS = _FACTS.replace("{ref}", _domain(
+    "coalesce(properties->>'$.referrer', context->>'$.page.referrer')")).replace(
+    "{url}", _domain("coalesce(properties->>'$.url', context->>'$.page.url')"))
 
 # Hourly counts of facts, by kind: event (by name), page / screen (by path or name),
 # referrer (by domain), session (starts).
@@ -94,8 +108,8 @@ _ROLLUPS = ("stats_mark", "stats_hourly", "stats_visitors", "stats_session_ends"
 # A value of DuckDB's hash() and of the rollups' layout: rollups made by another hash()
 # (another DuckDB version) hold visitor hashes that raw rows would not match, and those of
 # another layout other tables, so they are not read and are rebuilt. (Layout 2:
-# stats_visitors without a primary key.)
-_HASHING = "hash('triolytics', 2)"
+# stats_visitors without a primary key; 3: a page's own site is no referrer.)
+_HASHING = "hash('triolytics', 3)"
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS stats_mark (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL, "
     "hashing UBIGINT NOT NULL)",  # `_HASHING` when the visitor hashes were made

@@ -359,3 +359,26 @@ def test_a_new_viewer_token_ends_the_logins():
                   "127.0.0.1")
     assert auth.role(req) == "viewer"
     assert Auth("A" * 43, "W" * 43, 60, False).role(req) is None
+
+
+async def test_cache_answers_a_warm_key_at_once_while_it_is_renewed(autojump_clock):
+    cache = Cache(4.0, warm_s=30.0)
+    calls = []
+
+    async def compute():
+        calls.append(trio.current_time())
+        await trio.sleep(3)  # (a slow view, on a busy box)
+        return len(calls)
+
+    assert await cache.get("k", compute) == 1
+    await trio.sleep(10)  # past its ttl, the warm task starved: the last value, at once
+    t = trio.current_time()
+    assert await cache.get("k", compute) == 1 and trio.current_time() == t
+    assert await cache.warm() == 1  # renewed by the warm task
+    assert await cache.get("k", compute) == 2 and len(calls) == 2
+    await trio.sleep(31)  # older than warm_s: computed for the asker
+    assert await cache.get("k", compute) == 3
+    cache.want("w", compute)  # wanted before it is asked for: computed by the warm task
+    assert await cache.warm() == 2  # (with "k", past half its ttl again)
+    t = trio.current_time()
+    assert await cache.get("w", compute) == 5 and trio.current_time() == t

@@ -15,8 +15,9 @@ Rules:
   DuckDB cursor of its own and at the lowest CPU priority (`dashboard_nice`), so a
   dashboard never takes the core from ingest. The same figures are computed once per
   `dashboard_cache_s` however many pages ask (`Cache`: single flight, bounded), and
-  those asked for within `dashboard_warm_s` are computed again in the background
-  before they expire: an open dashboard is answered from memory.
+  those asked for within `dashboard_warm_s` (and the page's four ranges, once it
+  loads) are computed again in the background before they expire: an open dashboard
+  is answered from memory.
 - `Rollups` folds new rows into the rollups (storage/stats.py) every
   `rollup_interval_s`, `stats.REFRESH_MAX_ROWS` at a time, holding the archive lock (a
   forget or retention step rewriting rows waits for it, and it for them); then it
@@ -64,6 +65,7 @@ SECURITY_HEADERS = [(b"content-security-policy", CSP), (b"x-frame-options", b"DE
                     (b"cache-control", b"no-store")]
 RANGES = {"24h": timedelta(days=1), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 CACHE_ENTRIES = 64  # distinct (range, project) figures kept
+PREWARMED = ("7d", "today", "24h", "30d")  # computed in the background once the page loads
 LATEST_ROWS = 50  # rows one live message carries at most
 ASSET_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8"}
 _ROLES = ("admin", "viewer")
@@ -247,10 +249,11 @@ class Cache:
     """Results by key, fresh for `ttl_s`; one computation per key at a time (others wait
     for it); at most `entries` keys (the oldest leave first); ttl 0: nothing kept.
 
-    Kept warm: a key asked for within `warm_s` is computed again by `warm` (the rollups
-    task calls it) once half its `ttl_s` has passed, so a page refreshing every few
-    seconds is answered from memory, with figures at most `ttl_s` old, and the cost of
-    a view is paid in the background, at the dashboard's low priority."""
+    Kept warm: a key asked for (or `want`ed) within `warm_s` is computed again by `warm`
+    (the rollups task calls it) once half its `ttl_s` has passed, so a page refreshing
+    every few seconds is answered from memory, with figures about `ttl_s` old (older
+    only while the box has no idle CPU for the dashboard's threads), and the cost of a
+    view is paid in the background, at the dashboard's low priority."""
 
     def __init__(self, ttl_s: float, warm_s: float = 0.0,
                  entries: int = CACHE_ENTRIES) -> None:
@@ -261,16 +264,29 @@ class Cache:
         self.running: dict = {}  # key -> trio.Event
         self.asked: dict = {}  # key -> (last asked at, compute)
 
-    async def get(self, key, compute):
-        now = trio.current_time()
-        if self.warm_s > 0 and self.ttl_s > 0:
+    @property
+    def warming(self) -> bool:
+        return self.warm_s > 0 and self.ttl_s > 0
+
+    def want(self, key, compute) -> None:
+        """Keep `key` warm from now on (for `warm_s`), without waiting for it."""
+        if self.warming:
             self.asked.pop(key, None)
-            self.asked[key] = (now, compute)
+            self.asked[key] = (trio.current_time(), compute)
             while len(self.asked) > self.entries:
                 del self.asked[next(iter(self.asked))]
+
+    async def get(self, key, compute):
+        """The value of `key`: fresh (computed within `ttl_s`); or, while kept warm, the
+        last one computed within `warm_s` (its renewal is the warm task's: a page is
+        never kept waiting by a busy box, it shows figures a little older); else
+        computed now (once, whoever else asks meanwhile)."""
+        self.want(key, compute)
         while True:
             hit = self.done.get(key)
-            if hit is not None and hit[0] + self.ttl_s > trio.current_time():
+            now = trio.current_time()
+            if hit is not None and (hit[0] + self.ttl_s > now or
+                                    (self.warming and hit[0] + self.warm_s > now)):
                 return hit[1]
             running = self.running.get(key)
             if running is None:
@@ -460,6 +476,8 @@ class Dashboard:
         if role is None:
             return self._html(200, dashboard_html.render_login(None, self.assets))
         projects = await self.background.run(stats.projects)
+        for name in PREWARMED:  # (the page's ranges: ready before they are clicked)
+            self.cache.want((name, None), self._job({"range": [name]}, name, None))
         return self._html(200, dashboard_html.render_page(role, projects, self.assets))
 
     async def login(self, req: Request) -> Response:
@@ -486,20 +504,23 @@ class Dashboard:
     async def figures(self, req: Request) -> Response:
         role = self._role(req)
         query = self._query(req)
-        max_days = self.config.dashboard_max_range_days
-        name, since, until = time_range(query, datetime.now(UTC), max_days)
+        name, since, until = time_range(query, datetime.now(UTC),
+                                        self.config.dashboard_max_range_days)
         project = query.get("project", [""])[0] or None
         # A rolling range (today, 24h, ...) is one key whatever the second: computed
         # (again, when warmed) up to the time it is computed.
         key = (name, since, until, project) if name == "custom" else (name, project)
+        body = await self.cache.get(key, self._job(query, name, project))
+        return Response(200, body[:-1] + b',"role":"%s"}' % role.encode(), SECURITY_HEADERS)
 
+    def _job(self, query: dict[str, list[str]], name: str, project: str | None):
+        """The computation of one range's figures, as JSON, up to the time it runs."""
         async def compute() -> bytes:
-            _, since, until = time_range(query, datetime.now(UTC), max_days)
+            _, since, until = time_range(query, datetime.now(UTC),
+                                         self.config.dashboard_max_range_days)
             return msgspec.json.encode(await self.background.run(
                 figures, name, since, until, project))
-
-        body = await self.cache.get(key, compute)
-        return Response(200, body[:-1] + b',"role":"%s"}' % role.encode(), SECURITY_HEADERS)
+        return compute
 
     async def session(self, req: Request) -> Response:
         self._role(req)

@@ -127,7 +127,7 @@
     const r = f.range || {};
     const day = s => (s || "").slice(0, 16).replace("T", " ");
     $("#generated").textContent = `${day(r.since)} – ${day(r.until)} UTC, by ${r.interval}` +
-      ` · updated ${clock(new Date())}`;
+      ` · computed ${clock(f.generated_at ? new Date(f.generated_at) : new Date())}`;
     document.body.dataset.range = r.name;
     document.body.dataset.loaded = String(Date.now());
   }

@@ -125,7 +125,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dashboard_secure_cookie: bool = False  # mark its cookie Secure (set it behind TLS)
     dashboard_queries: int = 2  # dashboard reads running at once (each a thread)...
     dashboard_nice: int = 19  # ...at this CPU priority (0-19; 19: only idle CPU)
-    dashboard_cache_s: float = 5.0  # the same figures are computed once per this; 0: always
+    dashboard_cache_s: float = 10.0  # the same figures are computed once per this; 0: always
     dashboard_warm_s: float = 60.0  # figures asked for within this are kept computed; 0: off
     dashboard_live_s: float = 1.0  # the live feed's message interval
     dashboard_max_watchers: int = 16  # live feeds open at once (503 past it)

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import threading
 import time
@@ -250,10 +251,11 @@ class Cache:
     for it); at most `entries` keys (the oldest leave first); ttl 0: nothing kept.
 
     Kept warm: a key asked for (or `want`ed) within `warm_s` is computed again by `warm`
-    (the rollups task calls it) once half its `ttl_s` has passed, so a page refreshing
-    every few seconds is answered from memory, with figures about `ttl_s` old (older
-    only while the box has no idle CPU for the dashboard's threads), and the cost of a
-    view is paid in the background, at the dashboard's low priority."""
+    (the rollups task calls it) once its `ttl_s` has passed, so a page refreshing every
+    few seconds is answered from memory, with figures about `ttl_s` old (older only
+    while the box has no idle CPU for the dashboard's threads), and the cost of a view
+    is paid in the background, at the dashboard's low priority: once per `ttl_s` at
+    most, however many pages ask."""
 
     def __init__(self, ttl_s: float, warm_s: float = 0.0,
                  entries: int = CACHE_ENTRIES) -> None:
@@ -268,11 +270,15 @@ class Cache:
     def warming(self) -> bool:
         return self.warm_s > 0 and self.ttl_s > 0
 
-    def want(self, key, compute) -> None:
-        """Keep `key` warm from now on (for `warm_s`), without waiting for it."""
+    def want(self, key, compute, once: bool = False) -> None:
+        """Keep `key` warm from now on (for `warm_s`), without waiting for it; `once`:
+        only have it computed by the next `warm` (unless it is asked for meanwhile)."""
         if self.warming:
-            self.asked.pop(key, None)
-            self.asked[key] = (trio.current_time(), compute)
+            asked = self.asked.pop(key, None)
+            now = trio.current_time()
+            if once:  # (as if asked for long ago: computed once, then forgotten)
+                now = max(now - self.warm_s + self.ttl_s, asked[0] if asked else -math.inf)
+            self.asked[key] = (now, compute)
             while len(self.asked) > self.entries:
                 del self.asked[next(iter(self.asked))]
 
@@ -312,8 +318,9 @@ class Cache:
             event.set()
 
     async def warm(self) -> int:
-        """Compute again the keys asked for lately whose value is past half its ttl;
-        forget the others. Returns how many were computed."""
+        """Compute again the keys asked for lately whose value has expired (an asker
+        meanwhile gets the last one); forget the others. Returns how many were
+        computed."""
         computed = 0
         for key, (asked, compute) in list(self.asked.items()):
             now = trio.current_time()
@@ -321,7 +328,7 @@ class Cache:
                 del self.asked[key]
                 continue
             hit = self.done.get(key)
-            if key in self.running or (hit is not None and hit[0] + self.ttl_s / 2 > now):
+            if key in self.running or (hit is not None and hit[0] + self.ttl_s > now):
                 continue
             await self._compute(key, compute)
             computed += 1
@@ -477,7 +484,7 @@ class Dashboard:
             return self._html(200, dashboard_html.render_login(None, self.assets))
         projects = await self.background.run(stats.projects)
         for name in PREWARMED:  # (the page's ranges: ready before they are clicked)
-            self.cache.want((name, None), self._job({"range": [name]}, name, None))
+            self.cache.want((name, None), self._job({"range": [name]}, name, None), once=True)
         return self._html(200, dashboard_html.render_page(role, projects, self.assets))
 
     async def login(self, req: Request) -> Response:

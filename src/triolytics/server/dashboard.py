@@ -43,6 +43,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from importlib.resources import files
 
 import duckdb
@@ -347,21 +348,31 @@ class Rollups:
 
     async def run(self, stop: trio.Event) -> None:
         """Refresh every `interval_s` until `stop`; chunks of REFRESH_MAX_ROWS, each a
-        transaction of its own, while there is more."""
+        transaction of its own, while there is more. Beside it, as often, the cache is
+        kept warm (a long catch-up does not hold the figures back)."""
+        async with trio.open_nursery() as nursery:
+            if self.cache is not None:
+                nursery.start_soon(self._every, stop, self.cache.warm, "keeping figures warm")
+            await self._every(stop, partial(self._refresh, stop), "refresh")
+
+    async def _every(self, stop: trio.Event, step, what: str) -> None:
         while not stop.is_set():
             with trio.move_on_after(self.interval_s):  # (the first after one interval:
                 await stop.wait()  # start-up's own work goes first)
+            if stop.is_set():
+                return
             try:
-                while not stop.is_set():
-                    async with self.lock:
-                        n = await self.background.run(stats.refresh_rollups)
-                    self.folded += n
-                    if n < stats.REFRESH_MAX_ROWS:
-                        break
-                if self.cache is not None:
-                    await self.cache.warm()
+                await step()
             except Exception as exc:  # (a full disk, a conflict: next time)
-                log.warning("dashboard rollups: refresh failed: %s", exc)
+                log.warning("dashboard rollups: %s failed: %s", what, exc)
+
+    async def _refresh(self, stop: trio.Event) -> None:
+        while not stop.is_set():
+            async with self.lock:
+                n = await self.background.run(stats.refresh_rollups)
+            self.folded += n
+            if n < stats.REFRESH_MAX_ROWS:
+                return
 
 
 # --- live

@@ -7,8 +7,8 @@
        └─ service           (cancel scope)
           ├─ archiver       archive_dir / retention_days: every archive_interval_s
           │                 (archive.py); returns on `stop`
-          ├─ rollups        the dashboard's rollups, every rollup_interval_s, then the
-          │                 figures kept warm (dashboard.py); returns on `stop`
+          ├─ rollups        the dashboard's rollups, every rollup_interval_s, and beside
+          │                 it the figures kept warm (dashboard.py); returns on `stop`
           ├─ live feed      one producer while a dashboard page is open (dashboard.py)
           └─ listener
              ├─ timers      the sweepers: idle and request timeouts of all connections;

@@ -287,3 +287,19 @@ def test_a_referrer_of_the_pages_own_site_is_no_referral(tmp_path):
         assert stats.top(conn, T, T + D).referrers == raw.referrers
     finally:
         store.close()
+
+
+def test_a_visitor_hour_is_one_row_however_many_refreshes_it_spans(tmp_path):
+    store = Store(tmp_path / "events.duckdb")
+    try:
+        conn = store.conn.cursor()
+        for i in range(3):  # one visitor, one hour, three loads each folded in alone
+            m = Maker()
+            m.row("web", "http", "page", T + i * M, sid="s1", anon="a1", ua=CHROME_WIN,
+                  props={"path": f"/{i}"})
+            store.load(m.rows, Position(0, i + 1))
+            assert stats.refresh_rollups(conn) == 1
+        assert conn.execute("SELECT count(*) FROM stats_visitors").fetchone() == (1,)
+        assert stats.overview(conn, T, T + H).visitors.value == 1
+    finally:
+        store.close()

@@ -476,11 +476,17 @@ def refresh_rollups(conn, max_rows: int = REFRESH_MAX_ROWS) -> int:
         _register_uas(conn, facts + _UAS, [mark, upto])
         conn.execute(f"INSERT INTO stats_hourly {facts} {_HOURLY} "
                      "ON CONFLICT DO UPDATE SET n = n + excluded.n", [mark, upto])
-        # Distinct within the chunk; a visitor-hour spanning two chunks is two rows,
-        # which count(DISTINCT vid) counts once. (A primary key would dedupe them at the
-        # cost of an index as big as the table: it kept 6 MB of a file with 30,000
-        # rows, tests/test_compact.py.)
-        conn.execute(f"INSERT INTO stats_visitors {facts} {_VISITORS}", [mark, upto])
+        # Visitor-hours not there yet: a chunk every few seconds would otherwise add a
+        # row per chunk for a visitor active across them. An anti join over the hours
+        # the chunk touches, rather than a primary key, whose index was as big as the
+        # table (it kept 6 MB of a file with 30,000 rows, tests/test_compact.py).
+        conn.execute(
+            f"INSERT INTO stats_visitors {facts}, n AS ({_VISITORS}), "
+            "s AS (SELECT * FROM stats_visitors WHERE hour >= (SELECT min(hour) FROM n) "
+            "AND hour <= (SELECT max(hour) FROM n)) "
+            "SELECT * FROM n WHERE NOT EXISTS (SELECT 1 FROM s WHERE s.project = n.project "
+            "AND s.hour = n.hour AND s.vid = n.vid AND s.browser = n.browser "
+            "AND s.os = n.os)", [mark, upto])
         conn.execute(f"INSERT INTO stats_session_ends {_ENDS.format(where=where)}",
                      [mark, upto])
         conn.execute(f"INSERT OR REPLACE INTO stats_mark VALUES (1, ?, {_HASHING})", [upto])

@@ -243,9 +243,11 @@ async def test_live_watchers_are_capped(tmp_path):
 
 # --- the parts alone
 def test_time_range():
+    end = datetime(2026, 12, 3, 11, tzinfo=UTC)  # (rolling ranges end with NOW's hour)
     assert time_range({"range": ["today"]}, NOW, 366)[1:] == (
-        datetime(2026, 12, 3, tzinfo=UTC), NOW)
-    assert time_range({}, NOW, 366) == ("24h", NOW - timedelta(days=1), NOW)
+        datetime(2026, 12, 3, tzinfo=UTC), end)
+    assert time_range({}, NOW, 366) == ("24h", end - timedelta(days=1), end)
+    assert time_range({"range": ["30d"]}, end, 366) == ("30d", end - timedelta(days=30), end)
     assert time_range({"range": ["custom"], "since": ["2026-11-01"],
                        "until": ["2026-11-30"]}, NOW, 366)[1:] == (
         datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))

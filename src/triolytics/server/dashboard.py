@@ -135,12 +135,20 @@ def same_origin(req: Request) -> bool:
 def time_range(query: dict[str, list[str]], now: datetime,
                max_days: int) -> tuple[str, datetime, datetime]:
     """(name, since, until) of `range=today|24h|7d|30d|custom` (custom: `since` and
-    `until` as YYYY-MM-DD, both days included, UTC), or a bad_request."""
+    `until` as YYYY-MM-DD, both days included, UTC), or a bad_request.
+
+    A rolling range ends with the current hour (24h: the 24 hours up to the end of
+    this one): whole hours are read from the rollups, so no part of the range is read
+    row by row but the rows not folded in yet. (Ending at `now`, the current hour was
+    read raw: at 2,000 events/s its rows made a 30-day view grow from 1.0 to 1.8 s
+    over 200 s, bench/dashboard_ingest.py.)"""
     name = query.get("range", ["24h"])[0]
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    end = hour + timedelta(hours=1) if hour < now else hour
     if name == "today":
-        return name, now.replace(hour=0, minute=0, second=0, microsecond=0), now
+        return name, hour.replace(hour=0), end
     if name in RANGES:
-        return name, now - RANGES[name], now
+        return name, end - RANGES[name], end
     if name != "custom":
         raise ApiError("bad_request", "range must be today, 24h, 7d, 30d or custom",
                        field="range")

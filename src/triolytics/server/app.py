@@ -346,6 +346,9 @@ async def _listen(config: Config, http: HttpServer, private: HttpServer | None,
         log.info("serving GET /metrics on http://%s:%d", host, bound.metrics_port)
     _write_server_json(config, bound)
     log.info("listening on http://%s:%d", bound.host, bound.port)
+    log.info("dashboard: http://%s:%d/ (log in with the token in %s/admin.token, or "
+             "read-only with %s/viewer.token)", bound.host, bound.port, config.data_dir,
+             config.data_dir)
     servers = [http] if private is None else [http, private]
     async with trio.open_nursery() as timers:
         for server in servers:

@@ -268,8 +268,8 @@ SELECT
   (SELECT avg(duration_ms) FROM e)"""
 
 
-def _figures(conn, since, until, project, use_rollups) -> tuple:
-    plan = _plan(conn, since, until, project, use_rollups)
+def _figures(conn, plan: _Plan) -> tuple:
+    """The overview's values, in `Overview`'s order, for one plan."""
     return conn.execute(f"WITH {plan.ctes} {_OVERVIEW}", plan.params).fetchone()
 
 
@@ -283,8 +283,9 @@ def overview(conn, since: datetime, until: datetime, project: str | None = None,
              use_rollups: bool = True) -> Overview:
     """The headline figures of [since, until), each beside the previous range's."""
     with _snapshot(conn):
-        now = _figures(conn, since, until, project, use_rollups)
-        before = _figures(conn, since - (until - since), since, project, use_rollups)
+        now = _figures(conn, _plan(conn, since, until, project, use_rollups))
+        before = _figures(conn, _plan(conn, since - (until - since), since, project,
+                                      use_rollups))
     return _overview(now, before)
 
 
@@ -391,10 +392,11 @@ def view(conn, since: datetime, until: datetime, project: str | None = None,
     user agents) is made once."""
     with _snapshot(conn):
         plan = _plan(conn, since, until, project, use_rollups)
-        now = conn.execute(f"WITH {plan.ctes} {_OVERVIEW}", plan.params).fetchone()
+        now = _figures(conn, plan)
         series_ = _series(conn, plan, since, until)
         top_ = _top(conn, plan, limit)
-        before = _figures(conn, since - (until - since), since, project, use_rollups)
+        before = _figures(conn, _plan(conn, since - (until - since), since, project,
+                                      use_rollups))
     return View(_overview(now, before), series_, top_)
 
 
@@ -459,7 +461,7 @@ def refresh_rollups(conn, max_rows: int = REFRESH_MAX_ROWS) -> int:
         for sql in _TABLES:
             conn.execute(sql)
         if conn.execute(f"SELECT hashing <> {_HASHING} FROM stats_mark").fetchone() == (True,):
-            _drop(conn)  # made by another DuckDB's hash(): built again
+            drop_rollups(conn)  # made by another DuckDB's hash(): built again
             for sql in _TABLES:
                 conn.execute(sql)
         mark = watermark(conn)
@@ -504,13 +506,42 @@ def reset_rollups(conn) -> None:
     raw rows until the next refreshes have built them again."""
     conn.execute("BEGIN")
     try:
-        _drop(conn)
+        drop_rollups(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
 
 
-def _drop(conn) -> None:
+def drop_rollups(conn) -> None:
+    """Drop the rollup tables, in the caller's transaction (store.py: a forget)."""
     for table in _ROLLUPS:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def trim_rollups(conn, spans: list[tuple[datetime, datetime]]) -> None:
+    """Delete the rollups' rows of the UTC `spans` (whole days), whose rows the caller's
+    transaction deleted (store.py: retention); if rows of theirs that the rollups
+    counted were kept (above a day's `ingest_seq_max`), drop the rollups instead:
+    reads are raw until rebuilt."""
+    have = {r[0] for r in conn.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = 'main'").fetchall()}
+    if not spans or not have & set(_ROLLUPS):
+        return
+    if set(_ROLLUPS) - have:  # (not made by refresh_rollups, which makes all)
+        drop_rollups(conn)
+        return
+    kept = conn.execute("SELECT count(*) FROM events WHERE ingest_seq <= ? AND ("
+                        + " OR ".join(["timestamp >= ? AND timestamp < ?"] * len(spans))
+                        + ")", [watermark(conn), *[t for span in spans for t in span]]
+                        ).fetchone()[0]
+    if kept:
+        drop_rollups(conn)
+        return
+    for begins, ends in spans:  # (hours are naive UTC timestamps, session ends aware)
+        hours = [_naive(begins), _naive(ends)]
+        conn.execute("DELETE FROM stats_hourly WHERE hour >= ? AND hour < ?", hours)
+        conn.execute("DELETE FROM stats_visitors WHERE hour >= ? AND hour < ?", hours)
+        conn.execute("DELETE FROM stats_session_ends WHERE ts >= ? AND ts < ?",
+                     [begins, ends])

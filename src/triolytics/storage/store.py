@@ -523,7 +523,7 @@ class Store:
                     ids = c.execute("DELETE FROM analytics_ids WHERE analytics_id = ?",
                                     [value]).fetchone()[0]
                 if events:  # the rollups may count them: reads are raw until rebuilt
-                    stats._drop(c)
+                    stats.drop_rollups(c)
                 c.execute("COMMIT")
             except BaseException as exc:
                 self._rollback(exc)
@@ -563,17 +563,17 @@ class Store:
         with self._live() as c:
             c.execute("BEGIN")
             try:
-                for day, seq in days:
-                    # (the end computed here: DuckDB's `+ INTERVAL 1 DAY` to a TIMESTAMPTZ
-                    # follows the session's TimeZone, 23 or 25 hours on a DST change)
-                    begins = datetime.fromisoformat(day).replace(tzinfo=UTC)
-                    where = "timestamp >= ? AND timestamp < ?"
-                    args = [begins, begins + timedelta(days=1)]
+                # (each end computed here: DuckDB's `+ INTERVAL 1 DAY` to a TIMESTAMPTZ
+                # follows the session's TimeZone, 23 or 25 hours on a DST change)
+                spans = [(b, b + timedelta(days=1)) for b in
+                         (datetime.fromisoformat(day).replace(tzinfo=UTC) for day, _ in days)]
+                for (begins, ends), (_, seq) in zip(spans, days, strict=True):
+                    where, args = "timestamp >= ? AND timestamp < ?", [begins, ends]
                     if seq is not None:
                         where, args = where + " AND ingest_seq <= ?", [*args, seq]
                     deleted += c.execute(f"DELETE FROM events WHERE {where}",
                                          args).fetchone()[0]
-                self._trim_rollups(c, [day for day, _ in days])
+                stats.trim_rollups(c, spans)
                 c.execute("COMMIT")
             except BaseException as exc:
                 self._rollback(exc)
@@ -583,35 +583,6 @@ class Store:
         except duckdb.Error as exc:
             log.warning("retention: checkpoint failed (%s); the DELETE is in the WAL", exc)
         return deleted
-
-    @staticmethod
-    def _trim_rollups(c: duckdb.DuckDBPyConnection, days: list[str]) -> None:
-        """Delete the rollups' rows (stats.py) of UTC `days`, whose rows were deleted in
-        this transaction; if rows of theirs that the rollups counted were kept (above
-        an `ingest_seq_max`), drop the rollups instead: reads are raw until rebuilt."""
-        have = {r[0] for r in c.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND schema_name = 'main'").fetchall()}
-        if not days or not have & set(stats._ROLLUPS):
-            return
-        if set(stats._ROLLUPS) - have:  # (not made by refresh_rollups, which makes all)
-            stats._drop(c)
-            return
-        spans = [(b, b + timedelta(days=1)) for b in
-                 (datetime.fromisoformat(day).replace(tzinfo=UTC) for day in days)]
-        mark = c.execute("SELECT coalesce(max(seq), 0) FROM stats_mark").fetchone()[0]
-        kept = c.execute("SELECT count(*) FROM events WHERE ingest_seq <= ? AND ("
-                         + " OR ".join(["timestamp >= ? AND timestamp < ?"] * len(spans))
-                         + ")", [mark, *[t for span in spans for t in span]]).fetchone()[0]
-        if kept:
-            stats._drop(c)
-            return
-        for begins, ends in spans:  # (hours are naive UTC timestamps, session ends aware)
-            hours = [begins.replace(tzinfo=None), ends.replace(tzinfo=None)]
-            c.execute("DELETE FROM stats_hourly WHERE hour >= ? AND hour < ?", hours)
-            c.execute("DELETE FROM stats_visitors WHERE hour >= ? AND hour < ?", hours)
-            c.execute("DELETE FROM stats_session_ends WHERE ts >= ? AND ts < ?",
-                      [begins, ends])
 
     # --- size (compact.py, docs/archive.md)
     def free_space(self) -> tuple[int, int, int]:

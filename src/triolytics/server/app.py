@@ -9,7 +9,8 @@
           │                 (archive.py); returns on `stop`
           ├─ rollups        the dashboard's rollups, every rollup_interval_s, and beside
           │                 it the figures kept warm (dashboard.py); returns on `stop`
-          ├─ live feed      one producer while a dashboard page is open (dashboard.py)
+          ├─ live feed      a message every dashboard_live_s while a dashboard page is
+          │                 open (dashboard.py); returns on `stop`
           └─ listener
              ├─ timers      the sweepers: idle and request timeouts of all connections;
              │              the session reaper: sleeps until the earliest session
@@ -262,14 +263,13 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
     realtime = RealtimeServer(config, writer, ready.identities, sessions, clock)
     background = Background(config.dashboard_queries, config.dashboard_nice,
                             partial(writer.run_store, writer.store.cursor))
-    tasks: list[trio.Nursery] = []  # (the service nursery, once open: the live feed's task)
     live = Live(config, lambda: api.events_received + realtime.events_received,
                 lambda: len(sessions), background, lambda: writer.store.last_seq,
                 lambda: stop.is_set(), clock=trio.current_time)
     dashboard = Dashboard(config, Auth(ready.admin_token, ready.viewer_token,
                                        config.dashboard_session_s,
                                        config.dashboard_secure_cookie),
-                          background, live, lambda fn: tasks[0].start_soon(fn))
+                          background, live)
     routes = api.routes() | sdk_routes() | dashboard.routes()
     # With metrics_listen, GET /metrics is served there only (docs/metrics.md)
     private = HttpServer(config, {b"/metrics": routes.pop(b"/metrics")}) \
@@ -282,7 +282,7 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
         try:
             with service:
                 async with trio.open_nursery() as nursery:
-                    tasks.append(nursery)
+                    nursery.start_soon(live.run, stop)
                     nursery.start_soon(Rollups(background, config.rollup_interval_s,
                                                api.archive_lock, dashboard.cache).run, stop)
                     reaper = partial(reap_sessions, sessions, writer,

@@ -20,9 +20,9 @@ Rules:
   is answered from memory.
 - `Rollups` folds new rows into the rollups (storage/stats.py) every
   `rollup_interval_s`, `stats.REFRESH_MAX_ROWS` at a time, holding the archive lock (a
-  forget or retention step rewriting rows waits for it, and it for them); then it
-  warms the cache.
-- `Live` is one task, running only while someone watches: every `dashboard_live_s` it
+  forget or retention step rewriting rows waits for it, and it for them); beside it,
+  as often, the cache is kept warm.
+- `Live` is one task: every `dashboard_live_s`, while someone watches, it
   reads the open sessions (the session table in memory: exact), events per second
   (the counters the server keeps) and the rows stored since its last look, and hands
   the message to every watcher; at most `dashboard_max_watchers` streams at once. A
@@ -344,7 +344,22 @@ class Cache:
         return computed
 
 
-# --- rollups
+# --- background tasks
+async def every(stop: trio.Event, interval_s: float, step, what: str) -> None:
+    """`await step()` every `interval_s` (the first after one: start-up's own work goes
+    first) until `stop`; a step that fails is logged and tried again next time (a full
+    disk, a conflict)."""
+    while not stop.is_set():
+        with trio.move_on_after(interval_s):
+            await stop.wait()
+        if stop.is_set():
+            return
+        try:
+            await step()
+        except Exception as exc:
+            log.warning("dashboard: %s failed: %s", what, exc)
+
+
 class Rollups:
     def __init__(self, background: Background, interval_s: float, lock: trio.Lock,
                  cache: Cache | None = None) -> None:
@@ -360,19 +375,9 @@ class Rollups:
         kept warm (a long catch-up does not hold the figures back)."""
         async with trio.open_nursery() as nursery:
             if self.cache is not None:
-                nursery.start_soon(self._every, stop, self.cache.warm, "keeping figures warm")
-            await self._every(stop, partial(self._refresh, stop), "refresh")
-
-    async def _every(self, stop: trio.Event, step, what: str) -> None:
-        while not stop.is_set():
-            with trio.move_on_after(self.interval_s):  # (the first after one interval:
-                await stop.wait()  # start-up's own work goes first)
-            if stop.is_set():
-                return
-            try:
-                await step()
-            except Exception as exc:  # (a full disk, a conflict: next time)
-                log.warning("dashboard rollups: %s failed: %s", what, exc)
+                nursery.start_soon(every, stop, self.interval_s, self.cache.warm,
+                                   "keeping figures warm")
+            await every(stop, self.interval_s, partial(self._refresh, stop), "rollups' refresh")
 
     async def _refresh(self, stop: trio.Event) -> None:
         while not stop.is_set():
@@ -399,25 +404,27 @@ class Live:
         self.watchers = 0
         self.message = b""  # the newest message, SSE-framed
         self.changed = trio.Event()
-        self.running = False
         self.seen = -1  # last ingest_seq shown
+        self.count, self.at = counters(), clock()  # at the last tick (events per second)
 
-    async def produce(self) -> None:
-        """One task: a message per interval while anyone watches."""
-        self.running = True
+    async def run(self, stop: trio.Event) -> None:
+        """For the server's life: every interval, a message while anyone watches (an
+        idle tick reads two counters); then the streams learn it is over."""
         try:
-            count, t = self.counters(), self.clock()
-            while self.watchers and not self.draining():
-                body = await self._message(count, t)
-                count, t = self.counters(), self.clock()
-                self.message = b"event: live\ndata: " + body + b"\n\n"
-                self.changed.set()
-                self.changed = trio.Event()
-                await trio.sleep(self.interval_s)
+            await every(stop, self.interval_s, self._tick, "live feed")
         finally:
-            self.running = False
-            self.changed.set()  # (the streams look at `draining` again)
-            self.changed = trio.Event()
+            self._publish(self.message)
+
+    async def _tick(self) -> None:
+        count, at = self.count, self.at
+        self.count, self.at = self.counters(), self.clock()
+        if self.watchers:
+            self._publish(await self._message(count, at))
+
+    def _publish(self, message: bytes) -> None:
+        self.message = message
+        self.changed.set()
+        self.changed = trio.Event()
 
     async def _message(self, count: int, t: float) -> bytes:
         last = self.last_seq()
@@ -428,16 +435,15 @@ class Live:
         if latest:
             self.seen = latest[0].seq
         elapsed = max(self.clock() - t, 1e-3)
-        rate = (self.counters() - count) / elapsed if self.message else 0.0
-        return msgspec.json.encode({"open_sessions": self.open_sessions(),
+        rate = (self.counters() - count) / elapsed
+        body = msgspec.json.encode({"open_sessions": self.open_sessions(),
                                     "events_per_s": round(rate, 1), "latest": latest})
+        return b"event: live\ndata: " + body + b"\n\n"
 
-    async def stream(self, nursery_start) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncIterator[bytes]:
         """One watcher's messages, until the server drains."""
         self.watchers += 1
         try:
-            if not self.running:
-                nursery_start(self.produce)
             yield b"retry: 3000\n\n"
             if self.message:
                 yield self.message
@@ -451,13 +457,12 @@ class Live:
 
 # --- routes
 class Dashboard:
-    def __init__(self, config: Config, auth: Auth, background: Background, live: Live,
-                 spawn: Callable) -> None:
+    def __init__(self, config: Config, auth: Auth, background: Background,
+                 live: Live) -> None:
         self.config = config
         self.auth = auth
         self.background = background
         self.live = live
-        self.spawn = spawn  # starts a task in the server's nursery (the live producer)
         self.cache = Cache(config.dashboard_cache_s, config.dashboard_warm_s)
         self.assets: dict[str, str] = {}
         self.statics: dict[bytes, Static] = {}
@@ -466,9 +471,8 @@ class Dashboard:
             kind = ASSET_TYPES.get(os.path.splitext(item.name)[1])
             if kind is None:
                 continue
-            static = Static(item.read_bytes(), kind)
-            static.headers = [(b"etag", static.etag), (b"x-content-type-options", b"nosniff"),
-                              (b"cache-control", b"public, max-age=31536000, immutable")]
+            # (a URL that carries the file's digest: cached for good)
+            static = Static(item.read_bytes(), kind, b"public, max-age=31536000, immutable")
             self.statics[b"/dashboard/static/" + item.name.encode()] = static
             self.assets[item.name] = f"/dashboard/static/{item.name}?v={static.etag[1:9].decode()}"
 
@@ -565,4 +569,4 @@ class Dashboard:
                            "(dashboard_max_watchers)", headers=((b"retry-after", b"10"),))
         return Response(200, b"", [*SECURITY_HEADERS, (b"x-accel-buffering", b"no")],
                         content_type=b"text/event-stream",
-                        stream=self.live.stream(self.spawn))
+                        stream=self.live.stream())

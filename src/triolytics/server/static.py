@@ -22,10 +22,11 @@ MODULE_FOOTER = b"export default triolytics; export const init = triolytics.init
 
 
 class Static:
-    def __init__(self, body: bytes, content_type: bytes) -> None:
+    def __init__(self, body: bytes, content_type: bytes,
+                 cache_control: bytes = b"public, max-age=300") -> None:
         self.body, self.content_type = body, content_type
         self.etag = b'"%s"' % hashlib.sha256(body).hexdigest()[:20].encode()
-        self.headers = [(b"etag", self.etag), (b"cache-control", b"public, max-age=300"),
+        self.headers = [(b"etag", self.etag), (b"cache-control", cache_control),
                         (b"x-content-type-options", b"nosniff")]
 
     async def __call__(self, req: Request) -> Response:

@@ -296,6 +296,16 @@ def ws_client(
         stop.wait(POLL_S)
 
 
+def bound_port(data_dir: Path, pid: int) -> int | None:
+    """The port the server process `pid` bound, from the server.json it wrote in
+    `data_dir`; None before it has (an older one names another pid)."""
+    try:
+        info = json.loads((data_dir / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info["port"] if info.get("pid") == pid else None
+
+
 class Server:
     """`python -m triolytics serve` on HOST. With `port=0` the server picks its port, and
     `wait_healthy` reads it from the `server.json` this process writes in `data_dir`."""
@@ -352,14 +362,10 @@ class Server:
         )
 
     def _read_port(self) -> bool:
-        """The port this process bound, from its server.json (an older one names another pid)."""
-        try:
-            info = json.loads((self.data_dir / "server.json").read_text())
-        except (OSError, ValueError):
+        port = bound_port(self.data_dir, self.proc.pid)
+        if port is None:
             return False
-        if info.get("pid") != self.proc.pid:
-            return False
-        self.port = info["port"]
+        self.port = port
         return True
 
     def kill(self) -> None:

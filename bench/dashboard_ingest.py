@@ -64,6 +64,7 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import crash_loop
 import dashboard_queries
 import duckdb
 import harness
@@ -176,13 +177,9 @@ class DashServer(Server):
 
     def ready(self) -> bool:
         if not self.port:
-            try:
-                info = json.loads((self.data / "server.json").read_text())
-            except (OSError, ValueError):
+            self.port = crash_loop.bound_port(self.data, self.proc.pid) or 0
+            if not self.port:
                 return False
-            if info.get("pid") != self.proc.pid:
-                return False
-            self.port = info["port"]
         return super().ready()
 
     def token(self) -> str:

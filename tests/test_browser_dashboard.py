@@ -2,7 +2,7 @@
 Playwright, against a real server process on loopback (bench/crash_loop.Server, port 0).
 
 Skipped, saying why, without /usr/bin/chromium or Playwright (as tests/test_browser_sdk.py,
-whose launch arguments and bounds these tests share).
+whose browser fixture and bounds these tests share).
 
 One server and one data set for the module: pages with referrers, tracks, an identify,
 two browsers' user agents over HTTP (`/v1/batch`), and a realtime session over the
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from seed_examples import load_bench_script
-from test_browser_sdk import CHROMIUM, CHROMIUM_ARGS, DB_WAIT_S, WAIT_MS, sync_playwright
+from test_browser_sdk import DB_WAIT_S, WAIT_MS, browser  # noqa: F401 (its fixture)
 from test_browser_sdk import pytestmark as browser_marks
 
 pytestmark = browser_marks
@@ -139,16 +139,6 @@ def server(tmp_path_factory):
         s.proc.terminate()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 # Each document reports its CSP violations to the console, where `context` collects them
 # with the browser's own reports ("Refused to ...").
 REPORT_CSP = """document.addEventListener("securitypolicyviolation", e =>
@@ -156,7 +146,7 @@ REPORT_CSP = """document.addEventListener("securitypolicyviolation", e =>
 
 
 @pytest.fixture
-def context(browser):
+def context(browser):  # noqa: F811 (the fixture imported above)
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     ctx.set_default_timeout(WAIT_MS)
     ctx.add_init_script(REPORT_CSP)

@@ -282,14 +282,20 @@ def test_same_origin():
     assert not same_origin(req(**{"sec-fetch-site": "same-site"}))
 
 
-async def test_cache_single_flight_and_expiry(autojump_clock):
-    cache = Cache(5.0, entries=2)
-    calls = []
+def counting(seconds: float):
+    """(calls, compute): a computation taking `seconds` that returns how many ran."""
+    calls: list[float] = []
 
     async def compute():
         calls.append(trio.current_time())
-        await trio.sleep(1)
+        await trio.sleep(seconds)
         return len(calls)
+    return calls, compute
+
+
+async def test_cache_single_flight_and_expiry(autojump_clock):
+    cache = Cache(5.0, entries=2)
+    calls, compute = counting(1)
 
     async with trio.open_nursery() as nursery:
         results = []
@@ -335,12 +341,7 @@ async def test_background_threads_run_niced_and_interruptible():
 
 async def test_cache_keeps_asked_keys_warm(autojump_clock):
     cache = Cache(4.0, warm_s=10.0)
-    calls = []
-
-    async def compute():
-        calls.append(trio.current_time())
-        await trio.sleep(0.5)
-        return len(calls)
+    calls, compute = counting(0.5)
 
     assert await cache.get("k", compute) == 1
     await trio.sleep(3)
@@ -365,12 +366,7 @@ def test_a_new_viewer_token_ends_the_logins():
 
 async def test_cache_answers_a_warm_key_at_once_while_it_is_renewed(autojump_clock):
     cache = Cache(4.0, warm_s=30.0)
-    calls = []
-
-    async def compute():
-        calls.append(trio.current_time())
-        await trio.sleep(3)  # (a slow view, on a busy box)
-        return len(calls)
+    calls, compute = counting(3)  # (a slow view, on a busy box)
 
     assert await cache.get("k", compute) == 1
     await trio.sleep(10)  # past its ttl, the warm task starved: the last value, at once

@@ -12,8 +12,11 @@ Rules:
 from __future__ import annotations
 
 import math
+import re
+import socket
 import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -48,6 +51,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # (one DuckDB row group: a load this big skips DuckDB's WAL)...
     load_interval_ms: int = 1000  # ...or once the oldest unloaded row is this old
     duckdb_threads: int = 1  # DuckDB worker threads; bulk appends gain nothing from more
+    # --- many writers: a DuckLake (docs/scaling.md)
+    store: Literal["duckdb", "ducklake"] = "duckdb"  # one DuckDB file, or a DuckLake
+    ducklake_catalog: str = ""  # postgresql://... (many writers); a path (one); empty:
+    # <data_dir>/lake/catalog.ducklake
+    ducklake_data_path: str = ""  # the lake's Parquet files; empty: <data_dir>/lake/data
+    ducklake_max_retry_count: int = 100  # DuckLake's retries of a commit racing another
+    ducklake_snapshot_keep_s: float = 3600.0  # older snapshots are expired by maintenance
+    ducklake_maintenance_interval_s: float = 600.0  # merge files, flush, expire this often
+    node_id: str = ""  # this writer's name in the lake; empty: the host name
     max_pending_rows: int = 100_000  # rows accepted, not yet journaled (memory)
     max_unloaded_rows: int = 500_000  # rows journaled, not yet in DuckDB (memory)
     max_unloaded_bytes: int = 1024 * MiB  # journal bytes not yet in DuckDB (disk)
@@ -149,7 +161,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "max_message_id_chars", "fault_log_interval_s", "startup_retry_s",
                     "archive_interval_s", "archive_max_file_bytes", "dashboard_session_s",
                     "dashboard_queries", "dashboard_live_s", "dashboard_max_watchers",
-                    "dashboard_max_range_days", "rollup_interval_s")
+                    "dashboard_max_range_days", "rollup_interval_s",
+                    "ducklake_max_retry_count", "ducklake_snapshot_keep_s",
+                    "ducklake_maintenance_interval_s")
         for name in positive:
             if not getattr(self, name) > 0:  # (NaN too)
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -188,6 +202,22 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         self.log_level = self.log_level.lower()
         if self.metrics_listen:
             split_address(self.metrics_listen, "metrics_listen")
+        if self.node_id and not _NODE_ID.fullmatch(self.node_id):
+            raise ConfigError("node_id must be 1-64 letters, digits, '.', '_' or '-', got "
+                              f"{self.node_id!r}")
+
+    def lake_catalog(self) -> str:
+        return self.ducklake_catalog or str(Path(self.data_dir) / "lake" / "catalog.ducklake")
+
+    def lake_data_path(self) -> str:
+        return self.ducklake_data_path or str(Path(self.data_dir) / "lake" / "data")
+
+    def writer_name(self) -> str:
+        """This writer's name in a lake: `node_id`, else the host name."""
+        return self.node_id or socket.gethostname()
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def split_address(text: str, name: str) -> tuple[str, int]:

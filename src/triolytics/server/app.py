@@ -11,6 +11,8 @@
           │                 it the figures kept warm (dashboard.py); returns on `stop`
           ├─ live feed      a message every dashboard_live_s while a dashboard page is
           │                 open (dashboard.py); returns on `stop`
+          ├─ lake upkeep    store = "ducklake": the lake's maintenance every
+          │                 ducklake_maintenance_interval_s (lake.py); returns on `stop`
           └─ listener
              ├─ timers      the sweepers: idle and request timeouts of all connections;
              │              the session reaper: sleeps until the earliest session
@@ -62,7 +64,7 @@ from triolytics.core.identity import Identities
 from triolytics.core.journal import Journal
 from triolytics.core.sessions import Session, Sessions
 from triolytics.server.api import BODILESS, Api
-from triolytics.server.dashboard import Auth, Background, Dashboard, Live, Rollups
+from triolytics.server.dashboard import Auth, Background, Dashboard, Live, Rollups, every
 from triolytics.server.http_server import HttpServer
 from triolytics.server.metrics import Metrics
 from triolytics.server.reaper import reap_sessions
@@ -70,6 +72,7 @@ from triolytics.server.startup import (
     lock_data_dir,
     no_space,
     open_data_dir,
+    open_lake,
     open_listeners,
     open_store,
 )
@@ -116,7 +119,10 @@ def prepare(config: Config) -> Prepared:
     """Blocking start-up work (run in a thread): store, replay, sessions, keys, secrets."""
     data = Path(config.data_dir)
     open_data_dir(data)
-    store, quarantined = open_store(data / "events.duckdb", config.duckdb_threads)
+    if config.store == "ducklake":
+        store, quarantined = open_lake(config), []
+    else:
+        store, quarantined = open_store(data / "events.duckdb", config.duckdb_threads)
     journal = Journal(data / "journal", config.journal_segment_bytes,
                       sync_on_rotate=config.fsync != "off")
     try:
@@ -154,10 +160,26 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
                       last_seen, events, first, latest in store.open_sessions()])
     if len(sessions):
         log.info("resumed %d open sessions", len(sessions))
-    identities = Identities(_secret_file(data / "analytics.secret").encode(),
-                            config.analytics_shard)
-    return Prepared(writer, keys, _secret_file(data / "admin.token"),
-                    _secret_file(data / "viewer.token"), identities, sessions)
+    secret = partial(_secret, store, data)
+    identities = Identities(secret("analytics.secret").encode(), config.analytics_shard)
+    return Prepared(writer, keys, secret("admin.token"), secret("viewer.token"), identities,
+                    sessions)
+
+
+def _secret(store: Store, data: Path, name: str) -> str:
+    """A secret of the data directory; with a lake, the one every node shares (kept in
+    the lake, copied to the data directory for the CLI)."""
+    shared = getattr(store, "shared_secret", None)
+    if shared is None:
+        return _secret_file(data / name)
+    value = shared(name, lambda: secrets.token_urlsafe(32))
+    path = data / name
+    if not path.exists() or path.read_text().strip() != value:
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+    return value
 
 
 def _keys_list_command(config: Config) -> str:
@@ -287,6 +309,8 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                                                api.archive_lock, dashboard.cache).run, stop)
                     reaper = partial(reap_sessions, sessions, writer,
                                      config.session_end_chunk_rows, clock)
+                    if config.store == "ducklake":
+                        nursery.start_soon(_maintain_lake, config, writer, stop)
                     if config.archive_dir or config.retention_days:
                         nursery.start_soon(archive_loop, config, writer, stop, clock,
                                            api.archive_lock)
@@ -301,6 +325,23 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
             with trio.CancelScope(shield=True):
                 await writer_done.wait()
     log.info("stopped; %d rows stored this run", writer.stats.loaded_rows)
+
+
+async def _maintain_lake(config: Config, writer: Writer, stop: trio.Event) -> None:
+    """Every ducklake_maintenance_interval_s: the lake's maintenance (lake.py), on a
+    cursor of its own in a thread, beside the loads."""
+    store = writer.store
+    cursor = await writer.run_store(store.cursor)
+
+    async def step() -> None:
+        began = trio.current_time()
+        before, after = await trio.to_thread.run_sync(store.maintain, cursor)
+        log.info("lake maintenance: events in %d data files, now %d (%.1f s)", before,
+                 after, trio.current_time() - began)
+    try:
+        await every(stop, config.ducklake_maintenance_interval_s, step, "lake maintenance")
+    finally:
+        cursor.close()
 
 
 async def _run_writer(writer: Writer, done: trio.Event) -> None:

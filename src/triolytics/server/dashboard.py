@@ -357,7 +357,7 @@ async def every(stop: trio.Event, interval_s: float, step, what: str) -> None:
         try:
             await step()
         except Exception as exc:
-            log.warning("dashboard: %s failed: %s", what, exc)
+            log.warning("%s failed: %s", what, exc)
 
 
 class Rollups:
@@ -376,8 +376,9 @@ class Rollups:
         async with trio.open_nursery() as nursery:
             if self.cache is not None:
                 nursery.start_soon(every, stop, self.interval_s, self.cache.warm,
-                                   "keeping figures warm")
-            await every(stop, self.interval_s, partial(self._refresh, stop), "rollups' refresh")
+                                   "dashboard: keeping figures warm")
+            await every(stop, self.interval_s, partial(self._refresh, stop),
+                        "dashboard: rollups' refresh")
 
     async def _refresh(self, stop: trio.Event) -> None:
         while not stop.is_set():
@@ -411,7 +412,7 @@ class Live:
         """For the server's life: every interval, a message while anyone watches (an
         idle tick reads two counters); then the streams learn it is over."""
         try:
-            await every(stop, self.interval_s, self._tick, "live feed")
+            await every(stop, self.interval_s, self._tick, "dashboard: live feed")
         finally:
             self._publish(self.message)
 

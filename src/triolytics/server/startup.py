@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from triolytics.core.config import Config
+
 if TYPE_CHECKING:
     from triolytics.storage.store import Store
 
@@ -112,6 +114,28 @@ def open_store(path: Path, threads: int) -> tuple[Store, list[Path]]:
         if keys is not None and keys.exists():
             log.warning("restored %d write keys from %s", store.restore_keys(keys), keys)
         return store, quarantined
+
+
+def open_lake(config: Config) -> Store:
+    """The DuckLake of `store = "ducklake"` (lake.py); a StartupError naming the catalog
+    and the fix when it cannot be used."""
+    import duckdb
+
+    from triolytics.storage.lake import LakeError, LakeStore, _display
+    catalog, data = config.lake_catalog(), config.lake_data_path()
+    try:
+        return LakeStore(catalog, data, config.writer_name(), threads=config.duckdb_threads,
+                         retries=config.ducklake_max_retry_count,
+                         snapshot_keep_s=config.ducklake_snapshot_keep_s)
+    except LakeError as exc:
+        raise StartupError(str(exc)) from exc
+    except duckdb.Error as exc:
+        message = " ".join(str(exc).split())
+        hint = ""
+        if "lock" in message.lower() and not catalog.startswith("postgres"):
+            hint = ("; a local catalog serves one process: use a PostgreSQL catalog "
+                    "(ducklake_catalog = \"postgresql://...\") for workers or nodes")
+        raise StartupError(f"cannot open {_display(catalog, data)}: {message}{hint}") from exc
 
 
 def _check_lock(path: Path, message: str, exc: Exception) -> None:

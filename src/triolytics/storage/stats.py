@@ -42,6 +42,7 @@ Rules:
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -120,6 +121,14 @@ _TABLES = (
     "CREATE TABLE IF NOT EXISTS stats_session_ends (project VARCHAR NOT NULL, "
     "ts TIMESTAMPTZ NOT NULL, duration_ms BIGINT, event_count BIGINT)",
 )
+# A DuckLake (lake.py) has no keys: the same tables without them, and MERGE for upserts.
+_LAKE_TABLES = tuple(re.sub(r", PRIMARY KEY \([^)]*\)| PRIMARY KEY", "", sql) for sql in _TABLES)
+
+
+def _in_lake(conn) -> bool:
+    """Whether `conn`'s current database is a DuckLake (store = "ducklake")."""
+    return conn.execute("SELECT type = 'ducklake' FROM duckdb_databases() "
+                        "WHERE database_name = current_database()").fetchone() == (True,)
 
 
 class Figure(msgspec.Struct):
@@ -456,13 +465,15 @@ def refresh_rollups(conn, max_rows: int = REFRESH_MAX_ROWS) -> int:
     """Fold the rows past the watermark (at most `max_rows` of them) into the rollups,
     in one transaction with the new watermark. Returns how many rows were folded in;
     call again while it returns `max_rows`."""
+    lake = _in_lake(conn)
+    tables = _LAKE_TABLES if lake else _TABLES
     conn.execute("BEGIN")
     try:
-        for sql in _TABLES:
+        for sql in tables:
             conn.execute(sql)
         if conn.execute(f"SELECT hashing <> {_HASHING} FROM stats_mark").fetchone() == (True,):
             drop_rollups(conn)  # made by another DuckDB's hash(): built again
-            for sql in _TABLES:
+            for sql in tables:
                 conn.execute(sql)
         mark = watermark(conn)
         top_seq = conn.execute("SELECT max(ingest_seq) FROM events WHERE ingest_seq > ?",
@@ -476,8 +487,16 @@ def refresh_rollups(conn, max_rows: int = REFRESH_MAX_ROWS) -> int:
                             [mark, upto]).fetchone()[0]
         facts = f"WITH f AS MATERIALIZED ({_FACTS.format(where=where)}) "
         _register_uas(conn, facts + _UAS, [mark, upto])
-        conn.execute(f"INSERT INTO stats_hourly {facts} {_HOURLY} "
-                     "ON CONFLICT DO UPDATE SET n = n + excluded.n", [mark, upto])
+        if lake:
+            conn.execute(f"MERGE INTO stats_hourly s USING ({facts} {_HOURLY}) AS x "
+                         "ON s.project IS NOT DISTINCT FROM x.project AND s.hour = x.hour "
+                         "AND s.kind = x.kind AND s.key IS NOT DISTINCT FROM x.key "
+                         "WHEN MATCHED THEN UPDATE SET n = s.n + x.n "
+                         "WHEN NOT MATCHED THEN INSERT VALUES (x.project, x.hour, x.kind, "
+                         "x.key, x.n)", [mark, upto])
+        else:
+            conn.execute(f"INSERT INTO stats_hourly {facts} {_HOURLY} "
+                         "ON CONFLICT DO UPDATE SET n = n + excluded.n", [mark, upto])
         # Visitor-hours not there yet: a chunk every few seconds would otherwise add a
         # row per chunk for a visitor active across them. An anti join over the hours
         # the chunk touches, rather than a primary key, whose index was as big as the
@@ -491,7 +510,11 @@ def refresh_rollups(conn, max_rows: int = REFRESH_MAX_ROWS) -> int:
             "AND s.os = n.os)", [mark, upto])
         conn.execute(f"INSERT INTO stats_session_ends {_ENDS.format(where=where)}",
                      [mark, upto])
-        conn.execute(f"INSERT OR REPLACE INTO stats_mark VALUES (1, ?, {_HASHING})", [upto])
+        if lake:
+            conn.execute("DELETE FROM stats_mark")
+            conn.execute(f"INSERT INTO stats_mark VALUES (1, ?, {_HASHING})", [upto])
+        else:
+            conn.execute(f"INSERT OR REPLACE INTO stats_mark VALUES (1, ?, {_HASHING})", [upto])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -336,31 +336,51 @@ class Store:
         if rows_before is None:
             rows_before = [len(rows)] * len(wide)
         counts = [p.count for p in wide]
-        first = self.last_seq + 1
+        total = len(rows) + sum(counts)
         if len(self._counting) < max(len(rows), sum(counts)):  # (grown rarely: doubled)
             self._counting = pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), max(
                 len(rows), sum(counts), 2 * len(self._counting), 1 << 16)), start=-1)
-        c = self.conn
-        c.execute("BEGIN")
-        try:
-            if rows:
-                ends, skips = _runs(rows_before, counts, len(rows))
-                self._insert(rows_to_arrow(rows),
-                             arrival_numbers(self._counting, first, ends, skips))
-            if sum(counts):
-                shown = [(n, before) for n, before in zip(counts, rows_before, strict=True)
-                         if n]  # (wide_to_arrow leaves out batches of no rows)
-                self._insert(wide_to_arrow(wide), arrival_numbers(
-                    self._counting, first, list(accumulate(n for n, _ in shown)),
-                    [before for _, before in shown]))
-            c.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
-            c.execute("COMMIT")
-        except BaseException as exc:
-            self._rollback(exc)
-            if self.invalidated:  # a fatal error: the COMMIT may have landed all the same
-                self._doubtful = (position, len(rows), len(wide))
-            raise
-        self.last_seq += len(rows) + sum(counts)
+        tables = (rows_to_arrow(rows) if rows else None,
+                  wide_to_arrow(wide) if sum(counts) else None)
+        attempt = 0
+        while True:
+            c = self.conn
+            c.execute("BEGIN")
+            try:
+                first = self._first_seq()
+                if rows:
+                    ends, skips = _runs(rows_before, counts, len(rows))
+                    self._insert(tables[0], arrival_numbers(self._counting, first, ends, skips))
+                if sum(counts):
+                    shown = [(n, before) for n, before in zip(counts, rows_before, strict=True)
+                             if n]  # (wide_to_arrow leaves out batches of no rows)
+                    self._insert(tables[1], arrival_numbers(
+                        self._counting, first, list(accumulate(n for n, _ in shown)),
+                        [before for _, before in shown]))
+                self._mark(position, first - 1 + total)
+                c.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback(exc)
+                if self.invalidated:  # a fatal error: the COMMIT may have landed all the same
+                    self._doubtful = (position, len(rows), len(wide))
+                elif self._conflicted(exc, attempt):  # (another writer of a shared store)
+                    attempt += 1
+                    continue
+                raise
+            break
+        self.last_seq = first - 1 + total
+
+    def _first_seq(self) -> int:
+        """The first `ingest_seq` of a load, in its transaction."""
+        return self.last_seq + 1
+
+    def _mark(self, position: Position, last_seq: int) -> None:
+        """Move the journal mark to `position`, in the load's transaction."""
+        self.conn.execute("INSERT OR REPLACE INTO journal_mark VALUES (1, ?, ?)", list(position))
+
+    def _conflicted(self, error: BaseException, attempt: int) -> bool:
+        """Whether a failed load is to be tried again (a shared store's conflict)."""
+        return False
 
     def _not_committed(self, rows: list[Row], columns, rows_before: list[int] | None):
         """After a reopen: the parts of a load not stored yet. A fatal error can come

@@ -183,5 +183,6 @@ def test_attach_sql_forms():
     assert attach_sql("postgresql://u@h:5432/db", "/d").startswith(
         "ATTACH 'ducklake:postgres:postgresql://u@h:5432/db' AS lake (DATA_PATH '/d/'")
     assert "ducklake:postgres:host=h dbname=x" in attach_sql("postgres:host=h dbname=x", "/d/")
+    assert "ducklake:postgres:dbname=x host=h'" in attach_sql("dbname=x host=h", "/d")
     assert attach_sql("/c/it's.ducklake", "/d", read_only=True).endswith(
         "AS lake (DATA_PATH '/d/', READ_ONLY)")

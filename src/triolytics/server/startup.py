@@ -121,7 +121,7 @@ def open_lake(config: Config) -> Store:
     and the fix when it cannot be used."""
     import duckdb
 
-    from triolytics.storage.lake import LakeError, LakeStore, _display
+    from triolytics.storage.lake import LakeError, LakeStore, _display, is_postgres
     catalog, data = config.lake_catalog(), config.lake_data_path()
     try:
         return LakeStore(catalog, data, config.writer_name(), threads=config.duckdb_threads,
@@ -132,7 +132,7 @@ def open_lake(config: Config) -> Store:
     except duckdb.Error as exc:
         message = " ".join(str(exc).split())
         hint = ""
-        if "lock" in message.lower() and not catalog.startswith("postgres"):
+        if "lock" in message.lower() and not is_postgres(catalog):
             hint = ("; a local catalog serves one process: use a PostgreSQL catalog "
                     "(ducklake_catalog = \"postgresql://...\") for workers or nodes")
         raise StartupError(f"cannot open {_display(catalog, data)}: {message}{hint}") from exc

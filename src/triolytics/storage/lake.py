@@ -47,6 +47,7 @@ log = logging.getLogger("triolytics.store")
 LAKE = "lake"  # the attached DuckLake's name in each connection
 EXTENSIONS = (("duckdb_extension_postgres_scanner", "postgres_scanner"),
               ("duckdb_extension_ducklake", "ducklake"))
+_LIBPQ = re.compile(r"\s*(host|hostaddr|port|dbname|user|service)\s*=")  # a libpq string
 _CONFLICT = re.compile(r"[Cc]onflict")
 _INSERT = file_store._INSERT.replace(
     f'"{ARRIVAL}") SELECT', f'"{ARRIVAL}", writer) SELECT').replace(
@@ -76,7 +77,7 @@ def extension_path(module: str, name: str) -> str:
 def attach_sql(catalog: str, data_path: str, read_only: bool = False) -> str:
     """`ATTACH` of the lake: `catalog` is a PostgreSQL URL or libpq string (postgresql://,
     postgres:...) or a local file path (one process only)."""
-    if catalog.startswith(("postgresql://", "postgres://")):
+    if catalog.startswith(("postgresql://", "postgres://")) or _LIBPQ.match(catalog):
         target = "postgres:" + catalog
     elif catalog.startswith("postgres:"):
         target = catalog
@@ -86,6 +87,11 @@ def attach_sql(catalog: str, data_path: str, read_only: bool = False) -> str:
     if read_only:
         options.append("READ_ONLY")
     return f"ATTACH {_quote('ducklake:' + target)} AS {LAKE} ({', '.join(options)})"
+
+
+def is_postgres(catalog: str) -> bool:
+    """Whether `catalog` names a PostgreSQL database (else a local file)."""
+    return catalog.startswith("postgres") or bool(_LIBPQ.match(catalog))
 
 
 def _quote(text: str) -> str:
@@ -103,7 +109,7 @@ def connect(catalog: str, data_path: str, *, read_only: bool = False, threads: i
             conn.execute(f"LOAD {_quote(extension_path(module, name))}")
         conn.execute("SET enable_progress_bar = false")
         conn.execute(f"SET ducklake_max_retry_count = {int(retries)}")
-        if not catalog.startswith("postgres") and not read_only:
+        if not is_postgres(catalog) and not read_only:
             Path(catalog).expanduser().parent.mkdir(parents=True, exist_ok=True)
         if "://" not in data_path and not read_only:
             Path(data_path).mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,9 @@ test: $(STAMP) test-tools
 # `nginx`; `nginx-light` is only a wrapper around it). Installing it must not start a
 # system nginx on port 80: without a policy-rc.d, a temporary one (exit 101) stops apt
 # from starting it, and the unit is disabled (and stopped, were it running) afterwards.
+# Tests needing PostgreSQL start their own throwaway server on 127.0.0.1 (bench/pgserver.py,
+# tests/conftest.py's `postgres` fixture) from Debian's `postgresql` binaries; as for nginx,
+# apt must not start the system cluster, and its unit is disabled afterwards.
 test-tools:
 	@command -v curl >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq curl) >/dev/null 2>&1 || echo "curl not installed: tests/test_readme.py will skip the README's shell examples"; }
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
@@ -48,6 +51,11 @@ test-tools:
 	  [ -z "$$rcd" ] || rm -f /usr/sbin/policy-rc.d; \
 	  systemctl disable --now nginx >/dev/null 2>&1 || true; }
 	@test -x /usr/bin/chromium || { (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: tests/test_browser_sdk.py will be skipped"; }
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  rcd=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && rcd=1; } 2>/dev/null; \
+	  (apt-get update -qq && apt-get install -y -qq postgresql) >/dev/null 2>&1 || echo "postgresql not installed: tests needing PostgreSQL will be skipped"; \
+	  [ -z "$$rcd" ] || rm -f /usr/sbin/policy-rc.d; \
+	  systemctl disable --now postgresql >/dev/null 2>&1 || true; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -17,6 +17,10 @@ Rules:
   keeps a second server out even while the first one's DuckDB file is not open.
 - This module imports nothing of the server extra (duckdb, pyarrow), so that it can say
   the extra is missing; `open_store` imports the store when it is called.
+- Listening sockets are trio's (`open_listeners`) unless `reuse_port`: then each also
+  sets SO_REUSEPORT before bind, so that several processes (`serve --workers N`,
+  workers.py) listen on one port and the kernel spreads the connections among them.
+  `reserve_port` holds such a port, bound but not listening, between their lives.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import fcntl
 import logging
 import os
 import re
+import socket
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,22 +215,84 @@ def no_space(exc: BaseException) -> bool:
     return False
 
 
-async def open_listeners(port: int, host: str, setting: str = "") -> list[trio.SocketListener]:
+async def open_listeners(port: int, host: str, setting: str = "", *,
+                         reuse_port: bool = False) -> list[trio.SocketListener]:
     """The listening sockets, or a StartupError naming host:port and the flag (or the
-    `setting`, such as metrics_listen) to change."""
+    `setting`, such as metrics_listen) to change. With `reuse_port` other processes of
+    this user may listen on the same port (SO_REUSEPORT)."""
     try:
+        if reuse_port:
+            return await _reuse_port_listeners(port, host)
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        place = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        reason = exc.strerror or str(exc)
-        flag = setting or "--port"
-        if exc.errno == errno.EADDRINUSE:
-            fix = f"choose another port with {flag}"
-        elif exc.errno == errno.EACCES:
-            fix = f"ports below 1024 need privileges; choose another with {flag}"
-        else:
-            fix = f"check {setting or '--host and --port'}"
-        raise StartupError(f"cannot listen on {place}: {reason}; {fix}") from exc
+        raise listen_error(host, port, setting, exc) from exc
+
+
+def listen_error(host: str, port: int, setting: str, exc: OSError) -> StartupError:
+    """The one line for a port that cannot be bound, naming the flag or `setting`."""
+    place = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = exc.strerror or str(exc)
+    flag = setting or "--port"
+    if exc.errno == errno.EADDRINUSE:
+        fix = f"choose another port with {flag}"
+    elif exc.errno == errno.EACCES:
+        fix = f"ports below 1024 need privileges; choose another with {flag}"
+    else:
+        fix = f"check {setting or '--host and --port'}"
+    return StartupError(f"cannot listen on {place}: {reason}; {fix}")
+
+
+LISTEN_BACKLOG = 0xFFFF  # as trio's: the kernel cuts it to net.core.somaxconn
+
+
+def _share_port(sock) -> None:
+    """SO_REUSEADDR (as trio sets it) and SO_REUSEPORT, before bind; IPv6 only on an
+    IPv6 socket, as trio does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+async def _reuse_port_listeners(port: int, host: str) -> list[trio.SocketListener]:
+    """`trio.open_tcp_listeners` with SO_REUSEPORT: one listener per address of `host`."""
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, type_, proto, _, address in await trio.socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            sock = trio.socket.socket(family, type_, proto)
+            try:
+                _share_port(sock)
+                await sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT and not listening, so that it gets no
+    connections but keeps the port ours while listeners with SO_REUSEPORT come and go;
+    port 0 picks a free one. A StartupError (naming --port) when it cannot be bound."""
+    try:
+        family, type_, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, type_, proto)
+    except OSError as exc:
+        raise listen_error(host, port, "", exc) from exc
+    try:
+        _share_port(sock)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(host, port, "", exc) from exc
+    return sock
 
 
 def startup_error(exc: BaseException) -> StartupError | None:

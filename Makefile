@@ -24,7 +24,7 @@ $(UV):
 
 # --locked: install exactly uv.lock, and fail if pyproject.toml has changed without it.
 $(STAMP): pyproject.toml uv.lock $(UV)
-	$(UV) sync --locked --extra server --python $(PYTHON)
+	$(UV) sync --locked --extra server --extra lake --python $(PYTHON)
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -60,6 +60,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ducklake_snapshot_keep_s: float = 3600.0  # older snapshots are expired by maintenance
     ducklake_maintenance_interval_s: float = 600.0  # merge files, flush, expire this often
     node_id: str = ""  # this writer's name in the lake; empty: the host name
+    shared_state: str = ""  # PostgreSQL for sessions and dedup of many writers; empty:
+    # the lake catalog's database when that is PostgreSQL; "off": each writer its own
+    shared_reap_interval_s: float = 5.0  # idle sessions are claimed and ended this often
     max_pending_rows: int = 100_000  # rows accepted, not yet journaled (memory)
     max_unloaded_rows: int = 500_000  # rows journaled, not yet in DuckDB (memory)
     max_unloaded_bytes: int = 1024 * MiB  # journal bytes not yet in DuckDB (disk)
@@ -163,7 +166,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     "dashboard_queries", "dashboard_live_s", "dashboard_max_watchers",
                     "dashboard_max_range_days", "rollup_interval_s",
                     "ducklake_max_retry_count", "ducklake_snapshot_keep_s",
-                    "ducklake_maintenance_interval_s")
+                    "ducklake_maintenance_interval_s", "shared_reap_interval_s")
         for name in positive:
             if not getattr(self, name) > 0:  # (NaN too)
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -211,6 +214,24 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def lake_data_path(self) -> str:
         return self.ducklake_data_path or str(Path(self.data_dir) / "lake" / "data")
+
+    def shared_state_dsn(self) -> str | None:
+        """The PostgreSQL (libpq string or URL) holding sessions and dedup shared by many
+        writers, or None (one writer: both in memory)."""
+        if self.shared_state == "off":
+            return None
+        if self.shared_state:
+            return self.shared_state.removeprefix("postgres:")
+        catalog = self.ducklake_catalog
+        if self.store != "ducklake" or not catalog:
+            return None
+        if catalog.startswith(("postgresql://", "postgres://")):
+            return catalog
+        if catalog.startswith("postgres:"):
+            return catalog.removeprefix("postgres:")
+        if re.match(r"\s*(host|hostaddr|port|dbname|user|service)\s*=", catalog):
+            return catalog
+        return None
 
     def writer_name(self) -> str:
         """This writer's name in a lake: `node_id`, else the host name."""

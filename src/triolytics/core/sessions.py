@@ -68,9 +68,12 @@ class SessionEnd(msgspec.Struct):
 
 
 class Sessions:
-    def __init__(self, timeout_us: int, new_id) -> None:
+    def __init__(self, timeout_us: int, new_id, *, ends: bool = True) -> None:
         self.timeout = timeout_us
         self.new_id = new_id  # () -> str, a fresh session id
+        # False with many writers: ends are the shared reaper's (shared_state.py); a
+        # local session idle for the timeout is only forgotten, and makes no row.
+        self.ends = ends
         self.live: dict[Key, Session] = {}
         self._heap: list[tuple[int, int, Session]] = []  # (deadline, tie-break, session)
         self._stale: list[Session] = []  # restored, superseded by a newer one of its key
@@ -102,7 +105,9 @@ class Sessions:
                     s.last_seen = now
                 s.count += events
                 return s
-            rows.append(self._end(s, now))
+            end = self._end(s, now)
+            if end is not None:
+                rows.append(end)
         start = now if first is None or first > now else first
         s = Session(key, self.new_id(), now, anonymous_id, user_id, events=events, first=start)
         self.live[key] = s
@@ -166,7 +171,9 @@ class Sessions:
         ended: list[Row] = []
         while self._stale and limit > 0:
             limit -= 1
-            ended.append(self._end(self._stale.pop(), now))
+            end = self._end(self._stale.pop(), now)
+            if end is not None:
+                ended.append(end)
         while heap and heap[0][0] <= now and limit > 0:
             limit -= 1
             _, _, s = heapq.heappop(heap)
@@ -175,14 +182,26 @@ class Sessions:
             if s.last_seen + self.timeout > now:
                 self._push(s)  # active since: its deadline moved on
                 continue
-            ended.append(self._end(s, now))
+            end = self._end(s, now)
+            if end is not None:
+                ended.append(end)
         return ended
 
-    def _end(self, s: Session, now: int) -> Row:
+    def adopt(self, key: Key, local: str, shared: str) -> None:
+        """Many writers: the live session `local` of `key` is known to all as `shared`
+        (another writer opened the key's session first)."""
+        s = self.live.get(key)
+        if s is not None and s.id == local:
+            s.id = shared
+
+    def _end(self, s: Session, now: int) -> Row | None:
         """Its `session_end` row, received `now`: stamped at last activity + timeout, or
-        at the latest event time stored in the session if that is later."""
+        at the latest event time stored in the session if that is later. None when
+        ends are not this tracker's (`ends`): the session is only forgotten."""
         if self.live.get(s.key) is s:
             del self.live[s.key]
+        if not self.ends:
+            return None
         self.ended += 1
         end = s.last_seen + self.timeout
         if s.latest > end:

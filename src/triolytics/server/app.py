@@ -67,7 +67,7 @@ from triolytics.server.api import BODILESS, Api
 from triolytics.server.dashboard import Auth, Background, Dashboard, Live, Rollups, every
 from triolytics.server.http_server import HttpServer
 from triolytics.server.metrics import Metrics
-from triolytics.server.reaper import reap_sessions
+from triolytics.server.reaper import reap_sessions, reap_shared
 from triolytics.server.startup import (
     lock_data_dir,
     no_space,
@@ -108,6 +108,7 @@ def _secret_file(path: Path) -> str:
 
 class Prepared(msgspec.Struct):
     writer: Writer
+    shared_reaper: object | None  # many writers: the shared reaper's SharedState
     keys: dict[str, str]  # write key -> project
     admin_token: str
     viewer_token: str  # the dashboard's read-only login
@@ -140,6 +141,15 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
     dedup = Dedup(config.dedup_window_s * 1_000_000, config.dedup_max_ids)
     writer = Writer(config, journal, store, dedup)
     writer.quarantined = [str(q) for q in quarantined]
+    writer.new_id = new_id
+    shared_reaper = None
+    dsn = config.shared_state_dsn()
+    if dsn is not None:  # many writers: sessions and dedup in PostgreSQL
+        from triolytics.storage.shared_state import SharedState
+        timeout = round(config.session_timeout_s * 1_000_000)
+        window = config.dedup_window_s * 1_000_000
+        writer.shared = SharedState(dsn, config.writer_name(), timeout, window)
+        shared_reaper = SharedState(dsn, config.writer_name(), timeout, window)
     replayed = writer.recover()
     if replayed:
         log.info("replayed %d journaled rows into DuckDB", replayed)
@@ -152,18 +162,21 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
         keys = store.active_keys()
         print(f"created project 'default' with write key {key} (send it as the x-write-key "
               f"header); `{_keys_list_command(config)}` shows it again", flush=True)
-    sessions = Sessions(round(config.session_timeout_s * 1_000_000), new_id)
-    sessions.restore([Session((project, channel, anonymous_id or user_id), session_id,
-                              started, anonymous_id, user_id, last_seen, events, first,
-                              latest)
-                      for project, channel, anonymous_id, user_id, session_id, started,
-                      last_seen, events, first, latest in store.open_sessions()])
+    sessions = Sessions(round(config.session_timeout_s * 1_000_000), new_id,
+                        ends=shared_reaper is None)
+    writer.adopt = sessions.adopt
+    if shared_reaper is None:  # (many writers: the sessions are in PostgreSQL)
+        sessions.restore([Session((project, channel, anonymous_id or user_id), session_id,
+                                  started, anonymous_id, user_id, last_seen, events, first,
+                                  latest)
+                          for project, channel, anonymous_id, user_id, session_id, started,
+                          last_seen, events, first, latest in store.open_sessions()])
     if len(sessions):
         log.info("resumed %d open sessions", len(sessions))
     secret = partial(_secret, store, data)
     identities = Identities(secret("analytics.secret").encode(), config.analytics_shard)
-    return Prepared(writer, keys, secret("admin.token"), secret("viewer.token"), identities,
-                    sessions)
+    return Prepared(writer, shared_reaper, keys, secret("admin.token"),
+                    secret("viewer.token"), identities, sessions)
 
 
 def _secret(store: Store, data: Path, name: str) -> str:
@@ -309,6 +322,12 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                                                api.archive_lock, dashboard.cache).run, stop)
                     reaper = partial(reap_sessions, sessions, writer,
                                      config.session_end_chunk_rows, clock)
+                    if ready.shared_reaper is not None:
+                        nursery.start_soon(partial(
+                            reap_shared, ready.shared_reaper, writer,
+                            config.session_end_chunk_rows,
+                            round(config.session_timeout_s * 1_000_000),
+                            config.shared_reap_interval_s, new_id, clock))
                     if config.store == "ducklake":
                         nursery.start_soon(_maintain_lake, config, writer, stop)
                     if config.archive_dir or config.retention_days:

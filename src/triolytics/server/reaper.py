@@ -22,6 +22,7 @@ import trio
 
 from triolytics.core.errors import ApiError
 from triolytics.core.sessions import Sessions
+from triolytics.core.shared import end_row
 from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics.sessions")
@@ -54,3 +55,51 @@ async def reap_sessions(sessions: Sessions, writer: Writer, chunk: int,
                 log.warning("could not store %d session_end rows (%s); retrying",
                             len(rows), exc.message)
                 await trio.sleep(RETRY_S)
+
+
+async def reap_shared(shared, writer: Writer, chunk: int, timeout_us: int, interval_s: float,
+                      new_id: Callable[[], str], clock: Callable[[], int] = time_ns, *,
+                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Many writers (shared_state.py): every `interval_s`, claim the sessions idle for the
+    timeout (any writer's), store their `session_end` rows, then forget them; ids past
+    the dedup window are dropped once a minute. A claim whose rows could not be stored
+    (shutting down) is released for another writer; one that dies with us is settled at
+    our next start."""
+    task_status.started()
+    forgot_at = 0.0
+    while True:
+        now = clock() // 1000
+        try:
+            claimed = await trio.to_thread.run_sync(shared.claim_expired, now, chunk)
+            if trio.current_time() - forgot_at >= 60:
+                forgot_at = trio.current_time()
+                await trio.to_thread.run_sync(shared.forget_ids, now)
+        except Exception as exc:
+            log.warning("%s; retrying", exc)
+            await trio.sleep(interval_s)
+            continue
+        if claimed:
+            rows = [end_row(c, timeout_us, now, new_id()) for c in claimed]
+            ids = [c[0] for c in claimed]
+            while True:
+                try:
+                    await writer.store_rows(rows)
+                    break
+                except ApiError as exc:
+                    if writer.closing:
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(shared.release, ids)
+                        return
+                    log.warning("could not store %d session_end rows (%s); retrying",
+                                len(rows), exc.message)
+                    await trio.sleep(RETRY_S)
+            while True:
+                try:
+                    await trio.to_thread.run_sync(shared.finish, ids)
+                    break
+                except Exception as exc:  # (stored: settled at the next start at worst)
+                    log.warning("%s; retrying", exc)
+                    await trio.sleep(RETRY_S)
+            if len(claimed) == chunk:
+                continue
+        await trio.sleep(interval_s)

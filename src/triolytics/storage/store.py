@@ -430,6 +430,12 @@ class Store:
             " WHERE e.received_at >= (SELECT make_timestamptz(min(started)) FROM open)"
             " GROUP BY ALL").fetchall()
 
+    def ended_sessions(self, session_ids: list[str]) -> set[str]:
+        """Which of these sessions have a stored `session_end` row."""
+        return {r[0] for r in self.conn.execute(
+            "SELECT DISTINCT session_id FROM events WHERE type = 'session_end' AND "
+            "session_id IN (SELECT unnest(?::VARCHAR[]))", [session_ids]).fetchall()}
+
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
 

@@ -40,12 +40,14 @@ from triolytics.core.errors import ApiError, overloaded
 from triolytics.core.faults import Faults
 from triolytics.core.journal import HEADER, Journal, JournalError, Position, Syncer
 from triolytics.core.rows import Columns, Part, Row, RtColumns, decode_part, encode_part
+from triolytics.core.shared import rewrite, summarize
 from triolytics.storage.store import Store
 
 log = logging.getLogger("triolytics.writer")
 LOAD_RETRY_S = 1.0  # after a failed DuckDB load
 JOURNAL_FAULT = "journal write"  # the fault keys (faults.py): a write or sync, and a load
 CHECKPOINT_FAULT = "DuckDB checkpoint"
+SHARED_FAULT = "shared state"  # sessions and dedup in PostgreSQL (many writers)
 LOAD_FAULT = "DuckDB load"
 FREE_SLICE = 2048  # rows freed per step after a load
 # Histogram bounds (seconds) of a DuckDB load, and of a group's journal write to its ack
@@ -178,6 +180,14 @@ class Writer:
         # Storage faults, each logged once then rate-limited; `fault` is the current
         # cause (None: journal writable and DuckDB loads succeeding), for /readyz.
         self.faults = Faults(log, config.fault_log_interval_s, monotonic)
+        # Many writers (shared_state.py): each group is decided with the others, and
+        # `adopt(key, local id, shared id)` tells the local sessions what was decided.
+        self.shared = None
+        self.adopt = None
+        self.new_id = None  # () -> a row id, for the start rows of sessions made shared
+        self._synced_to = Position(0, 0)
+        self._sync_error: Exception | None = None
+        self._sync_changed = trio.Event()
 
     @property
     def fault(self) -> str | None:
@@ -191,31 +201,66 @@ class Writer:
 
     # --- start-up (before serving): replay whatever DuckDB does not have yet
     def recover(self) -> int:
-        """Open the journal and load its unloaded suffix; returns rows replayed."""
+        """Open the journal and load its unloaded suffix; returns rows replayed. With
+        many writers, records the shared state may not know (after its applied position:
+        the writer died between a journal sync and its group's commit) are decided again
+        before they load, and this writer's claims on session ends are settled."""
         self.journal.open()
         self._loaded = self.store.loaded_position()
         self.journal.skip_past(self._loaded)
+        applied = self.shared.applied_position() if self.shared is not None else None
         batch = _Load()
         end = self._loaded
         replayed = 0
         for payload, position in self.journal.records(self._loaded):
+            if applied is not None and end <= applied < position and batch.count:
+                replayed += self._replay(batch, end, False)  # (known ones load as they are)
+                batch = _Load()
             batch.add(decode_part(payload))
             end = position
             if batch.count >= self.config.load_batch_rows:
-                self.store.load(batch.rows, end, batch.columns, batch.rows_before)
-                replayed += batch.count
+                replayed += self._replay(batch, end, applied is not None and end > applied)
                 batch = _Load()
         if end != self._loaded or batch.count:
-            self.store.load(batch.rows, end, batch.columns, batch.rows_before)
-            replayed += batch.count
-        self._loaded = self._written = end
+            replayed += self._replay(batch, end, applied is not None and end > applied)
+        self._loaded = self._written = self._synced_to = end
         segments = self.journal.segments()
         self._first_segment = segments[0] if segments else 0
         self._release(end)
         now = time_ns() // 1000
         window = self.config.dedup_window_s * 1_000_000
         self.dedup.remember(self.store.recent_ids(now - window, self.config.dedup_max_ids), now)
+        if self.shared is not None:
+            claims = self.shared.own_claims()
+            if claims:
+                ended = self.store.ended_sessions(claims)
+                self.shared.finish(sorted(ended))
+                self.shared.release([c for c in claims if c not in ended])
+                log.info("session ends claimed before a restart: %d stored, %d released",
+                         len(ended), len(claims) - len(ended))
         return replayed
+
+    def _replay(self, batch: _Load, end: Position, decide: bool) -> int:
+        """Load a replayed batch; `decide`: with the shared state first (see recover)."""
+        if not decide:
+            self.store.load(batch.rows, end, batch.columns, batch.rows_before)
+            return batch.count
+        parts = batch.parts()
+        decision = self.shared.begin(summarize(parts), time_ns() // 1000, recovering=True)
+        try:
+            parts = rewrite(parts, decision.shared, decision.repeated)
+            if decision.fresh:
+                parts = [self._starts(summarize(batch.parts()).sessions, decision.fresh),
+                         *parts]
+            again = _Load()
+            for part in parts:
+                again.add(part)
+            self.store.load(again.rows, end, again.columns, again.rows_before)
+        except BaseException:
+            self.shared.rollback()
+            raise
+        self.shared.commit(end)
+        return again.count
 
     # --- intake (called by connection tasks)
     # --- intake (called by connection tasks)
@@ -378,7 +423,10 @@ class Writer:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
             group, self._group = self._group, _Group()
-            self._write(group)
+            if self.shared is None:
+                self._write(group)
+            else:
+                await self._write_shared(group)
             # Let the connections run and gather the next group.
             await trio.lowlevel.checkpoint()
 
@@ -401,8 +449,90 @@ class Writer:
         else:
             self._finish(group, None)
 
+    async def _write_shared(self, group: _Group) -> None:
+        """A group with many writers (shared_state.py, Rules): decided with the others in
+        a transaction, rewritten as decided, journaled, synced, then the transaction
+        commits and only then is the group answered. One group at a time: what arrives
+        meanwhile makes the next group."""
+        shared = self.shared
+        if group.rows:
+            summary = summarize(group.batches)
+            try:
+                decision = await trio.to_thread.run_sync(shared.begin, summary,
+                                                         time_ns() // 1000)
+            except Exception as exc:
+                self._finish(group, exc, SHARED_FAULT)
+                return
+            self._apply(group, decision, summary.sessions)
+        self.stats.groups += 1
+        group.written = trio.current_time()
+        try:
+            payloads = [encode_part(b) for b in group.batches]
+            group.end = self._written = self.journal.append(payloads)
+            group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
+        except JournalError as exc:
+            await trio.to_thread.run_sync(self._rollback_shared)
+            self._finish(group, exc)
+            return
+        if group.rows:
+            if self.config.fsync == "always":
+                self._syncer.request(group.end)
+                while self._synced_to < group.end and self._sync_error is None:
+                    await self._sync_changed.wait()
+                if self._sync_error is not None:
+                    error, self._sync_error = self._sync_error, None
+                    await trio.to_thread.run_sync(self._rollback_shared)
+                    self._finish(group, error)
+                    return
+            try:
+                await trio.to_thread.run_sync(shared.commit, group.end)
+            except Exception as exc:
+                self._finish(group, exc, SHARED_FAULT)
+                return
+        self._finish(group, None)
+
+    def _rollback_shared(self) -> None:
+        try:
+            self.shared.rollback()
+        except Exception as exc:  # (the connection is dropped: the transaction with it)
+            log.warning("%s", exc)
+
+    def _apply(self, group: _Group, decision, touched) -> None:
+        """Rewrite the group as the shared state decided (core/shared.py); new shared
+        sessions get their start row first; the local sessions adopt the shared ids."""
+        batches = rewrite(group.batches, decision.shared, decision.repeated)
+        if decision.fresh:
+            batches = [self._starts(touched, decision.fresh), *batches]
+        rows = sum(map(len, batches))
+        self.stats.pending_rows += rows - group.rows
+        group.rows = rows
+        group.batches = batches
+        if self.adopt is not None:
+            for local, to in decision.shared.items():
+                if local != to:
+                    t = touched[local]
+                    self.adopt((t.project, t.channel, t.key), local, to)
+
+    def _starts(self, touched, fresh: dict[str, str]) -> list[Row]:
+        """session_start rows of sessions the shared state made new (their local id
+        was known and no longer live): stamped as their first event in the group."""
+        starts = []
+        for to, local in fresh.items():
+            t = touched[local]
+            starts.append(Row(self.new_id(), t.project, t.channel, "session_start", None,
+                              None, t.anonymous_id, t.user_id, None, None, to, t.first_ts,
+                              None, None, t.first_received, None, None, None, None))
+        return starts
+
     def _synced(self, position: Position, error: Exception | None) -> None:
         """Called on the event loop by the Syncer: groups up to `position` are durable."""
+        if self.shared is not None:
+            if error is not None:
+                self._sync_error = error
+            elif position > self._synced_to:
+                self._synced_to = position
+            self._sync_changed.set()
+            self._sync_changed = trio.Event()
         self.stats.syncs += 1
         unsynced = self._unsynced
         while unsynced and unsynced[0].end <= position:
@@ -410,16 +540,19 @@ class Writer:
         if not unsynced:
             self._all_synced.set()
 
-    def _finish(self, group: _Group, error: Exception | None) -> None:
+    def _finish(self, group: _Group, error: Exception | None,
+                 fault: str = JOURNAL_FAULT) -> None:
         self.stats.pending_rows -= group.rows
         if error is not None:
-            self.faults.failed(JOURNAL_FAULT, str(error))
+            self.faults.failed(fault, str(error))
             group.error = error
             self.dedup.forget(group.keys)
             group.keys = []
             group.batches = []  # (the waiters hold the group: drop its rows now)
         elif group.rows:
             self.faults.cleared(JOURNAL_FAULT)
+            if self.shared is not None:
+                self.faults.cleared(SHARED_FAULT)
             first = not self._unloaded
             if first:
                 self._oldest_unloaded = trio.current_time()

@@ -327,7 +327,7 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                             reap_shared, ready.shared_reaper, writer,
                             config.session_end_chunk_rows,
                             round(config.session_timeout_s * 1_000_000),
-                            config.shared_reap_interval_s, new_id, clock))
+                            config.shared_reap_interval_s, new_id, stop, clock))
                     if config.store == "ducklake":
                         nursery.start_soon(_maintain_lake, config, writer, stop)
                     if config.archive_dir or config.retention_days:
@@ -343,6 +343,9 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
             writer.close()
             with trio.CancelScope(shield=True):
                 await writer_done.wait()
+            for shared in (writer.shared, ready.shared_reaper):
+                if shared is not None:
+                    shared.close()
     log.info("stopped; %d rows stored this run", writer.stats.loaded_rows)
 
 

@@ -58,16 +58,17 @@ async def reap_sessions(sessions: Sessions, writer: Writer, chunk: int,
 
 
 async def reap_shared(shared, writer: Writer, chunk: int, timeout_us: int, interval_s: float,
-                      new_id: Callable[[], str], clock: Callable[[], int] = time_ns, *,
+                      new_id: Callable[[], str], stop: trio.Event,
+                      clock: Callable[[], int] = time_ns, *,
                       task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Many writers (shared_state.py): every `interval_s`, claim the sessions idle for the
     timeout (any writer's), store their `session_end` rows, then forget them; ids past
     the dedup window are dropped once a minute. A claim whose rows could not be stored
     (shutting down) is released for another writer; one that dies with us is settled at
-    our next start."""
+    our next start. Returns on `stop` (what is idle then is ended by whoever runs)."""
     task_status.started()
     forgot_at = 0.0
-    while True:
+    while not stop.is_set():
         now = clock() // 1000
         try:
             claimed = await trio.to_thread.run_sync(shared.claim_expired, now, chunk)
@@ -76,7 +77,8 @@ async def reap_shared(shared, writer: Writer, chunk: int, timeout_us: int, inter
                 await trio.to_thread.run_sync(shared.forget_ids, now)
         except Exception as exc:
             log.warning("%s; retrying", exc)
-            await trio.sleep(interval_s)
+            with trio.move_on_after(interval_s):
+                await stop.wait()
             continue
         if claimed:
             rows = [end_row(c, timeout_us, now, new_id()) for c in claimed]
@@ -102,4 +104,5 @@ async def reap_shared(shared, writer: Writer, chunk: int, timeout_us: int, inter
                     await trio.sleep(RETRY_S)
             if len(claimed) == chunk:
                 continue
-        await trio.sleep(interval_s)
+        with trio.move_on_after(interval_s):
+            await stop.wait()

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 import psycopg
 
 from triolytics.core.journal import Position
-from triolytics.core.shared import Summary, Touch
+from triolytics.core.rows import Part
+from triolytics.core.shared import Touch, rewrite, summarize
 
 log = logging.getLogger("triolytics.shared")
 SCHEMA_LOCK = 0x7472696F  # advisory lock id held while creating the schema
@@ -183,9 +184,12 @@ class SharedState:
         return SharedStateError(f"shared state: {what} failed: {_message(exc)}")
 
     # --- a group
-    def begin(self, summary: Summary, now_us: int, recovering: bool = False) -> Decision:
-        """Open the group's transaction and decide it (see Rules). The transaction stays
-        open until `commit` or `rollback`."""
+    def begin(self, parts: list[Part], now_us: int,
+              recovering: bool = False) -> tuple[list[Part], Decision, dict[str, Touch]]:
+        """Open the group's transaction and decide it (see Rules): the group without the
+        events another writer stored, the decision on its sessions, and what it did to
+        each. The transaction stays open until `commit` or `rollback`."""
+        summary = summarize(parts)
         conn = self._connection()
         try:
             conn.execute("BEGIN")
@@ -195,8 +199,10 @@ class SharedState:
                 claimed = {r[0] for r in conn.execute(_CLAIM_IDS, {
                     "ids": summary.ids, "writer": self.writer, "now": now_us,
                     "window": self.window_us, "recovering": recovering}).fetchall()}
-                if len(claimed) != len(summary.ids):
+                if len(claimed) != len(set(summary.ids)):
                     repeated = set(summary.ids) - claimed
+                    parts = rewrite(parts, {}, repeated)  # (not counted in their sessions)
+                    summary = summarize(parts)
             shared: dict[str, str] = {}
             fresh: dict[str, str] = {}
             if summary.sessions:
@@ -207,7 +213,7 @@ class SharedState:
                     shared[sid] = to
                     if new:
                         fresh[to] = sid
-            return Decision(shared, fresh, repeated)
+            return parts, Decision(shared, fresh, repeated), summary.sessions
         except psycopg.Error as exc:
             raise self._failed(exc, "deciding a group") from exc
 

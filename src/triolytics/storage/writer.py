@@ -40,7 +40,7 @@ from triolytics.core.errors import ApiError, overloaded
 from triolytics.core.faults import Faults
 from triolytics.core.journal import HEADER, Journal, JournalError, Position, Syncer
 from triolytics.core.rows import Columns, Part, Row, RtColumns, decode_part, encode_part
-from triolytics.core.shared import rewrite, summarize
+from triolytics.core.shared import rewrite
 from triolytics.storage.store import Store
 
 log = logging.getLogger("triolytics.writer")
@@ -245,13 +245,12 @@ class Writer:
         if not decide:
             self.store.load(batch.rows, end, batch.columns, batch.rows_before)
             return batch.count
-        parts = batch.parts()
-        decision = self.shared.begin(summarize(parts), time_ns() // 1000, recovering=True)
+        parts, decision, touched = self.shared.begin(batch.parts(), time_ns() // 1000,
+                                                     recovering=True)
         try:
-            parts = rewrite(parts, decision.shared, decision.repeated)
+            parts = rewrite(parts, decision.shared, set())
             if decision.fresh:
-                parts = [self._starts(summarize(batch.parts()).sessions, decision.fresh),
-                         *parts]
+                parts = [self._starts(touched, decision.fresh), *parts]
             again = _Load()
             for part in parts:
                 again.add(part)
@@ -456,14 +455,14 @@ class Writer:
         meanwhile makes the next group."""
         shared = self.shared
         if group.rows:
-            summary = summarize(group.batches)
             try:
-                decision = await trio.to_thread.run_sync(shared.begin, summary,
-                                                         time_ns() // 1000)
+                batches, decision, touched = await trio.to_thread.run_sync(
+                    shared.begin, group.batches, time_ns() // 1000)
             except Exception as exc:
                 self._finish(group, exc, SHARED_FAULT)
                 return
-            self._apply(group, decision, summary.sessions)
+            group.batches = batches
+            self._apply(group, decision, touched)
         self.stats.groups += 1
         group.written = trio.current_time()
         try:
@@ -500,7 +499,7 @@ class Writer:
     def _apply(self, group: _Group, decision, touched) -> None:
         """Rewrite the group as the shared state decided (core/shared.py); new shared
         sessions get their start row first; the local sessions adopt the shared ids."""
-        batches = rewrite(group.batches, decision.shared, decision.repeated)
+        batches = rewrite(group.batches, decision.shared, set())
         if decision.fresh:
             batches = [self._starts(touched, decision.fresh), *batches]
         rows = sum(map(len, batches))

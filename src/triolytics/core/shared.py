@@ -161,7 +161,11 @@ def rewrite(parts: list[Part], shared: dict[str, str], repeated: set[str]) -> li
                 out.append(part)
                 continue
             part = part.rows()
-        rows = [r for r in (_fix(row, moved, repeated) for row in part) if r is not None]
+        fixed = [_fix(row, moved, repeated) for row in part]
+        if all(a is b for a, b in zip(fixed, part, strict=True)):
+            out.append(part)
+            continue
+        rows = [r for r in fixed if r is not None]
         if rows:
             out.append(rows)
     return out

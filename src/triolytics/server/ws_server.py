@@ -465,7 +465,10 @@ class RealtimeServer:
         self.events_received += batch.events
         if batch.seq is None:
             return None
-        return _ENCODE.encode(Ack(batch.seq, batch.events, batch.session_id))
+        sid = batch.session_id  # (many writers: the id the shared state decided)
+        return _ENCODE.encode(Ack(batch.seq, batch.events,
+                                  group_or_error.renamed.get(sid, sid)
+                                  if group_or_error.renamed else sid))
 
     async def _close(self, stream: trio.abc.Stream, p: _Peer, code: int, reason: str) -> None:
         """Send a Close and wait for the peer's (or EOF): the closing handshake."""

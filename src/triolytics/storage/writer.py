@@ -76,7 +76,7 @@ class _Group:
     """Submissions that share one journal write (and sync)."""
 
     __slots__ = ("batches", "rows", "waiters", "done", "error", "keys", "end", "size",
-                 "notify", "written")
+                 "notify", "written", "renamed")
 
     def __init__(self) -> None:
         self.batches: list[Part] = []
@@ -89,6 +89,7 @@ class _Group:
         self.size = 0  # journal bytes
         self.notify: list = []  # objects whose `wake()` is called once done
         self.written = 0.0  # trio time of its journal write
+        self.renamed: dict[str, str] | None = None  # many writers: local -> shared session
 
 
 class _Load:
@@ -502,6 +503,7 @@ class Writer:
         batches = rewrite(group.batches, decision.shared, set())
         if decision.fresh:
             batches = [self._starts(touched, decision.fresh), *batches]
+        group.renamed = decision.shared
         rows = sum(map(len, batches))
         self.stats.pending_rows += rows - group.rows
         group.rows = rows

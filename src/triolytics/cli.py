@@ -68,6 +68,9 @@ SERVE_FLAGS = (
      "/48) or drop (none)"),
     ("--metrics-listen", "metrics_listen", "HOST:PORT", "serve GET /metrics on this "
      "address only (e.g. 127.0.0.1:9464; no token there unless metrics_token is set)"),
+    ("--workers", "workers", "N", "server processes sharing --port, each a writer of the "
+     "lake; auto: one per CPU; more than 1 needs store = \"ducklake\" with a PostgreSQL "
+     "catalog (docs/scaling.md)"),
 )
 
 
@@ -168,6 +171,8 @@ def _flag_type(name: str) -> Callable[[str], typing.Any]:
         return partial(_quantity, partial(parse_duration, unit=unit), unit, whole)
     if name == "port":
         return _port
+    if name == "workers":
+        return _workers
     if whole:
         return partial(_quantity, _plain_number, "", whole)
     return str
@@ -196,6 +201,15 @@ def _plain_number(text: str) -> Decimal:
 def _port(text: str) -> int:
     if not text.strip().isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"not a port (0 to 65535): {text!r}")
+    return int(text)
+
+
+def _workers(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a number of workers (1 or more, or auto): "
+                                         f"{text!r}")
     return int(text)
 
 
@@ -234,10 +248,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(config: Config) -> int:
-    """Run until stopped; a start-up fault is one line on stderr and exit status 1."""
+    """Run until stopped (more than one worker: their supervisor); a start-up fault is one
+    line on stderr and exit status 1."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if config.worker_count() > 1:  # (a supervisor: server/workers.py)
+            from triolytics.server.workers import supervise
+            return supervise(config)
         serve = load_serve()
         trio.run(partial(serve, config, handle_signals=True))
     except (StartupError, BaseExceptionGroup) as exc:

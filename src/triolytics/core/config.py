@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 import tomllib
@@ -41,6 +42,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = 3000
     max_connections: int = 10_000  # open at once (WebSockets too); bounds fds and memory
     max_connections_per_ip: int = 256  # open at once from one client address (IPv6: /64)
+    workers: int | Literal["auto"] = 1  # processes serving `port` together (server/workers.py);
+    # "auto": one per CPU
+    reuse_port: bool = False  # listen with SO_REUSEPORT (each of those workers does)
     # --- storage
     data_dir: str = "./data"
     write_keys: list[str] = []  # registered for project `default` at start
@@ -191,6 +195,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be 0 (off) or a number of seconds, "
                                   f"got {getattr(self, name)}")
+        if self.workers != "auto" and not self.workers >= 1:
+            raise ConfigError(f"workers must be a positive number or \"auto\", got "
+                              f"{self.workers}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
         if not self.create_rate_per_min > 0:
@@ -214,6 +221,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def lake_data_path(self) -> str:
         return self.ducklake_data_path or str(Path(self.data_dir) / "lake" / "data")
+
+    def worker_count(self) -> int:
+        """`workers` as a number: "auto" is one per CPU."""
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
 
     def shared_state_dsn(self) -> str | None:
         """The PostgreSQL (libpq string or URL) holding sessions and dedup shared by many

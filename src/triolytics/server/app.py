@@ -232,7 +232,8 @@ async def _serve(config: Config, stop: trio.Event, received, clock: Callable[[],
         except Exception as exc:
             if not no_space(exc):
                 raise
-            listeners = await open_listeners(config.port, config.host)
+            listeners = await open_listeners(config.port, config.host,
+                                             reuse_port=config.reuse_port)
             ready = await _start_when_space(config, listeners, exc, stop, task_status)
             if ready is None:  # stopped while waiting
                 root.cancel_scope.cancel()
@@ -393,7 +394,7 @@ async def _listen(config: Config, http: HttpServer, private: HttpServer | None,
     """Serve `http` on `listeners` (opened here when None), and `private` on
     `metrics_listen`, until `stop`."""
     if listeners is None:
-        listeners = await open_listeners(config.port, config.host)
+        listeners = await open_listeners(config.port, config.host, reuse_port=config.reuse_port)
     bound = _bound(listeners)
     served = [(listener, http) for listener in listeners]
     if private is not None:

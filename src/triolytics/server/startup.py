@@ -62,9 +62,30 @@ def load_serve():
     except ModuleNotFoundError as exc:
         if exc.name not in SERVER_EXTRA:
             raise
-        raise StartupError(f"`serve` needs the server extra ({exc.name} is not installed): "
-                           "pip install 'triolytics[server]'") from exc
+        raise _extra_missing(exc) from exc
     return serve
+
+
+def _extra_missing(exc: ModuleNotFoundError) -> StartupError:
+    return StartupError(f"`serve` needs the server extra ({exc.name} is not installed): "
+                        "pip install 'triolytics[server]'")
+
+
+def check_workers(config: Config) -> None:
+    """More than one worker (`serve --workers N`) needs a lake every worker can write at
+    once: a StartupError unless store = "ducklake" with a PostgreSQL catalog. (A local
+    catalog is a DuckDB file: one process at a time.)"""
+    if config.store == "ducklake":
+        try:
+            from triolytics.storage.lake import is_postgres
+        except ModuleNotFoundError as exc:
+            if exc.name not in SERVER_EXTRA:
+                raise
+            raise _extra_missing(exc) from exc
+        if is_postgres(config.ducklake_catalog):
+            return
+    raise StartupError(f"--workers {config.workers} needs store = \"ducklake\" with a "
+                       "PostgreSQL catalog (docs/scaling.md)")
 
 
 def open_data_dir(path: Path) -> None:

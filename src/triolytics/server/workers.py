@@ -27,7 +27,8 @@ Rules:
 - SIGINT/SIGTERM are forwarded to every worker (a second one too: they then cancel
   in-flight requests), which drain as one server does; exit status 0 once every worker
   exited 0. Workers have their own process group (a terminal's Ctrl-C reaches the
-  supervisor alone, which forwards it once) and get SIGTERM when it dies (Linux).
+  supervisor alone, which forwards it once) and get SIGTERM when the thread that started
+  them ends (Linux's PR_SET_PDEATHSIG): no worker outlives a supervisor killed -9.
 - A worker that exits while not stopping is started again after a backoff (1 s, doubled up
   to 30 s, 1 s again after a worker ran 60 s), logged as a WARNING with its exit status.
   A worker exiting 1 before it serves (a StartupError) stops the supervisor with that
@@ -257,7 +258,7 @@ class Supervisor:
             return  # (the one its previous run left)
         w.serving, w.failures = info, 0
         if self.serving:
-            log.warning("worker %d (pid %d) serves again", w.index, w.proc.pid)
+            log.info("worker %d (pid %d) serves again", w.index, w.proc.pid)
         elif w.index == 0:  # the lake and its secrets are made: the others may start
             for path in SECRETS:
                 if (w.data / path).exists():

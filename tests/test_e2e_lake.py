@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 from contextlib import AsyncExitStack
 
 import trio
 from test_dashboard import login, tokens
-from test_e2e_collector import AUTH, running
+from test_e2e_collector import AUTH, WRITE_KEY, running
 from test_e2e_query import admin
 
 from triolytics.storage.lake import connect
@@ -161,3 +164,16 @@ def test_a_reader_outside_the_server_sees_the_lake(tmp_path):
         assert conn.execute("SELECT count(*) FROM events WHERE type = 'track'").fetchone() == (1,)
     finally:
         conn.close()
+    # the CLI reads (and forgets in) the lake of a stopped server
+    env = {**os.environ, **{f"TRIOLYTICS_{k.upper()}": str(v)
+                            for k, v in lake_settings(tmp_path).items()}}
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "triolytics", *args, "--data",
+                               str(tmp_path / "d")], capture_output=True, text=True,
+                              env=env, timeout=60)
+    got = cli("query", "SELECT count(*) AS n FROM events WHERE type = 'track'")
+    assert got.returncode == 0 and got.stdout.split() == ["n", "1"], got.stderr
+    got = cli("keys", "list")
+    assert got.returncode == 0 and WRITE_KEY in got.stdout, got.stderr
+    got = cli("forget", "--anonymous-id", "a")
+    assert got.returncode == 0 and "deleted 2 events" in got.stdout, got.stderr

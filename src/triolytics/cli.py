@@ -281,7 +281,7 @@ def _query(args: argparse.Namespace, config: Config) -> int:
     else:
         from triolytics.server.api import encode_result
         from triolytics.storage.query import QueryError
-        store = _read_only_store(data)
+        store = _read_only_store(data, config)
         if store is None:
             return 1
         try:
@@ -318,7 +318,7 @@ def _export(args: argparse.Namespace, config: Config) -> int:
             return 1
     else:
         from triolytics.storage.export import ExportError, export, to_json
-        store = _read_only_store(data)
+        store = _read_only_store(data, config)
         if store is None:
             return 1
         shown = sys.stderr.isatty()
@@ -365,7 +365,7 @@ def _forget(args: argparse.Namespace, config: Config) -> int:
             return 1
         events, ids, archived = reply["events"], reply["analytics_ids"], reply["archived_rows"]
     else:
-        if not (data / "events.duckdb").exists():
+        if config.store != "ducklake" and not (data / "events.duckdb").exists():
             print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
             return 1
         logging.basicConfig(level=logging.INFO,
@@ -382,13 +382,21 @@ def _forget_in_file(data: Path, config: Config, kind: str, value: str,
     would load them), then the DELETE, then the archive's partitions."""
     from triolytics.core.dedup import Dedup
     from triolytics.core.journal import Journal
-    from triolytics.storage.store import Store
     from triolytics.storage.writer import Writer
-    store = Store(data / "events.duckdb", threads=config.duckdb_threads)
+    store = _store(data, config)
     journal = Journal(data / "journal", config.journal_segment_bytes,
                       sync_on_rotate=config.fsync != "off")
+    writer = Writer(config, journal, store, Dedup(1, 1))
+    dsn = config.shared_state_dsn()
+    if dsn is not None:  # (a writer of a shared lake: its replay is decided with the others)
+        from triolytics.core.capture import new_id
+        from triolytics.storage.shared_state import SharedState
+        writer.shared = SharedState(dsn, config.writer_name(),
+                                    round(config.session_timeout_s * 1_000_000),
+                                    config.dedup_window_s * 1_000_000)
+        writer.new_id = new_id
     try:
-        Writer(config, journal, store, Dedup(1, 1)).recover()
+        writer.recover()
         events, ids = store.forget(kind, value, project)
         archived = 0
         if config.archive_dir:
@@ -401,6 +409,8 @@ def _forget_in_file(data: Path, config: Config, kind: str, value: str,
     finally:
         journal.close()
         store.close()
+        if writer.shared is not None:
+            writer.shared.close()
 
 
 def _keys(args: argparse.Namespace, config: Config) -> int:
@@ -410,7 +420,7 @@ def _keys(args: argparse.Namespace, config: Config) -> int:
         if server is not None:
             result = _keys_via_server(server, data, args)
         else:
-            result = _keys_via_file(data, args)
+            result = _keys_via_file(data, args, config)
     except KeyError as exc:
         print(f"triolytics: {exc.args[0]}", file=sys.stderr)
         return 1
@@ -432,10 +442,9 @@ def _running_server(data: Path) -> dict | None:
     return info
 
 
-def _keys_via_file(data: Path, args: argparse.Namespace):
-    from triolytics.storage.store import Store
+def _keys_via_file(data: Path, args: argparse.Namespace, config: Config):
     data.mkdir(parents=True, exist_ok=True)
-    store = Store(data / "events.duckdb")
+    store = _store(data, config)
     try:
         if args.action == "create":
             return store.create_key(args.project, args.key)
@@ -465,14 +474,26 @@ def _keys_via_server(server: dict, data: Path, args: argparse.Namespace):
     return _call(server, token, "GET", "/admin/keys", None)[1]["keys"]
 
 
-def _read_only_store(data: Path):
-    """The stopped server's DuckDB file, read-only; None once one line says it is not
-    there."""
-    from triolytics.storage.store import Store
+def _read_only_store(data: Path, config: Config):
+    """The stopped server's store, read-only (its DuckDB file, or the lake); None once
+    one line says it is not there."""
+    if config.store == "ducklake":
+        return _store(data, config, read_only=True)
     if not (data / "events.duckdb").exists():
         print(f"triolytics: no events.duckdb in {data}", file=sys.stderr)
         return None
-    return Store(data / "events.duckdb", read_only=True)
+    return _store(data, config, read_only=True)
+
+
+def _store(data: Path, config: Config, read_only: bool = False):
+    """The configured store: `<data>/events.duckdb`, or the lake (store = "ducklake")."""
+    if config.store == "ducklake":
+        from triolytics.storage.lake import LakeStore
+        return LakeStore(config.lake_catalog(), config.lake_data_path(), config.writer_name(),
+                         read_only=read_only, threads=config.duckdb_threads)
+    from triolytics.storage.store import Store
+    return Store(data / "events.duckdb", read_only=read_only,
+                 threads=config.duckdb_threads)
 
 
 def _ask(server: dict, data: Path, path: str, body: dict, timeout: float) -> dict | None:

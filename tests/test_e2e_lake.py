@@ -200,3 +200,23 @@ async def test_a_lost_shared_state_connection_refuses_one_group_then_recovers(tm
                                       json={**event, "messageId": mid})).status_code == 201
         await until(server, "SELECT message_id FROM events WHERE type = 'track' ORDER BY 1",
                     [["m0"], ["m1"], ["m2"]])
+
+
+async def test_one_writer_leads_the_upkeep_and_another_takes_over(tmp_path, postgres, caplog):
+    """The lake's upkeep (rollups, maintenance, archive) runs at one writer: the one
+    holding the lead's advisory lock. Here another holder (this test) has it first; the
+    server only serves, then takes over within seconds once the holder goes."""
+    import psycopg
+
+    from triolytics.storage.shared_state import Leader
+    caplog.set_level(logging.INFO, "triolytics")
+    catalog = postgres.create_database(f"e2elake{next(_names)}")
+    holder = psycopg.connect(catalog, autocommit=True)
+    assert holder.execute("SELECT pg_try_advisory_lock(%s)", [Leader.LOCK]).fetchone()[0]
+    async with running(tmp_path / "n1", **lake_settings(tmp_path, catalog, "n1")):
+        await trio.sleep(0.5)
+        assert "leads the lake's upkeep" not in caplog.text
+        holder.close()  # (a leader that dies: its session, and the lock, go)
+        with trio.fail_after(10):
+            while "now leads the lake's upkeep" not in caplog.text:
+                await trio.sleep(0.1)

@@ -13,6 +13,10 @@
           │                 open (dashboard.py); returns on `stop`
           ├─ lake upkeep    store = "ducklake": the lake's maintenance every
           │                 ducklake_maintenance_interval_s (lake.py); returns on `stop`
+          ├─ lead           many writers: every LEAD_CHECK_S, whether this writer leads
+          │                 (runs rollups, maintenance, archive: shared_state.Leader)
+          ├─ shared reaper  many writers: claims idle sessions (any writer's) every
+          │                 shared_reap_interval_s and stores their ends (reaper.py)
           └─ listener
              ├─ timers      the sweepers: idle and request timeouts of all connections;
              │              the session reaper: sleeps until the earliest session
@@ -84,6 +88,7 @@ from triolytics.storage.store import Store
 from triolytics.storage.writer import Writer
 
 log = logging.getLogger("triolytics")
+LEAD_CHECK_S = 2.0  # many writers: how often a writer asks who leads the lake's upkeep
 ACCEPT_RETRY_S = 0.1  # after EMFILE/ENFILE/ENOBUFS, wait this long before accepting again
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -109,6 +114,7 @@ def _secret_file(path: Path) -> str:
 class Prepared(msgspec.Struct):
     writer: Writer
     shared_reaper: object | None  # many writers: the shared reaper's SharedState
+    leader: object | None  # many writers: shared_state.Leader (who runs the lake's upkeep)
     keys: dict[str, str]  # write key -> project
     admin_token: str
     viewer_token: str  # the dashboard's read-only login
@@ -142,14 +148,16 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
     writer = Writer(config, journal, store, dedup)
     writer.quarantined = [str(q) for q in quarantined]
     writer.new_id = new_id
-    shared_reaper = None
+    shared_reaper = leader = None
     dsn = config.shared_state_dsn()
     if dsn is not None:  # many writers: sessions and dedup in PostgreSQL
-        from triolytics.storage.shared_state import SharedState
+        from triolytics.storage.shared_state import Leader, SharedState
         timeout = round(config.session_timeout_s * 1_000_000)
         window = config.dedup_window_s * 1_000_000
         writer.shared = SharedState(dsn, config.writer_name(), timeout, window)
         shared_reaper = SharedState(dsn, config.writer_name(), timeout, window)
+        leader = Leader(dsn, config.writer_name())
+        leader.check()
     replayed = writer.recover()
     if replayed:
         log.info("replayed %d journaled rows into DuckDB", replayed)
@@ -175,7 +183,7 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
         log.info("resumed %d open sessions", len(sessions))
     secret = partial(_secret, store, data)
     identities = Identities(secret("analytics.secret").encode(), config.analytics_shard)
-    return Prepared(writer, shared_reaper, keys, secret("admin.token"),
+    return Prepared(writer, shared_reaper, leader, keys, secret("admin.token"),
                     secret("viewer.token"), identities, sessions)
 
 
@@ -319,8 +327,13 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
             with service:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(live.run, stop)
+                    leads = None
+                    if ready.leader is not None:
+                        leads = partial(getattr, ready.leader, "leading")
+                        nursery.start_soon(_lead, ready.leader, stop)
                     nursery.start_soon(Rollups(background, config.rollup_interval_s,
-                                               api.archive_lock, dashboard.cache).run, stop)
+                                               api.archive_lock, dashboard.cache,
+                                               leads).run, stop)
                     reaper = partial(reap_sessions, sessions, writer,
                                      config.session_end_chunk_rows, clock)
                     if ready.shared_reaper is not None:
@@ -330,10 +343,10 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
                             round(config.session_timeout_s * 1_000_000),
                             config.shared_reap_interval_s, new_id, stop, clock))
                     if config.store == "ducklake":
-                        nursery.start_soon(_maintain_lake, config, writer, stop)
+                        nursery.start_soon(_maintain_lake, config, writer, stop, leads)
                     if config.archive_dir or config.retention_days:
                         nursery.start_soon(archive_loop, config, writer, stop, clock,
-                                           api.archive_lock)
+                                           api.archive_lock, leads)
                     bound = await nursery.start(_listen, config, http, private, realtime,
                                                 reaper, stop, listeners)
                     if listeners is None:  # (else started while start-up waited)
@@ -344,19 +357,40 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
             writer.close()
             with trio.CancelScope(shield=True):
                 await writer_done.wait()
-            for shared in (writer.shared, ready.shared_reaper):
+            for shared in (writer.shared, ready.shared_reaper, ready.leader):
                 if shared is not None:
                     shared.close()
     log.info("stopped; %d rows stored this run", writer.stats.loaded_rows)
 
 
-async def _maintain_lake(config: Config, writer: Writer, stop: trio.Event) -> None:
+async def _lead(leader, stop: trio.Event) -> None:
+    """Many writers: who runs the lake's upkeep, checked every LEAD_CHECK_S (a writer that
+    dies lets another take over within that)."""
+    leading = leader.leading
+    if leading:
+        log.info("this writer leads the lake's upkeep (rollups, maintenance, archive)")
+    while not stop.is_set():
+        with trio.move_on_after(LEAD_CHECK_S):
+            await stop.wait()
+        if stop.is_set():
+            return
+        if await trio.to_thread.run_sync(leader.check) != leading:
+            leading = leader.leading
+            log.info("this writer %s the lake's upkeep", "now leads" if leading else
+                     "no longer leads")
+
+
+async def _maintain_lake(config: Config, writer: Writer, stop: trio.Event,
+                         leads=None) -> None:
     """Every ducklake_maintenance_interval_s: the lake's maintenance (lake.py), on a
-    cursor of its own in a thread, beside the loads."""
+    cursor of its own in a thread, beside the loads (with many writers, by the one that
+    leads)."""
     store = writer.store
     cursor = await writer.run_store(store.cursor)
 
     async def step() -> None:
+        if leads is not None and not leads():
+            return
         began = trio.current_time()
         before, after = await trio.to_thread.run_sync(store.maintain, cursor)
         log.info("lake maintenance: events in %d data files, now %d (%.1f s)", before,

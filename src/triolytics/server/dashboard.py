@@ -362,7 +362,8 @@ async def every(stop: trio.Event, interval_s: float, step, what: str) -> None:
 
 class Rollups:
     def __init__(self, background: Background, interval_s: float, lock: trio.Lock,
-                 cache: Cache | None = None) -> None:
+                 cache: Cache | None = None, leads: Callable[[], bool] | None = None) -> None:
+        self.leads = leads  # many writers: refresh only while this one leads
         self.background = background
         self.cache = cache  # kept warm after each refresh
         self.interval_s = interval_s
@@ -381,6 +382,8 @@ class Rollups:
                         "dashboard: rollups' refresh")
 
     async def _refresh(self, stop: trio.Event) -> None:
+        if self.leads is not None and not self.leads():
+            return
         while not stop.is_set():
             async with self.lock:
                 n = await self.background.run(stats.refresh_rollups)

@@ -464,13 +464,16 @@ async def archive_once(config, writer, now_us: int) -> tuple[int, int]:
     return written, deleted
 
 
-async def archive_loop(config, writer, stop: trio.Event, clock, lock: trio.Lock) -> None:
+async def archive_loop(config, writer, stop: trio.Event, clock, lock: trio.Lock,
+                       leads=None) -> None:
     """Every `archive_interval_s` (the first at start), until `stop`; `lock` keeps it
-    apart from a forget rewriting partitions."""
+    apart from a forget rewriting partitions. `leads`: with many writers, only the one
+    that leads (shared_state.Leader) archives."""
     while not stop.is_set():
         try:
             async with lock:
-                await archive_once(config, writer, clock() // 1000)
+                if leads is None or leads():
+                    await archive_once(config, writer, clock() // 1000)
         except Exception as exc:  # (a full disk, a fault: the next run tries again)
             log.error("archive/retention step failed: %s", exc)
         with trio.move_on_after(config.archive_interval_s):

@@ -322,3 +322,45 @@ def _columns(sessions: dict[str, Touch]) -> dict[str, list]:
 
 def _message(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class Leader:
+    """Which writer runs the lake's once-for-all work (the dashboard's rollups, the
+    lake's maintenance, archive and retention): the one holding a PostgreSQL advisory
+    lock on a connection of its own. If that writer dies, its connection goes and the
+    lock with it, and the next writer to ask takes over. Blocking calls."""
+
+    LOCK = 0x7472696F + 1
+
+    def __init__(self, dsn: str, writer: str) -> None:
+        self.dsn = dsn
+        self.writer = writer
+        self._conn: psycopg.Connection | None = None
+        self.leading = False
+
+    def check(self) -> bool:
+        """Whether this writer leads now (taking the lead if it is free)."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self.leading = False
+                self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
+                                             application_name=f"triolytics {self.writer} lead")
+            if self.leading:
+                self._conn.execute("SELECT 1")
+            else:
+                self.leading = self._conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                                  [self.LOCK]).fetchone()[0]
+        except psycopg.Error as exc:
+            log.warning("shared state: cannot check the lead (%s): not leading",
+                        _message(exc))
+            self.close()
+        return self.leading
+
+    def close(self) -> None:
+        self.leading = False
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None

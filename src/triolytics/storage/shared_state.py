@@ -192,27 +192,28 @@ class SharedState:
         summary = summarize(parts)
         conn = self._connection()
         try:
-            conn.execute("BEGIN")
-            self._in_group = True
-            repeated: set[str] = set()
-            if summary.ids:
-                claimed = {r[0] for r in conn.execute(_CLAIM_IDS, {
-                    "ids": summary.ids, "writer": self.writer, "now": now_us,
-                    "window": self.window_us, "recovering": recovering}).fetchall()}
-                if len(claimed) != len(set(summary.ids)):
-                    repeated = set(summary.ids) - claimed
-                    parts = rewrite(parts, {}, repeated)  # (not counted in their sessions)
-                    summary = summarize(parts)
-            shared: dict[str, str] = {}
-            fresh: dict[str, str] = {}
-            if summary.sessions:
-                args = _columns(summary.sessions)
-                conn.execute(_LOCK_KEYS, args)
-                for sid, to, new in conn.execute(_DECIDE, {
-                        **args, "timeout": self.timeout_us}).fetchall():
-                    shared[sid] = to
-                    if new:
-                        fresh[to] = sid
+            with conn.pipeline():  # (statements sent together: a round trip per result)
+                conn.execute("BEGIN")
+                self._in_group = True
+                repeated: set[str] = set()
+                if summary.ids:
+                    claimed = {r[0] for r in conn.execute(_CLAIM_IDS, {
+                        "ids": summary.ids, "writer": self.writer, "now": now_us,
+                        "window": self.window_us, "recovering": recovering}).fetchall()}
+                    if len(claimed) != len(set(summary.ids)):
+                        repeated = set(summary.ids) - claimed
+                        parts = rewrite(parts, {}, repeated)  # (not counted in sessions)
+                        summary = summarize(parts)
+                shared: dict[str, str] = {}
+                fresh: dict[str, str] = {}
+                if summary.sessions:
+                    args = _columns(summary.sessions)
+                    conn.execute(_LOCK_KEYS, args)
+                    for sid, to, new in conn.execute(_DECIDE, {
+                            **args, "timeout": self.timeout_us}).fetchall():
+                        shared[sid] = to
+                        if new:
+                            fresh[to] = sid
             return parts, Decision(shared, fresh, repeated), summary.sessions
         except psycopg.Error as exc:
             raise self._failed(exc, "deciding a group") from exc
@@ -220,10 +221,11 @@ class SharedState:
     def commit(self, position: Position) -> None:
         conn = self._connection()
         try:
-            conn.execute("INSERT INTO triolytics.applied VALUES (%s, %s, %s) ON CONFLICT "
-                         "(writer) DO UPDATE SET segment = excluded.segment, "
-                         "byte_offset = excluded.byte_offset", [self.writer, *position])
-            conn.execute("COMMIT")
+            with conn.pipeline():
+                conn.execute("INSERT INTO triolytics.applied VALUES (%s, %s, %s) ON CONFLICT "
+                             "(writer) DO UPDATE SET segment = excluded.segment, "
+                             "byte_offset = excluded.byte_offset", [self.writer, *position])
+                conn.execute("COMMIT")
             self._in_group = False
         except psycopg.Error as exc:
             raise self._failed(exc, "committing a group") from exc

@@ -4,8 +4,8 @@ all on 127.0.0.1, once for the module (about 6-15 s to start here).
 
 - The Collector document's flow through nginx, spread over the nodes by round robin.
 - The Real-time document's flow through nginx: by the shipped consistent hash of the
-  analytics_id (xfail while a node refuses ids of other shards: see its reason), and by
-  the file's shard map (the issuing node, every time).
+  analytics_id (any node accepts any shard's id: the secret is the lake's), and by the
+  file's shard map (the issuing node, every time).
 - kill -9 of a node under load, then its restart: every acked event stored exactly once.
 - restart() when the old port is taken: nginx is reloaded with the new one.
 - The shipped conf and its shard alternative pass `nginx -t`; the rendering of its node
@@ -32,7 +32,6 @@ from collections import Counter
 
 import pytest
 from seed_examples import CURL_BODY, DOC_PAYLOAD, load_bench_script
-from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 cluster_mod = load_bench_script("cluster")
@@ -127,10 +126,6 @@ def realtime_flow(c) -> tuple[str, set[str], set[str]]:
     return aid, {r[2] for r in rows}, {x.split("upstream=")[1].split()[0] for x in lines}
 
 
-@pytest.mark.xfail(raises=InvalidStatus, reason=(
-    "server: an analytics_id is accepted only by a node of its own analytics_shard "
-    "(identity.Identities.check: shard != self.shard is a 403), although the secret is "
-    "shared; the hash sends 2 of 3 ids to another node"))
 def test_realtime_flow_through_nginx_by_hash_sticks_to_one_node(cluster):
     """The shipped routing: the WebSocket by a consistent hash of the analytics_id, so
     the reconnect lands on the node the first connection did."""

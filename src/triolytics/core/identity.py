@@ -6,6 +6,10 @@ Rules:
   secret) of the shard and those bits, so the server knows its own ids without a lookup:
   a connect costs one HMAC, whatever the number of ids issued.
 - A malformed id is a 400; a well-formed one this server did not issue is a 403.
+- Any shard's id made with the secret is accepted: the nodes of one lake share the
+  secret (docs/scaling.md), and an id issued by one is valid at every other. The shard
+  says which node issued it (a proxy may route by it); it stays under the checksum, so
+  relabelling an id's shard makes it unknown.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ class Identities:
         self.secret = secret
         self.shard = shard
 
-    def _uuid(self, random_part: bytes) -> str:
+    def _uuid(self, random_part: bytes, shard: int | None = None) -> str:
         """16 bytes: the random half (version nibble set) and its checksum half."""
-        mac = hmac.new(self.secret, b"%d." % self.shard + random_part, hashlib.sha256).digest()
+        shard = self.shard if shard is None else shard
+        mac = hmac.new(self.secret, b"%d." % shard + random_part, hashlib.sha256).digest()
         raw = random_part + bytes([mac[0] & 0x3F | 0x80]) + mac[1:8]  # RFC 4122 variant
         h = raw.hex()
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -54,7 +59,7 @@ class Identities:
         normalized = analytics_id.lower()
         shard, uuid = int(m.group(1)), normalized.split(".", 1)[1]
         random_part = bytes.fromhex(uuid.replace("-", "")[:16])
-        if shard != self.shard or not hmac.compare_digest(self._uuid(random_part), uuid):
+        if not hmac.compare_digest(self._uuid(random_part, shard), uuid):
             raise ApiError("unknown_analytics_id", "this analytics_id was not issued by this "
                            "server; get one from POST /create", field="analytics_id")
         return normalized

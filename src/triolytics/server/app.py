@@ -155,6 +155,9 @@ def _prepare(config: Config, data: Path, store: Store, journal: Journal,
         timeout = round(config.session_timeout_s * 1_000_000)
         window = config.dedup_window_s * 1_000_000
         writer.shared = SharedState(dsn, config.writer_name(), timeout, window)
+        # (two groups open at once: one decided while the previous one syncs)
+        writer.shared_pool = [writer.shared,
+                              SharedState(dsn, config.writer_name(), timeout, window)]
         shared_reaper = SharedState(dsn, config.writer_name(), timeout, window)
         leader = Leader(dsn, config.writer_name())
         leader.check()
@@ -357,7 +360,7 @@ async def _run(config: Config, ready: Prepared, listeners: list | None, stop: tr
             writer.close()
             with trio.CancelScope(shield=True):
                 await writer_done.wait()
-            for shared in (writer.shared, ready.shared_reaper, ready.leader):
+            for shared in (*writer.shared_pool, ready.shared_reaper, ready.leader):
                 if shared is not None:
                     shared.close()
     log.info("stopped; %d rows stored this run", writer.stats.loaded_rows)

@@ -56,6 +56,13 @@ ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
                  2.5)
 
 
+def _rollback(shared) -> None:
+    try:
+        shared.rollback()
+    except Exception as exc:  # (the connection is dropped: the transaction with it)
+        log.warning("%s", exc)
+
+
 class Timings:
     """A histogram kept as plain numbers (observed once per load or group, read at
     scrape time): counts per bucket (`bounds`, seconds; the last is +Inf), and the sum."""
@@ -184,11 +191,16 @@ class Writer:
         # Many writers (shared_state.py): each group is decided with the others, and
         # `adopt(key, local id, shared id)` tells the local sessions what was decided.
         self.shared = None
+        self.shared_pool: list = []  # connections for open groups (default: `shared`)
         self.adopt = None
         self.new_id = None  # () -> a row id, for the start rows of sessions made shared
         self._synced_to = Position(0, 0)
         self._sync_error: Exception | None = None
         self._sync_changed = trio.Event()
+        self._committed = trio.Event()  # the last group's commit (many writers)
+        self._committed.set()
+        self._shared_give = self._shared_take = None  # idle group connections
+        self._nursery = None
 
     @property
     def fault(self) -> str | None:
@@ -343,12 +355,19 @@ class Writer:
         self._syncer.start()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.shared is not None:
+                    pool = self.shared_pool or [self.shared]
+                    self._shared_give, self._shared_take = trio.open_memory_channel(len(pool))
+                    for shared in pool:
+                        self._shared_give.send_nowait(shared)
                 nursery.start_soon(self._load_loop)
                 syncing = trio.CancelScope()
                 if self.config.fsync == "interval":
                     nursery.start_soon(self._sync_loop, syncing)
                 task_status.started()
                 await self._write_loop()
+                await self._committed.wait()  # (many writers: the last groups answered)
                 syncing.cancel()
                 if self._unsynced:
                     self._syncer.request(self.journal.position)
@@ -451,15 +470,18 @@ class Writer:
 
     async def _write_shared(self, group: _Group) -> None:
         """A group with many writers (shared_state.py, Rules): decided with the others in
-        a transaction, rewritten as decided, journaled, synced, then the transaction
-        commits and only then is the group answered. One group at a time: what arrives
-        meanwhile makes the next group."""
-        shared = self.shared
+        a transaction, rewritten as decided and journaled here; synced, committed and
+        answered by `_complete_shared` beside the next groups. Up to `len(shared_pool)`
+        groups are open at once, each on a connection of its own; they commit and are
+        answered in journal order."""
+        shared = None
         if group.rows:
+            shared = await self._shared_take.receive()
             try:
                 batches, decision, touched = await trio.to_thread.run_sync(
                     shared.begin, group.batches, time_ns() // 1000)
             except Exception as exc:
+                self._shared_give.send_nowait(shared)
                 self._finish(group, exc, SHARED_FAULT)
                 return
             group.batches = batches
@@ -471,31 +493,41 @@ class Writer:
             group.end = self._written = self.journal.append(payloads)
             group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
         except JournalError as exc:
-            await trio.to_thread.run_sync(self._rollback_shared)
+            if shared is not None:
+                await trio.to_thread.run_sync(_rollback, shared)
+                self._shared_give.send_nowait(shared)
             self._finish(group, exc)
             return
-        if group.rows:
-            if self.config.fsync == "always":
+        previous, self._committed = self._committed, trio.Event()
+        self._nursery.start_soon(self._complete_shared, group, shared, previous,
+                                 self._committed)
+
+    async def _complete_shared(self, group: _Group, shared, previous: trio.Event,
+                               done: trio.Event) -> None:
+        """Sync, then (after the previous group) commit, then answer. A group whose
+        events were all repeats still commits: its transaction holds their ids' locks."""
+        try:
+            error = None
+            if group.rows and self.config.fsync == "always":
                 self._syncer.request(group.end)
                 while self._synced_to < group.end and self._sync_error is None:
                     await self._sync_changed.wait()
-                if self._sync_error is not None:
-                    error, self._sync_error = self._sync_error, None
-                    await trio.to_thread.run_sync(self._rollback_shared)
-                    self._finish(group, error)
-                    return
-            try:
-                await trio.to_thread.run_sync(shared.commit, group.end)
-            except Exception as exc:
-                self._finish(group, exc, SHARED_FAULT)
-                return
-        self._finish(group, None)
-
-    def _rollback_shared(self) -> None:
-        try:
-            self.shared.rollback()
-        except Exception as exc:  # (the connection is dropped: the transaction with it)
-            log.warning("%s", exc)
+                error = self._sync_error
+            await previous.wait()
+            if shared is not None:
+                if error is not None:
+                    await trio.to_thread.run_sync(_rollback, shared)
+                else:
+                    try:
+                        await trio.to_thread.run_sync(shared.commit, group.end)
+                    except Exception as exc:
+                        self._finish(group, exc, SHARED_FAULT)
+                        return
+            self._finish(group, error)
+        finally:
+            if shared is not None:
+                self._shared_give.send_nowait(shared)
+            done.set()
 
     def _apply(self, group: _Group, decision, touched) -> None:
         """Rewrite the group as the shared state decided (core/shared.py); new shared
@@ -532,6 +564,7 @@ class Writer:
                 self._sync_error = error
             elif position > self._synced_to:
                 self._synced_to = position
+                self._sync_error = None
             self._sync_changed.set()
             self._sync_changed = trio.Event()
         self.stats.syncs += 1

@@ -20,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import NamedTuple
 
 import msgspec
@@ -132,13 +133,25 @@ def _columns(acc, ids, part: Columns) -> None:
         _add(acc, sid, project, v[_CHANNEL], v[_ANON], v[_USER], "track", r_low, low, n)
         _add(acc, sid, project, v[_CHANNEL], v[_ANON], v[_USER], "track", r_high, high, 0)
         return
-    for row in part.rows():  # (a batch of several sessions or kinds: row by row)
-        kind = row[_TYPE]
-        sid = row[_SID]
-        if sid is None or kind == "session_end":
+    # A batch of several sessions or kinds: event by event, over the columns it needs.
+    cols = [c if type(c) is list else repeat(c, n) for c in
+            (sid, kind, project, v[_CHANNEL], v[_ANON], v[_USER], v[_RECV], ts)]
+    for sid_, kind_, project_, channel, anon, user, recv, ts_ in zip(*cols, strict=True):
+        if sid_ is None or kind_ == "session_end":
             continue
-        _add(acc, sid, row[_PROJECT], row[_CHANNEL], row[_ANON], row[_USER], kind,
-             row[_RECV], row[_TS])
+        a = acc.get(sid_)
+        if a is None or kind_ == "session_start":
+            _add(acc, sid_, project_, channel, anon, user, kind_, recv, ts_)
+            continue
+        a[6] += 1  # (as _add, inline: most events of a batch touch a known session)
+        if recv < a[7]:
+            a[7] = recv
+        elif recv > a[8]:
+            a[8] = recv
+        if ts_ < a[9]:
+            a[9] = ts_
+        elif ts_ > a[10]:
+            a[10] = ts_
 
 
 def rewrite(parts: list[Part], shared: dict[str, str], repeated: set[str]) -> list[Part]:

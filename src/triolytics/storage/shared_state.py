@@ -48,8 +48,7 @@ CREATE TABLE IF NOT EXISTS triolytics.sessions (
   key text NOT NULL, anonymous_id text, user_id text, started bigint NOT NULL,
   last_seen bigint NOT NULL, events bigint NOT NULL, first_ts bigint NOT NULL,
   latest_ts bigint NOT NULL, claimed_by text);
-CREATE INDEX IF NOT EXISTS sessions_idle ON triolytics.sessions (last_seen)
-  WHERE claimed_by IS NULL;
+DROP INDEX IF EXISTS triolytics.sessions_idle;
 CREATE INDEX IF NOT EXISTS sessions_claimed ON triolytics.sessions (claimed_by)
   WHERE claimed_by IS NOT NULL;
 CREATE TABLE IF NOT EXISTS triolytics.dedup (
@@ -62,13 +61,13 @@ CREATE TABLE IF NOT EXISTS triolytics.applied (
 _LOCK_KEYS = """
 SELECT count(pg_advisory_xact_lock(h)) FROM (
   SELECT DISTINCT hashtextextended(p || chr(31) || c || chr(31) || k, 7) AS h
-  FROM unnest(%(project)s::text[], %(channel)s::text[], %(key)s::text[]) AS t(p, c, k)
+  FROM unnest(%(project)b::text[], %(channel)b::text[], %(key)b::text[]) AS t(p, c, k)
   ORDER BY h) AS locks
 """
 
 _CLAIM_IDS = """
 INSERT INTO triolytics.dedup AS d (key, writer, seen_at)
-SELECT k, %(writer)s, %(now)s FROM (SELECT DISTINCT unnest(%(ids)s::text[]) AS k) AS i
+SELECT k, %(writer)s, %(now)s FROM (SELECT DISTINCT unnest(%(ids)b::text[]) AS k) AS i
 ORDER BY k
 ON CONFLICT (key) DO UPDATE SET writer = excluded.writer, seen_at = excluded.seen_at
   WHERE d.seen_at <= excluded.seen_at - %(window)s
@@ -78,9 +77,9 @@ RETURNING key
 
 _DECIDE = """
 WITH i AS (
-  SELECT * FROM unnest(%(project)s::text[], %(channel)s::text[], %(key)s::text[],
-    %(sid)s::text[], %(anon)s::text[], %(usr)s::text[], %(events)s::bigint[],
-    %(frecv)s::bigint[], %(lrecv)s::bigint[], %(fts)s::bigint[], %(lts)s::bigint[])
+  SELECT * FROM unnest(%(project)b::text[], %(channel)b::text[], %(key)b::text[],
+    %(sid)b::text[], %(anon)b::text[], %(usr)b::text[], %(events)b::bigint[],
+    %(frecv)b::bigint[], %(lrecv)b::bigint[], %(fts)b::bigint[], %(lts)b::bigint[])
     AS t(project, channel, key, sid, anon, usr, events, frecv, lrecv, fts, lts)),
 live AS (
   SELECT c.project, c.channel, c.key, s.session_id FROM triolytics.current c
@@ -102,7 +101,8 @@ uc AS (
   INSERT INTO triolytics.current AS c (project, channel, key, session_id)
   SELECT DISTINCT ON (project, channel, key) project, channel, key, shared FROM d
   ORDER BY project, channel, key, lrecv DESC
-  ON CONFLICT (project, channel, key) DO UPDATE SET session_id = excluded.session_id),
+  ON CONFLICT (project, channel, key) DO UPDATE SET session_id = excluded.session_id
+    WHERE c.session_id <> excluded.session_id),
 us AS (
   INSERT INTO triolytics.sessions AS s (session_id, project, channel, key, anonymous_id,
     user_id, started, last_seen, events, first_ts, latest_ts)

@@ -219,7 +219,7 @@ class Node:
         self.env = {**env, "TRIOLYTICS_NODE_ID": self.node_id,
                     "TRIOLYTICS_ANALYTICS_SHARD": str(number)}
         self.cpu = cpu
-        self.port = 0  # the bound port, once ready
+        self.port = 0  # the port bound by its latest start that got ready
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.failed_starts = 0  # starts that ended before the node was ready
@@ -245,7 +245,6 @@ class Node:
             out.flush()
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, env=self.env)
-        self.port = 0
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

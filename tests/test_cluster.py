@@ -6,7 +6,8 @@ all on 127.0.0.1, once for the module (about 6-15 s to start here).
 - The Real-time document's flow through nginx: by the shipped consistent hash of the
   analytics_id (any node accepts any shard's id: the secret is the lake's), and by the
   file's shard map (the issuing node, every time).
-- kill -9 of a node under load, then its restart: every acked event stored exactly once.
+- kill -9 of a node under load, then its restart: every acked event stored exactly once;
+  a restart while the others are under load (xfail: see its reason).
 - restart() when the old port is taken: nginx is reloaded with the new one.
 - The shipped conf and its shard alternative pass `nginx -t`; the rendering of its node
   lines.
@@ -195,21 +196,17 @@ def replayed_at_last_start(node) -> int:
 
 
 def test_kill_9_of_a_node_under_load_loses_and_doubles_nothing_acked(cluster):
-    """Distinct events through nginx from 4 threads; node 2 gets SIGKILL mid-load and is
-    started again (its journal replays what the lake lacks) while the load goes on.
-    Every acknowledged messageId is in the lake exactly once."""
+    """Distinct events through nginx from 4 threads; node 2 gets SIGKILL mid-load, the
+    load goes on without it for a while, then node 2 starts again (its journal replays
+    what the lake lacks). Every acknowledged messageId is in the lake exactly once."""
     killed = 2
     with Load(cluster) as load:
         time.sleep(1.5)
         before = load.acked_count()
         assert cluster.kill(killed) == -signal.SIGKILL
         time.sleep(1.5)
-        during = load.acked_count()
-        # Tried again as systemd's Restart=on-failure would: a start beside writers under
-        # load can fail (a deadlock in the shared state's schema set-up; see the report).
-        cluster.restart(killed, attempts=3)
-        time.sleep(1.0)
-    assert before > 0 and during > before, (before, during, load.answers)
+    assert before > 0 and load.acked_count() > before, (before, load.answers)
+    cluster.restart(killed)
     acked = load.acked
 
     sql = "SELECT message_id FROM events WHERE message_id LIKE 'c-%'"
@@ -227,8 +224,38 @@ def test_kill_9_of_a_node_under_load_loses_and_doubles_nothing_acked(cluster):
     writers = dict(cluster.query("SELECT writer, count(*) FROM events "
                                  "WHERE message_id LIKE 'c-%' GROUP BY 1"))
     print(f"acked {len(acked)}, stored {len(rows)}, answers {dict(load.answers)}, "
-          f"by writer {writers}, replayed by n{killed}: {replayed}, failed starts: "
-          f"{cluster.node(killed).failed_starts}")
+          f"by writer {writers}, replayed by n{killed}: {replayed}")
+
+
+@pytest.mark.xfail(raises=cluster_mod.ClusterError, reason=(
+    "server: a node starting beside writers under load deadlocks in PostgreSQL "
+    "(shared_state.SharedState.__init__ runs CREATE TABLE/INDEX IF NOT EXISTS, whose "
+    "locks conflict with the other writers' open group transactions) and exits 1"))
+def test_a_node_restarts_while_the_others_are_under_load(cluster):
+    """kill -9 of node 1, then its start while the load goes on through the others: it
+    starts, takes requests again, and every acked event is stored once."""
+    try:
+        with Load(cluster) as load:
+            time.sleep(1.0)
+            cluster.kill(1)
+            time.sleep(0.5)
+            cluster.restart(1)
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:  # (it may still be loading its journal)
+                status, _ = cluster.send_events("/v1/capture", {
+                    "type": "track", "event": "Back", "userId": "u-e",
+                    "messageId": f"e-{time.monotonic()}"}, node=1)
+                if status == 201:
+                    break
+                time.sleep(0.2)
+            assert status == 201
+    finally:
+        if not cluster.node(1).alive:  # (the load is over: the tests after need it)
+            cluster.restart(1)
+    rows = cluster.wait_query("SELECT message_id FROM events WHERE message_id LIKE 'c-%'",
+                              lambda r: load.acked <= {m for (m,) in r}, STORED_WITHIN_S)
+    stored = [m for (m,) in rows]
+    assert load.acked <= set(stored) and len(stored) == len(set(stored))
 
 
 def test_a_node_that_cannot_have_its_port_back_is_reloaded_into_nginx(cluster):

@@ -7,7 +7,7 @@ all on 127.0.0.1, once for the module (about 6-15 s to start here).
   analytics_id (any node accepts any shard's id: the secret is the lake's), and by the
   file's shard map (the issuing node, every time).
 - kill -9 of a node under load, then its restart: every acked event stored exactly once;
-  a restart while the others are under load (xfail: see its reason).
+  a restart while the others are under load.
 - restart() when the old port is taken: nginx is reloaded with the new one.
 - The shipped conf and its shard alternative pass `nginx -t`; the rendering of its node
   lines.
@@ -227,10 +227,6 @@ def test_kill_9_of_a_node_under_load_loses_and_doubles_nothing_acked(cluster):
           f"by writer {writers}, replayed by n{killed}: {replayed}")
 
 
-@pytest.mark.xfail(raises=cluster_mod.ClusterError, reason=(
-    "server: a node starting beside writers under load deadlocks in PostgreSQL "
-    "(shared_state.SharedState.__init__ runs CREATE TABLE/INDEX IF NOT EXISTS, whose "
-    "locks conflict with the other writers' open group transactions) and exits 1"))
 def test_a_node_restarts_while_the_others_are_under_load(cluster):
     """kill -9 of node 1, then its start while the load goes on through the others: it
     starts, takes requests again, and every acked event is stored once."""

@@ -48,6 +48,9 @@ LAKE = "lake"  # the attached DuckLake's name in each connection
 EXTENSIONS = (("duckdb_extension_postgres_scanner", "postgres_scanner"),
               ("duckdb_extension_ducklake", "ducklake"))
 _LIBPQ = re.compile(r"\s*(host|hostaddr|port|dbname|user|service)\s*=")  # a libpq string
+# PostgreSQL's words when two writers create a new catalog's tables at once
+_RACE = re.compile(r"duplicate key value violates unique constraint|already exists")
+ATTACH_TRIES = 10
 _CONFLICT = re.compile(r"[Cc]onflict")
 _INSERT = file_store._INSERT.replace(
     f'"{ARRIVAL}") SELECT', f'"{ARRIVAL}", writer) SELECT').replace(
@@ -113,7 +116,15 @@ def connect(catalog: str, data_path: str, *, read_only: bool = False, threads: i
             Path(catalog).expanduser().parent.mkdir(parents=True, exist_ok=True)
         if "://" not in data_path and not read_only:
             Path(data_path).mkdir(parents=True, exist_ok=True)
-        conn.execute(attach_sql(catalog, data_path, read_only))
+        for attempt in range(ATTACH_TRIES):
+            try:
+                conn.execute(attach_sql(catalog, data_path, read_only))
+                break
+            except duckdb.Error as exc:  # (writers starting at once on a new catalog)
+                if attempt + 1 == ATTACH_TRIES or not _RACE.search(str(exc)):
+                    raise
+                log.info("lake: another writer is making the catalog; attaching again")
+                time.sleep(0.2 + 0.3 * attempt)
         conn.execute(f"USE {LAKE}")
     except BaseException:
         conn.close()

@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS triolytics.sessions (
   key text NOT NULL, anonymous_id text, user_id text, started bigint NOT NULL,
   last_seen bigint NOT NULL, events bigint NOT NULL, first_ts bigint NOT NULL,
   latest_ts bigint NOT NULL, claimed_by text);
-DROP INDEX IF EXISTS triolytics.sessions_idle;
 CREATE INDEX IF NOT EXISTS sessions_claimed ON triolytics.sessions (claimed_by)
   WHERE claimed_by IS NOT NULL;
 CREATE TABLE IF NOT EXISTS triolytics.dedup (
@@ -56,7 +55,9 @@ CREATE TABLE IF NOT EXISTS triolytics.dedup (
 CREATE INDEX IF NOT EXISTS dedup_seen ON triolytics.dedup (seen_at);
 CREATE TABLE IF NOT EXISTS triolytics.applied (
   writer text PRIMARY KEY, segment bigint NOT NULL, byte_offset bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS triolytics.schema (version integer NOT NULL);
 """
+SCHEMA_VERSION = 1
 
 _LOCK_KEYS = """
 SELECT count(pg_advisory_xact_lock(h)) FROM (
@@ -149,9 +150,30 @@ class SharedState:
         self.window_us = window_us
         self._conn: psycopg.Connection | None = None
         self._in_group = False
-        with self._connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
-            conn.execute(_SCHEMA)
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        """The tables, made once: a writer starting beside others under load must not
+        run DDL (CREATE INDEX IF NOT EXISTS takes a lock that conflicts with their open
+        groups: a deadlock), so an existing schema of this version is left alone."""
+        conn = self._connection()
+        try:
+            if conn.execute("SELECT to_regclass('triolytics.schema')").fetchone()[0]:
+                got = conn.execute("SELECT max(version) FROM triolytics.schema").fetchone()[0]
+                if got == SCHEMA_VERSION:
+                    return
+                if got is not None and got > SCHEMA_VERSION:
+                    raise SharedStateError(
+                        f"the shared state's schema is version {got}; this triolytics knows "
+                        f"up to {SCHEMA_VERSION}: upgrade triolytics")
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '30s'")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
+                conn.execute(_SCHEMA)
+                conn.execute("INSERT INTO triolytics.schema SELECT %s WHERE NOT EXISTS "
+                             "(SELECT 1 FROM triolytics.schema)", [SCHEMA_VERSION])
+        except psycopg.Error as exc:
+            raise self._failed(exc, "creating its tables") from exc
 
     # --- the connection
     def _connect(self) -> psycopg.Connection:

@@ -158,8 +158,8 @@ def made(monkeypatch) -> list[Sessions]:
     made: list[Sessions] = []
 
     class Recorded(Sessions):
-        def __init__(self, *args) -> None:
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
             made.append(self)
     monkeypatch.setattr(app, "Sessions", Recorded)
     return made

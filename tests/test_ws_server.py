@@ -70,6 +70,7 @@ class Group:
     """A journal group that is durable at once."""
 
     error = None
+    renamed = None  # (many writers: the sessions the shared state renamed)
 
     def __init__(self) -> None:
         self.done = trio.Event()

@@ -75,6 +75,7 @@ class _Unstored:
     """The stand-in for the journal group of a batch not stored (do not track): done."""
 
     error = None
+    renamed = None
 
     @property
     def done(self) -> _Unstored:

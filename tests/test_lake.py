@@ -186,3 +186,18 @@ def test_attach_sql_forms():
     assert "ducklake:postgres:dbname=x host=h'" in attach_sql("dbname=x host=h", "/d")
     assert attach_sql("/c/it's.ducklake", "/d", read_only=True).endswith(
         "AS lake (DATA_PATH '/d/', READ_ONLY)")
+
+
+def test_the_journal_drops_a_segment_only_after_the_data_files_are_synced(tmp_path,
+                                                                          monkeypatch):
+    """DuckLake does not sync the Parquet files it commits: `checkpoint()` (the writer's
+    condition for dropping journal segments) syncs a local data path first."""
+    import os
+    synced = []
+    monkeypatch.setattr(os, "sync", lambda: synced.append(1))
+    s = open_store((str(tmp_path / "c.ducklake"), str(tmp_path / "data")))
+    s.load([make_row(1)], Position(1, 1))
+    assert s.checkpoint() and synced == [1]
+    s.data_path = "s3://bucket/lake"  # (object storage: durable once written)
+    assert s.checkpoint() and synced == [1]
+    s.close()

@@ -20,9 +20,10 @@ Rules:
   sessions it opened (`open_sessions`), never another writer's.
 - DuckLake has no primary keys, so upserts are MERGE or UPDATE/INSERT; the tables are
   otherwise those of the file (store.py), at `SCHEMA_VERSION`.
-- A commit is durable once the catalog's transaction is: PostgreSQL's commit (fsync) or
-  the local catalog file's. `checkpoint()` has nothing to fold: a committed load never
-  needs the journal again. `compact()` is DuckLake's maintenance: small files merged,
+- A commit is durable once the catalog's transaction is (PostgreSQL's commit, or the
+  local catalog file's) and its Parquet files are on disk: DuckLake does not sync those,
+  so `checkpoint()` (before the journal drops a segment) syncs a local data path's file
+  system. `compact()` is DuckLake's maintenance: small files merged,
   inlined rows flushed to Parquet, snapshots older than `ducklake_snapshot_keep_s`
   expired and their files deleted (docs/scaling.md).
 - Cursors (readers) start in the lake (`USE`), so every query names the same tables.
@@ -270,7 +271,13 @@ class LakeStore(Store):
             " GROUP BY ALL", [self.writer]).fetchall()
 
     def checkpoint(self) -> bool:
-        """Nothing to fold: a committed load is in the catalog and the data files."""
+        """Before the journal drops what the mark covers: DuckLake commits the catalog
+        without syncing the Parquet files it wrote (seen with strace: no fsync of the
+        data file before the catalog's commit), so a power cut could leave the catalog
+        naming a file the disk lost. A local data path's file system is synced here
+        (about once per journal segment); object storage is durable once written."""
+        if "://" not in self.data_path:
+            os.sync()
         return True
 
     # --- statements the file writes with its keys

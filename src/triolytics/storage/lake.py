@@ -377,6 +377,8 @@ class LakeStore(Store):
         keep = f"{float(self.snapshot_keep_s)} seconds"
         c.execute(f"CALL ducklake_flush_inlined_data('{LAKE}')")
         c.execute(f"CALL ducklake_merge_adjacent_files('{LAKE}')")
+        if "://" not in self.data_path:  # (the merged files on disk before old ones go)
+            os.sync()
         c.execute(f"CALL ducklake_expire_snapshots('{LAKE}', older_than => "
                   f"now() - INTERVAL '{keep}')")
         c.execute(f"CALL ducklake_cleanup_old_files('{LAKE}', older_than => "

@@ -255,20 +255,9 @@ class LakeStore(Store):
                                 "writer = ?", [self.writer]).fetchone()
         return Position(*got) if got else Position(0, 0)
 
-    def open_sessions(self) -> list[tuple]:
+    def open_sessions(self, writer: str | None = None) -> list[tuple]:
         """This writer's open sessions (see Store.open_sessions): those it opened."""
-        return self.conn.execute(
-            "WITH open AS ("
-            "  SELECT session_id, project, channel, anonymous_id, user_id,"
-            "         epoch_us(received_at) AS started, epoch_us(timestamp) AS first"
-            "  FROM events WHERE type = 'session_start' AND writer = ? AND session_id NOT IN"
-            "    (SELECT session_id FROM events WHERE type = 'session_end'))"
-            "SELECT o.project, o.channel, o.anonymous_id, o.user_id, o.session_id, o.started,"
-            "       epoch_us(max(e.received_at)), count(*) - 1, o.first,"
-            "       epoch_us(max(e.timestamp))"
-            " FROM open o JOIN events e ON e.session_id = o.session_id"
-            " WHERE e.received_at >= (SELECT make_timestamptz(min(started)) FROM open)"
-            " GROUP BY ALL", [self.writer]).fetchall()
+        return super().open_sessions(self.writer if writer is None else writer)
 
     def checkpoint(self) -> bool:
         """Before the journal drops what the mark covers: DuckLake commits the catalog

@@ -412,23 +412,25 @@ class Store:
             "  WHERE received_at >= make_timestamptz(?) ORDER BY received_at DESC LIMIT ?"
             ") ORDER BY t", [since_us, limit]).fetchall()
 
-    def open_sessions(self) -> list[tuple]:
+    def open_sessions(self, writer: str | None = None) -> list[tuple]:
         """Sessions with a start and no end: (project, channel, anonymous_id, user_id,
         session_id, started µs, last event µs, events, first µs, latest µs), for resuming
         after a restart. `started` and the last event are receive times; `first` is the
-        start row's timestamp and `latest` the latest timestamp of the session's rows."""
+        start row's timestamp and `latest` the latest timestamp of the session's rows.
+        `writer`: only those it opened (a lake's rows name their writer)."""
+        mine, args = ("", []) if writer is None else (" AND writer = ?", [writer])
         return self.conn.execute(
             "WITH open AS ("
             "  SELECT session_id, project, channel, anonymous_id, user_id,"
             "         epoch_us(received_at) AS started, epoch_us(timestamp) AS first"
-            "  FROM events WHERE type = 'session_start' AND session_id NOT IN"
+            f"  FROM events WHERE type = 'session_start'{mine} AND session_id NOT IN"
             "    (SELECT session_id FROM events WHERE type = 'session_end'))"
             "SELECT o.project, o.channel, o.anonymous_id, o.user_id, o.session_id, o.started,"
             "       epoch_us(max(e.received_at)), count(*) - 1, o.first,"
             "       epoch_us(max(e.timestamp))"
             " FROM open o JOIN events e ON e.session_id = o.session_id"
             " WHERE e.received_at >= (SELECT make_timestamptz(min(started)) FROM open)"
-            " GROUP BY ALL").fetchall()
+            " GROUP BY ALL", args).fetchall()
 
     def ended_sessions(self, session_ids: list[str]) -> set[str]:
         """Which of these sessions have a stored `session_end` row."""

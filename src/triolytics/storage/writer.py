@@ -449,7 +449,8 @@ class Writer:
             # Let the connections run and gather the next group.
             await trio.lowlevel.checkpoint()
 
-    def _write(self, group: _Group) -> None:
+    def _append(self, group: _Group) -> JournalError | None:
+        """Write the group to the journal (one write); the error if that failed."""
         self.stats.groups += 1
         group.written = trio.current_time()
         try:
@@ -457,7 +458,13 @@ class Writer:
             group.end = self._written = self.journal.append(payloads)
             group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
         except JournalError as exc:
-            self._finish(group, exc)
+            return exc
+        return None
+
+    def _write(self, group: _Group) -> None:
+        error = self._append(group)
+        if error is not None:
+            self._finish(group, error)
             return
         if self.config.fsync == "always" and group.rows:
             self._unsynced.append(group)
@@ -486,17 +493,12 @@ class Writer:
                 return
             group.batches = batches
             self._apply(group, decision, touched)
-        self.stats.groups += 1
-        group.written = trio.current_time()
-        try:
-            payloads = [encode_part(b) for b in group.batches]
-            group.end = self._written = self.journal.append(payloads)
-            group.size = sum(map(len, payloads)) + HEADER.size * len(payloads)
-        except JournalError as exc:
+        error = self._append(group)
+        if error is not None:
             if shared is not None:
                 await trio.to_thread.run_sync(_rollback, shared)
                 self._shared_give.send_nowait(shared)
-            self._finish(group, exc)
+            self._finish(group, error)
             return
         previous, self._committed = self._committed, trio.Event()
         self._nursery.start_soon(self._complete_shared, group, shared, previous,

@@ -238,3 +238,35 @@ def test_a_writer_that_died_before_its_commit_is_decided_again_at_start(dsn, pos
     for st in (other, writer.shared):
         st.close()
     store.close()
+
+
+def test_a_writer_that_died_holding_claims_settles_them_at_start(dsn, postgres, tmp_path):
+    """Claims on session ends by a writer that died: at its start, those whose
+    session_end it had stored are finished, the others released for any reaper."""
+    from triolytics.core.config import Config
+    from triolytics.core.dedup import Dedup
+    from triolytics.core.journal import Journal, Position
+    from triolytics.storage.lake import LakeStore
+    from triolytics.storage.writer import Writer
+
+    other = state(dsn, "w2")
+    decide(other, [[row("s1", "A", "session_start", anon="a"), row("m1", "A", anon="a")]])
+    decide(other, [[row("s2", "B", "session_start", anon="b"), row("m2", "B", anon="b")]])
+    dead = state(dsn, "w1")
+    claims = dead.claim_expired(T0 + TIMEOUT + 1, 10)
+    assert sorted(c[0] for c in claims) == ["A", "B"]
+    dead.close()  # (it died after storing A's end, before finishing; B's end was lost)
+    store = LakeStore(postgres.create_database(f"lake{next(_names)}"),
+                      str(tmp_path / "data"), "w1")
+    store.load([end_row(next(c for c in claims if c[0] == "A"), TIMEOUT,
+                        T0 + TIMEOUT + 1, "e1")], Position(0, 0))
+    writer = Writer(Config(), Journal(tmp_path / "journal", 1 << 20), store, Dedup(10, 10))
+    writer.shared = state(dsn, "w1")
+    writer.new_id = lambda: "new"
+    writer.recover()
+    assert writer.shared.own_claims() == []
+    assert [c[0] for c in other.claim_expired(T0 + TIMEOUT + 2, 10)] == ["B"]
+    writer.journal.close()
+    for st in (other, writer.shared):
+        st.close()
+    store.close()

@@ -233,16 +233,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return None
         if self.shared_state:
             return self.shared_state.removeprefix("postgres:")
-        catalog = self.ducklake_catalog
-        if self.store != "ducklake" or not catalog:
+        if self.store != "ducklake":
             return None
-        if catalog.startswith(("postgresql://", "postgres://")):
-            return catalog
-        if catalog.startswith("postgres:"):
-            return catalog.removeprefix("postgres:")
-        if re.match(r"\s*(host|hostaddr|port|dbname|user|service)\s*=", catalog):
-            return catalog
-        return None
+        return postgres_dsn(self.ducklake_catalog)
 
     def writer_name(self) -> str:
         """This writer's name in a lake: `node_id`, else the host name."""
@@ -250,6 +243,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_LIBPQ = re.compile(r"\s*(host|hostaddr|port|dbname|user|service)\s*=")  # a libpq string
+
+
+def postgres_dsn(catalog: str) -> str | None:
+    """The PostgreSQL (URL or libpq string) a `ducklake_catalog` names, or None when it
+    names a local file (or nothing)."""
+    if catalog.startswith(("postgresql://", "postgres://")) or _LIBPQ.match(catalog):
+        return catalog
+    if catalog.startswith("postgres:"):
+        return catalog.removeprefix("postgres:")
+    return None
 
 
 def split_address(text: str, name: str) -> tuple[str, int]:

@@ -41,6 +41,28 @@ _new_row = tuple.__new__
 _ENCODE = msgspec.json.Encoder()
 
 
+def start_row(row_id: str, project: str, channel: str, anonymous_id: str | None,
+              user_id: str | None, session_id: str, at: int, received: int) -> Row:
+    """A `session_start` row, stamped `at` (see Rules), received `received`."""
+    return _new_row(Row, (row_id, project, channel, "session_start", None, None, anonymous_id,
+                          user_id, None, None, session_id, at, None, None, received, None,
+                          None, None, None))
+
+
+def end_row(row_id: str, project: str, channel: str, anonymous_id: str | None,
+            user_id: str | None, session_id: str, started: int, last_seen: int, events: int,
+            latest: int, timeout: int, received: int) -> Row:
+    """A `session_end` row: stamped at last activity + timeout, or at the latest event
+    time stored in the session if that is later; received `received`."""
+    at = last_seen + timeout
+    if latest > at:
+        at = latest
+    props = _ENCODE.encode(SessionEnd((last_seen - started) // 1000, events)).decode()
+    return _new_row(Row, (row_id, project, channel, "session_end", None, None, anonymous_id,
+                          user_id, None, None, session_id, at, None, None, received, props,
+                          None, None, None))
+
+
 class Session:
     __slots__ = ("key", "id", "started", "last_seen", "count", "anonymous_id", "user_id",
                  "first", "latest")
@@ -113,9 +135,8 @@ class Sessions:
         self.live[key] = s
         self.opened += 1
         self._push(s)
-        rows.append(_new_row(Row, (
-            self.new_id(), key[0], key[1], "session_start", None, None, anonymous_id,
-            user_id, None, None, s.id, start, None, None, now, None, None, None, None)))
+        rows.append(start_row(self.new_id(), key[0], key[1], anonymous_id, user_id, s.id,
+                              start, now))
         return s
 
     def forget_started(self, rows: list[Row]) -> None:
@@ -203,14 +224,8 @@ class Sessions:
         if not self.ends:
             return None
         self.ended += 1
-        end = s.last_seen + self.timeout
-        if s.latest > end:
-            end = s.latest
-        props = _ENCODE.encode(SessionEnd((s.last_seen - s.started) // 1000, s.count))
-        return _new_row(Row, (
-            self.new_id(), s.key[0], s.key[1], "session_end", None, None, s.anonymous_id,
-            s.user_id, None, None, s.id, end, None, None, now, props.decode(), None, None,
-            None))
+        return end_row(self.new_id(), s.key[0], s.key[1], s.anonymous_id, s.user_id, s.id,
+                       s.started, s.last_seen, s.count, s.latest, self.timeout, now)
 
     def restore(self, sessions: list[Session]) -> None:
         """Sessions found open in storage at start-up (expired ones end at the next

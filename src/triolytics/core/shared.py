@@ -23,13 +23,10 @@ from __future__ import annotations
 from itertools import repeat
 from typing import NamedTuple
 
-import msgspec
-
 from triolytics.core.rows import Columns, Part, Row, RtColumns
-from triolytics.core.sessions import SessionEnd
+from triolytics.core.sessions import end_row as session_end_row
 
 _new_row = tuple.__new__
-_ENCODE = msgspec.json.Encoder()
 # Row field indexes
 _PROJECT, _CHANNEL, _TYPE, _ANON, _USER, _SID, _TS, _RECV = 1, 2, 3, 6, 7, 10, 11, 14
 _MID = 0
@@ -217,11 +214,7 @@ def _fix(row: Row, moved: dict[str, str], repeated: set[str]) -> Row | None:
 def end_row(claim: tuple, timeout_us: int, now_us: int, row_id: str) -> Row:
     """The `session_end` row of a session the shared reaper claimed (shared_state.py's
     claim: session_id, project, channel, anonymous_id, user_id, started, last_seen,
-    events, first_ts, latest_ts), as sessions.py stamps one: at last activity +
-    timeout, or the latest event time stored in it if later."""
+    events, first_ts, latest_ts), stamped as sessions.py stamps one."""
     sid, project, channel, anonymous_id, user_id, started, last_seen, events, _, latest = claim
-    end = max(last_seen + timeout_us, latest)
-    props = _ENCODE.encode(SessionEnd((last_seen - started) // 1000, events)).decode()
-    return _new_row(Row, (row_id, project, channel, "session_end", None, None, anonymous_id,
-                          user_id, None, None, sid, end, None, None, now_us, props, None,
-                          None, None))
+    return session_end_row(row_id, project, channel, anonymous_id, user_id, sid, started,
+                           last_seen, events, latest, timeout_us, now_us)

@@ -104,11 +104,17 @@ def _secret_file(path: Path) -> str:
     """A secret kept in the data directory, readable by its owner only; made once."""
     if path.exists():
         return path.read_text().strip()
-    secret = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return _write_secret(path, secrets.token_urlsafe(32))
+
+
+def _write_secret(path: Path, value: str) -> str:
+    """Write `value` as `path`, readable by its owner only (written whole, then renamed)."""
+    temp = path.with_suffix(".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return secret
+        f.write(value + "\n")
+    os.replace(temp, path)
+    return value
 
 
 class Prepared(msgspec.Struct):
@@ -199,10 +205,7 @@ def _secret(store: Store, data: Path, name: str) -> str:
     value = shared(name, lambda: secrets.token_urlsafe(32))
     path = data / name
     if not path.exists() or path.read_text().strip() != value:
-        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value + "\n")
-        os.replace(path.with_suffix(".tmp"), path)
+        _write_secret(path, value)
     return value
 
 

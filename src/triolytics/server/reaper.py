@@ -45,16 +45,23 @@ async def reap_sessions(sessions: Sessions, writer: Writer, chunk: int,
         if not rows:
             await trio.lowlevel.checkpoint()
             continue
-        while True:
-            try:
-                await writer.store_rows(rows)
-                break
-            except ApiError as exc:
-                if writer.closing:
-                    return  # the sessions are still open in storage: they end next start
-                log.warning("could not store %d session_end rows (%s); retrying",
-                            len(rows), exc.message)
-                await trio.sleep(RETRY_S)
+        if not await _store_ends(writer, rows):
+            return  # the sessions are still open in storage: they end next start
+
+
+async def _store_ends(writer: Writer, rows: list) -> bool:
+    """Store `rows` (session ends), trying again while the writer refuses them; False
+    if it closes first."""
+    while True:
+        try:
+            await writer.store_rows(rows)
+            return True
+        except ApiError as exc:
+            if writer.closing:
+                return False
+            log.warning("could not store %d session_end rows (%s); retrying", len(rows),
+                        exc.message)
+            await trio.sleep(RETRY_S)
 
 
 async def reap_shared(shared, writer: Writer, chunk: int, timeout_us: int, interval_s: float,
@@ -83,18 +90,10 @@ async def reap_shared(shared, writer: Writer, chunk: int, timeout_us: int, inter
         if claimed:
             rows = [end_row(c, timeout_us, now, new_id()) for c in claimed]
             ids = [c[0] for c in claimed]
-            while True:
-                try:
-                    await writer.store_rows(rows)
-                    break
-                except ApiError as exc:
-                    if writer.closing:
-                        with trio.CancelScope(shield=True):
-                            await trio.to_thread.run_sync(shared.release, ids)
-                        return
-                    log.warning("could not store %d session_end rows (%s); retrying",
-                                len(rows), exc.message)
-                    await trio.sleep(RETRY_S)
+            if not await _store_ends(writer, rows):
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(shared.release, ids)
+                return
             while True:
                 try:
                     await trio.to_thread.run_sync(shared.finish, ids)

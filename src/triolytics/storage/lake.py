@@ -39,6 +39,7 @@ from pathlib import Path
 
 import duckdb
 
+from triolytics.core.config import postgres_dsn
 from triolytics.core.journal import Position
 from triolytics.storage import store as file_store
 from triolytics.storage.store import ARRIVAL, SCHEMA_VERSION, Store
@@ -48,7 +49,6 @@ log = logging.getLogger("triolytics.store")
 LAKE = "lake"  # the attached DuckLake's name in each connection
 EXTENSIONS = (("duckdb_extension_postgres_scanner", "postgres_scanner"),
               ("duckdb_extension_ducklake", "ducklake"))
-_LIBPQ = re.compile(r"\s*(host|hostaddr|port|dbname|user|service)\s*=")  # a libpq string
 # PostgreSQL's words when two writers create a new catalog's tables at once
 _RACE = re.compile(r"duplicate key value violates unique constraint|already exists")
 ATTACH_TRIES = 10
@@ -81,12 +81,8 @@ def extension_path(module: str, name: str) -> str:
 def attach_sql(catalog: str, data_path: str, read_only: bool = False) -> str:
     """`ATTACH` of the lake: `catalog` is a PostgreSQL URL or libpq string (postgresql://,
     postgres:...) or a local file path (one process only)."""
-    if catalog.startswith(("postgresql://", "postgres://")) or _LIBPQ.match(catalog):
-        target = "postgres:" + catalog
-    elif catalog.startswith("postgres:"):
-        target = catalog
-    else:
-        target = str(Path(catalog).expanduser())
+    dsn = postgres_dsn(catalog)
+    target = str(Path(catalog).expanduser()) if dsn is None else "postgres:" + dsn
     options = [f"DATA_PATH {_quote(data_path.rstrip('/') + '/')}"]
     if read_only:
         options.append("READ_ONLY")
@@ -95,7 +91,7 @@ def attach_sql(catalog: str, data_path: str, read_only: bool = False) -> str:
 
 def is_postgres(catalog: str) -> bool:
     """Whether `catalog` names a PostgreSQL database (else a local file)."""
-    return catalog.startswith("postgres") or bool(_LIBPQ.match(catalog))
+    return postgres_dsn(catalog) is not None
 
 
 def _quote(text: str) -> str:
@@ -217,18 +213,12 @@ class LakeStore(Store):
     def _migrate(self) -> None:
         pass  # (a lake starts at SCHEMA_VERSION; its checks are in _create)
 
-    def reopen(self) -> None:
-        try:
-            self.conn.close()
-        except duckdb.Error:
-            pass
-        self.conn = self._connect()
-        self.invalidated = False
-        self.last_seq = self.conn.execute("SELECT n FROM lake_seq").fetchone()[0]
-
     # --- loads
+    def _stored_seq(self) -> int:
+        return self.conn.execute("SELECT n FROM lake_seq").fetchone()[0]
+
     def _first_seq(self) -> int:
-        return self.conn.execute("SELECT n FROM lake_seq").fetchone()[0] + 1
+        return self._stored_seq() + 1
 
     def _insert(self, table, numbers) -> None:
         batch = table.append_column(ARRIVAL, numbers)  # noqa: F841 (read by name in the SQL)

@@ -204,8 +204,11 @@ class Store:
         if not read_only:
             self._remove_compact_tmp()
             self._create()
-            self.last_seq = self.conn.execute(
-                f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
+            self.last_seq = self._stored_seq()
+
+    def _stored_seq(self) -> int:
+        """The last `ingest_seq` stored, read from the store."""
+        return self.conn.execute(f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         conn = duckdb.connect(self.path, read_only=self.read_only, config={
@@ -245,8 +248,7 @@ class Store:
             pass
         self.conn = self._connect()
         self.invalidated = False
-        self.last_seq = self.conn.execute(
-            f"SELECT coalesce(max({ARRIVAL}), 0) FROM events").fetchone()[0]
+        self.last_seq = self._stored_seq()
 
     def _rollback(self, error: BaseException) -> None:
         """Roll back after `error` without hiding it: DuckDB ends a transaction whose

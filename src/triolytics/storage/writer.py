@@ -40,6 +40,7 @@ from triolytics.core.errors import ApiError, overloaded
 from triolytics.core.faults import Faults
 from triolytics.core.journal import HEADER, Journal, JournalError, Position, Syncer
 from triolytics.core.rows import Columns, Part, Row, RtColumns, decode_part, encode_part
+from triolytics.core.sessions import start_row
 from triolytics.core.shared import rewrite
 from triolytics.storage.store import Store
 
@@ -551,13 +552,9 @@ class Writer:
     def _starts(self, touched, fresh: dict[str, str]) -> list[Row]:
         """session_start rows of sessions the shared state made new (their local id
         was known and no longer live): stamped as their first event in the group."""
-        starts = []
-        for to, local in fresh.items():
-            t = touched[local]
-            starts.append(Row(self.new_id(), t.project, t.channel, "session_start", None,
-                              None, t.anonymous_id, t.user_id, None, None, to, t.first_ts,
-                              None, None, t.first_received, None, None, None, None))
-        return starts
+        return [start_row(self.new_id(), t.project, t.channel, t.anonymous_id, t.user_id, to,
+                          t.first_ts, t.first_received)
+                for to, t in ((to, touched[local]) for to, local in fresh.items())]
 
     def _synced(self, position: Position, error: Exception | None) -> None:
         """Called on the event loop by the Syncer: groups up to `position` are durable."""
